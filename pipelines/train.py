@@ -1,0 +1,220 @@
+"""Train an MMDiT with flow matching or MixFlow under DeepSpeed ZeRO.
+
+    t2i train                                   # the tiny CPU config, one rank
+    t2i train --nproc 2 train.steps=100         # two ranks on this machine (re-launches under torchrun)
+    t2i train --config my.yaml --resume         # continue from <run>/checkpoints/latest
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 \\
+        -m t2i.cli train --config my.yaml       # a cluster
+
+Reads top to bottom: distributed setup -> run folder -> frozen encoders + VAE -> model under
+DeepSpeed -> EMA -> resume -> data -> loop (loss, step, EMA, log, checkpoint) -> samples + plots.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from t2i import checkpoint, engine as engine_lib, flow
+from t2i.config import Config, ConfigError, save_config, to_dict
+from t2i.data.loader import BAD_REASONS, TrainLoader
+from t2i.ema import ShardedEMA
+from t2i.logger import RunLogger, log, read_metrics, setup_logging
+from t2i.model import build_model, count_parameters, velocity
+from t2i.text_encoders import TextEncoders
+from t2i.vae import FrozenVAE
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def main(cfg: Config, resume: bool = False) -> Path:
+    rank, world = engine_lib.init_distributed()
+    device = engine_lib.device()
+    run_dir = prepare_run_dir(cfg, rank, resume)
+    setup_logging(run_dir, rank)
+    log.info("run %s: %d rank(s), device %s, ZeRO-%d, %s", run_dir, world, device.type,
+             cfg.deepspeed.zero_stage, cfg.deepspeed.precision)
+
+    # Frozen conditioning and autoencoder: built identically on every rank, never optimised.
+    text = TextEncoders(cfg.text).to(device)
+    vae = FrozenVAE(cfg.vae, seed=cfg.run.seed).to(device)
+    model = build_model(cfg.model, in_channels=vae.latent_channels, sample_size=vae.latent_size(cfg.data.resolution),
+                        joint_attention_dim=text.context_dim, pooled_projection_dim=text.pooled_dim,
+                        seed=cfg.run.seed)
+    log.info("MMDiT %s: %.2fM parameters; text context %d x %d, pooled %d; latents %d x %d^2",
+             cfg.model.preset, count_parameters(model) / 1e6, text.seq_len, text.context_dim, text.pooled_dim,
+             vae.latent_channels, vae.latent_size(cfg.data.resolution))
+    engine, optimizer = engine_lib.initialize(model, cfg)
+    ema = ShardedEMA(engine.module, cfg.train.ema_decay)
+    generator = torch.Generator().manual_seed(1_000_003 * cfg.run.seed + rank)  # noise, sigma, dropout
+
+    ckpt_root = run_dir / "checkpoints"
+    step, data_state = 0, None
+    if resume:
+        step, data_state = restore(engine, ema, generator, ckpt_root)
+
+    loader = TrainLoader(cfg.data, seed=cfg.run.seed, rank=rank, world_size=world,
+                         batch_size=cfg.train.micro_batch_size, state=data_state)
+    logger = RunLogger(run_dir, cfg, rank, start_step=step)
+    keys_file = open(run_dir / f"sample_keys.rank{rank}.jsonl", "a") if cfg.logging.sample_keys else None
+    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+    skipped = consecutive = 0
+    images_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
+
+    while step < cfg.train.steps:
+        t0 = time.perf_counter()
+        lr = engine_lib.lr_at(step, cfg.train)
+        engine_lib.set_lr(optimizer, lr)
+        losses, keys = [], []
+        for _ in range(cfg.train.grad_accum):
+            batch = next(loader)
+            loss = compute_loss(engine, text, vae, batch, generator, cfg, device, dtype)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().float())
+            keys += batch["keys"]
+        step += 1
+
+        if engine.was_step_applied():
+            ema.update(engine.module)
+            consecutive = 0
+        else:  # DeepSpeed found a non-finite gradient norm and skipped the update
+            skipped += 1
+            consecutive += 1
+        metrics = {"loss": _mean_over_ranks(torch.stack(losses).mean()), "lr": lr,
+                   "images_per_s": images_per_step / (time.perf_counter() - t0),
+                   "grad_norm": _grad_norm(engine), "skipped_nonfinite": skipped, "bad": _bad_counts(loader)}
+        logger.step(step, metrics)
+        if keys_file:
+            keys_file.write(f'{{"step": {step}, "keys": {keys!r}}}\n'.replace("'", '"'))
+            keys_file.flush()
+        if consecutive >= cfg.train.max_consecutive_nonfinite:
+            raise NonFiniteError(
+                f"{consecutive} consecutive steps had a non-finite loss or gradient (last at step {step}); "
+                f"stopping without saving. The last good checkpoint is {checkpoint.latest_tag(ckpt_root)!r} "
+                f"in {ckpt_root}. Lower train.lr, check the data, or raise train.max_consecutive_nonfinite.")
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+            save(engine, ema, generator, loader, ckpt_root, step, cfg, world)
+
+    logger.close()
+    if keys_file:
+        keys_file.close()
+    if rank == 0:
+        finish(cfg, run_dir, text, vae, ckpt_root, device)
+    dist.barrier()
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss: encode, draw sigma and noise, one forward pass
+# ----------------------------------------------------------------------------------------------
+
+
+def compute_loss(engine, text, vae, batch, generator, cfg: Config, device, dtype) -> torch.Tensor:
+    """Mean per-sample flow-matching or MixFlow loss of one micro-batch (t2i.flow has the formulas)."""
+    x = vae.encode(batch["images"].to(device), generator).to(device, torch.float32)
+    context, pooled = text.encode(batch["captions"], generator=generator, dropout=True)
+    cond = {"context": context.to(device, dtype), "pooled": pooled.to(device, dtype)}
+    n, t = x.shape[0], cfg.train.timesteps
+    noise = torch.randn(x.shape, generator=generator).to(device)
+    model_fn = lambda x_in, timestep: velocity(engine, x_in.to(dtype), timestep.to(dtype), cond).float()  # noqa: E731
+    if cfg.train.objective == "mixflow":
+        sigma, sigma_in = flow.sample_mixflow(n, cfg.train.mixflow_gamma, generator=generator, shift=t.shift)
+        loss = flow.mixflow_loss(model_fn, x, noise, sigma.to(device), sigma_in.to(device))
+    else:
+        sigma = flow.sample_sigmas(t.kind, n, generator=generator, **timestep_params(cfg))
+        loss = flow.flow_matching_loss(model_fn, x, noise, sigma.to(device))
+    return loss.mean()
+
+
+def timestep_params(cfg: Config) -> dict:
+    t = cfg.train.timesteps
+    extra = {"logit_normal": {"mean": t.mean, "std": t.std}, "mode": {"scale": t.scale}}.get(t.kind, {})
+    return {"shift": t.shift, **extra}
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folder, checkpoints, the end of the run
+# ----------------------------------------------------------------------------------------------
+
+
+def prepare_run_dir(cfg: Config, rank: int, resume: bool) -> Path:
+    """<output_dir>/<name>, with the resolved config. Never silently reuses a run's folder."""
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    ckpt_root = run_dir / "checkpoints"
+    if resume and checkpoint.latest_tag(ckpt_root) is None:
+        raise ConfigError(f"--resume: no checkpoint in {ckpt_root} (no 'latest' file)")
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or set run.name")
+    dist.barrier()
+    if rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    dist.barrier()
+    return run_dir
+
+
+def save(engine, ema, generator, loader, ckpt_root: Path, step: int, cfg: Config, world: int) -> None:
+    client = {"step": step, "rng": checkpoint.rng_state(generator), "data": loader.state_dict(),
+              "ema": ema.state_dict()}
+    meta = {"world_size": world, "zero_stage": cfg.deepspeed.zero_stage, "config": to_dict(cfg),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    tag = checkpoint.save(engine, ckpt_root, step, client, meta)
+    log.info("saved checkpoint %s", ckpt_root / tag)
+
+
+def restore(engine, ema, generator, ckpt_root: Path) -> tuple[int, dict]:
+    broken = checkpoint.incomplete_tags(ckpt_root)
+    if broken:
+        log.warning("ignoring incomplete checkpoint folder(s) in %s: %s", ckpt_root, ", ".join(broken))
+    tag = checkpoint.latest_tag(ckpt_root)
+    meta, client = checkpoint.load(engine, ckpt_root, tag)
+    ema.load_state_dict(client["ema"])
+    checkpoint.set_rng_state(client["rng"], generator)
+    log.info("resumed from %s at step %d", ckpt_root / tag, meta["step"])
+    return meta["step"], client["data"]
+
+
+def finish(cfg: Config, run_dir: Path, text, vae, ckpt_root: Path, device) -> None:
+    """Rank 0: sample the fixed prompts from the final checkpoint's EMA weights; plot the loss."""
+    from t2i.sampling import generate
+    from t2i.viz import plot_loss, save_grid
+
+    tag = checkpoint.latest_tag(ckpt_root)
+    model = build_model(cfg.model, in_channels=vae.latent_channels, sample_size=vae.latent_size(cfg.data.resolution),
+                        joint_attention_dim=text.context_dim, pooled_projection_dim=text.pooled_dim)
+    model.load_state_dict(checkpoint.load_weights(ckpt_root, tag, ema=cfg.sample.use_ema))
+    model.to(device).eval()
+    prompts = [p for p in cfg.sample.prompts for _ in range(2)]
+    images = generate(model, text, vae, prompts, resolution=cfg.data.resolution, steps=cfg.sample.steps,
+                      guidance=cfg.sample.guidance, shift=cfg.sample.shift, seed=cfg.sample.seed)
+    grid = save_grid(images, prompts, run_dir / "samples" / f"{tag}.png")
+    curve = plot_loss(read_metrics(run_dir), run_dir / "loss.png", title=f"{cfg.run.name}: training loss")
+    log.info("samples: %s  loss curve: %s", grid, curve)
+
+
+def _all_reduce(value: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (on the accelerator when the backend is NCCL)."""
+    value = value.detach().to(engine_lib.device()).clone()
+    dist.all_reduce(value)
+    return value.cpu()
+
+
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    return _all_reduce(value.float()).item() / dist.get_world_size()
+
+
+def _bad_counts(loader: TrainLoader) -> dict:
+    counts = loader.counts()
+    total = _all_reduce(torch.tensor([counts[r] for r in BAD_REASONS], dtype=torch.long))
+    return {r: int(n) for r, n in zip(BAD_REASONS, total) if n}
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")

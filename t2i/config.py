@@ -1,0 +1,313 @@
+"""Typed configuration: YAML files -> nested dataclasses, with `a.b=value` overrides.
+
+Every section is a dataclass whose defaults *are* the embedded tiny CPU config
+(`configs/tiny-cpu.yaml` spells the same values out). Loading is strict:
+
+* an unknown key fails with its dotted name and the closest valid key;
+* a value of the wrong type fails with the key and the expected type;
+* the resolved config (defaults + file + overrides) is written into every run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from t2i.text_encoders import TextEncoderConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny-cpu.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny-cpu"          # run folder = <output_dir>/<name>
+    output_dir: str = "runs"
+    seed: int = 0                   # model init, data order, noise: everything derives from it
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"            # tiny | sd3-medium | sd3.5-medium | sd3.5-large (see t2i/model.py)
+    pretrained: Optional[str] = None  # local diffusers folder (a pipeline folder or its transformer/)
+    gradient_checkpointing: bool = False
+    kwargs: dict = field(default_factory=dict)  # extra SD3Transformer2DModel arguments over the preset
+
+
+@dataclass
+class VAEConfig:
+    kind: str = "identity"          # identity (pixel space) | tiny (random AutoencoderKL) | pretrained
+    path: Optional[str] = None      # local diffusers folder for kind=pretrained (a pipeline folder or its vae/)
+    latent_channels: int = 16       # tiny only (SD3's VAE has 16)
+
+
+@dataclass
+class DataConfig:
+    shards: Union[str, list] = "data/shapes/shapes-{000000..000007}.tar"  # brace pattern, list, dir, list file, pipe:
+    resolution: int = 32            # images are resized (short side) and centre-cropped to this
+    shuffle_buffer: int = 256
+    num_workers: int = 0            # DataLoader workers per rank
+    max_bad_fraction: float = 0.05  # fail when more than this fraction of samples is bad ...
+    bad_check_after: int = 200      # ... once this many samples have been read on a rank
+
+
+@dataclass
+class TimestepConfig:
+    kind: str = "logit_normal"      # uniform | logit_normal | mode | mixflow (see t2i.flow.sample_sigmas)
+    mean: float = 0.0               # logit_normal
+    std: float = 1.0                # logit_normal
+    scale: float = 1.29             # mode
+    shift: float = 1.0              # s*sigma / (1 + (s-1)*sigma) after sampling; SD3 uses 3.0
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "pretrain"         # pretrain | mixflow | control (a label recorded with the run)
+    objective: str = "flow_matching"  # flow_matching | mixflow
+    mixflow_gamma: float = 0.8      # MixFlow mixture range coefficient (objective=mixflow)
+    timesteps: TimestepConfig = field(default_factory=TimestepConfig)
+    steps: int = 600                # optimizer steps
+    micro_batch_size: int = 32      # per rank
+    grad_accum: int = 1
+    lr: float = 1.0e-3
+    schedule: str = "cosine"        # constant | cosine (after linear warm-up)
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1       # cosine floor as a fraction of lr
+    betas: list = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    max_consecutive_nonfinite: int = 3  # non-finite loss/grad steps are skipped; this many in a row stop the run
+    ckpt_every: int = 200
+    log_every: int = 25
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2             # 1 | 2 | 3
+    precision: str = "fp32"         # fp32 | bf16 (bf16 on GPU)
+    extra: dict = field(default_factory=dict)  # merged into the generated DeepSpeed JSON config
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "offline"          # offline | online | disabled
+    project: str = "t2i"
+    sample_keys: bool = False       # write each rank's per-step sample keys (resume tests, debugging)
+
+
+@dataclass
+class SampleConfig:
+    prompts: list = field(default_factory=lambda: [
+        "a photo of a red circle",
+        "a photo of a blue square",
+        "a photo of a green triangle",
+        "a photo of a yellow circle and a purple square",
+        "a photo of three orange triangles",
+        "a photo of a red square left of a blue circle",
+        "a photo of two green circles",
+        "a photo of a purple triangle above a yellow square",
+    ])
+    steps: int = 30
+    guidance: float = 3.0
+    shift: float = 1.0
+    seed: int = 0
+    use_ema: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> "Config":
+        """Cross-field checks that a type system cannot express."""
+        try:
+            self.text.validate()
+        except ValueError as e:
+            raise ConfigError(f"text.{e}") from None
+        _choice("model.preset", self.model.preset, ["tiny", "sd3-medium", "sd3.5-medium", "sd3.5-large"])
+        _choice("vae.kind", self.vae.kind, ["identity", "tiny", "pretrained"])
+        if self.vae.kind == "pretrained" and not self.vae.path:
+            raise ConfigError("vae.kind=pretrained needs vae.path (a local diffusers folder)")
+        _choice("train.stage", self.train.stage, ["pretrain", "mixflow", "control"])
+        _choice("train.objective", self.train.objective, ["flow_matching", "mixflow"])
+        _choice("train.timesteps.kind", self.train.timesteps.kind, ["uniform", "logit_normal", "mode", "mixflow"])
+        _choice("train.schedule", self.train.schedule, ["constant", "cosine"])
+        _choice("deepspeed.zero_stage", self.deepspeed.zero_stage, [1, 2, 3])
+        _choice("deepspeed.precision", self.deepspeed.precision, ["fp32", "bf16"])
+        _choice("logging.wandb", self.logging.wandb, ["offline", "online", "disabled"])
+        if not 0.0 <= self.train.mixflow_gamma <= 1.0:
+            raise ConfigError(f"train.mixflow_gamma must be in [0, 1], got {self.train.mixflow_gamma}")
+        for key in ("steps", "micro_batch_size", "grad_accum", "ckpt_every", "log_every"):
+            if getattr(self.train, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self.train, key)}")
+        if not 0.0 <= self.train.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.train.ema_decay}")
+        if len(self.train.betas) != 2:
+            raise ConfigError(f"train.betas must be a list of two floats, got {self.train.betas}")
+        if not 0.0 <= self.data.max_bad_fraction <= 1.0:
+            raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.data.max_bad_fraction}")
+        if self.data.resolution < 8:
+            raise ConfigError(f"data.resolution must be >= 8, got {self.data.resolution}")
+        return self
+
+
+def _choice(key: str, value: Any, allowed: list) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Defaults <- YAML file (default: configs/tiny-cpu.yaml) <- `a.b=value` overrides."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    for item in overrides:
+        apply_override(data, item)
+    return from_dict(data)
+
+
+def from_dict(data: dict) -> Config:
+    """Build and validate a Config from a plain nested dict."""
+    return _build(Config, data, "").validate()
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`x=3` is an int)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (sections and leaves)."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        keys.append(name)
+        ftype = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(ftype):
+            keys += valid_keys(ftype, name + ".")
+    return keys
+
+
+def _build(cls: type, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = prefix + str(key)
+        if key not in names:
+            raise ConfigError(_unknown_key_message(dotted))
+        ftype = hints[key]
+        if dataclasses.is_dataclass(ftype):
+            kwargs[key] = _build(ftype, value if value is not None else {}, dotted + ".")
+        else:
+            kwargs[key] = _check_type(dotted, value, ftype)
+    return cls(**kwargs)
+
+
+def _unknown_key_message(dotted: str) -> str:
+    candidates = valid_keys()
+    leaf = dotted.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.5)
+    if not close:  # a right leaf in the wrong section: match on the last component
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in candidates}
+        leaf_match = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        close = [by_leaf[leaf_match[0]]] if leaf_match else []
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown config key '{dotted}'{hint}"
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError:
+                pass
+        raise _type_error(key, value, tp)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _type_error(key, value, tp)
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _type_error(key, value, tp)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _type_error(key, value, tp)
+    if tp in (str, bool, list, dict):
+        if isinstance(value, tp):
+            return value
+        raise _type_error(key, value, tp)
+    raise TypeError(f"unsupported config field type {tp!r} for {key}")
+
+
+def _type_error(key: str, value: Any, tp: Any) -> ConfigError:
+    return ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")

@@ -1,0 +1,60 @@
+"""Exponential moving average of the weights, kept as this rank's shard.
+
+Under ZeRO-1/2 every rank holds full parameters and its shadow is the full model; under ZeRO-3
+each rank updates a shadow of its own parameter partition (`param.ds_tensor`), so an update never
+gathers. `consolidate` rebuilds full tensors from the per-rank shards (ZeRO-3 partitions are the
+flattened parameter split in rank order, zero-padded at the end).
+
+    shadow ← d·shadow + (1 − d)·θ,   d = min(decay, (1 + n) / (10 + n))   (n = applied updates)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _local(p: torch.nn.Parameter) -> torch.Tensor:
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+
+class ShardedEMA:
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.zero3 = any(hasattr(p, "ds_tensor") for p in model.parameters())
+        self.shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
+        self.shadow = {n: _local(p).detach().float().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> float:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for n, p in model.named_parameters():
+            self.shadow[n].lerp_(_local(p).detach().float(), 1.0 - d)
+        self.updates += 1
+        return d
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "zero3": self.zero3, "shapes": self.shapes,
+                "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["shapes"] != self.shapes or state["zero3"] != self.zero3:
+            raise ValueError("EMA state does not match this model's parameters / ZeRO partitioning")
+        self.decay, self.updates = state["decay"], state["updates"]
+        for n, t in state["shadow"].items():
+            self.shadow[n].copy_(t)
+
+
+def consolidate(states: list[dict]) -> dict[str, torch.Tensor]:
+    """Full EMA tensors from the per-rank states (rank order)."""
+    first = states[0]
+    if not first["zero3"]:
+        return {n: t.clone() for n, t in first["shadow"].items()}
+    full = {}
+    for n, shape in first["shapes"].items():
+        flat = torch.cat([s["shadow"][n].reshape(-1) for s in states])
+        numel = 1
+        for k in shape:
+            numel *= k
+        full[n] = flat[:numel].view(shape).clone()
+    return full

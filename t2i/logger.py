@@ -1,0 +1,107 @@
+"""Run logging on rank 0: a progress bar, periodic log lines, metrics.jsonl and wandb (offline by default)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from tqdm import tqdm
+
+log = logging.getLogger("t2i")
+
+
+def setup_logging(run_dir: Optional[Path], rank: int) -> None:
+    """Console + <run>/train.log on rank 0; warnings only on the other ranks."""
+    log.handlers.clear()
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    console = _TqdmHandler()
+    console.setFormatter(fmt)
+    log.addHandler(console)
+    if run_dir is not None and rank == 0:
+        fh = logging.FileHandler(run_dir / "train.log")
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    log.propagate = False
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record):
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+class RunLogger:
+    """Per-step metrics to metrics.jsonl (every step) and wandb; a console line every `log_every`."""
+
+    def __init__(self, run_dir: Path, cfg, rank: int, start_step: int):
+        self.rank, self.cfg = rank, cfg
+        self.log_every = cfg.train.log_every
+        self.wandb = None
+        if rank != 0:
+            return
+        self.metrics = open(run_dir / "metrics.jsonl", "a")
+        self.bar = tqdm(total=cfg.train.steps, initial=start_step, desc=f"train {cfg.run.name}", unit="step",
+                        dynamic_ncols=True, file=sys.stderr, disable=None)
+        if cfg.logging.wandb != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+            from t2i.config import to_dict
+            self.wandb = wandb.init(project=cfg.logging.project, name=cfg.run.name, dir=str(run_dir),
+                                    mode=cfg.logging.wandb, config=to_dict(cfg), resume="allow",
+                                    id=_wandb_id(run_dir))
+        self._last = (time.time(), start_step)
+
+    def step(self, step: int, metrics: dict) -> None:
+        if self.rank != 0:
+            return
+        self.metrics.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.metrics.flush()
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        if step % self.log_every == 0 or step == self.cfg.train.steps:
+            bad = metrics.get("bad", {})
+            log.info("step %d/%d  loss %.4f  lr %.2e  %.1f img/s  grad_norm %.3f  skipped %d  bad %s",
+                     step, self.cfg.train.steps, metrics["loss"], metrics["lr"], metrics["images_per_s"],
+                     metrics.get("grad_norm", float("nan")), metrics.get("skipped_nonfinite", 0),
+                     " ".join(f"{k}={v}" for k, v in bad.items()) or "0")
+
+    def image(self, key: str, path: Path, step: int) -> None:
+        if self.rank == 0 and self.wandb is not None:
+            import wandb
+            self.wandb.log({key: wandb.Image(str(path))}, step=step)
+
+    def close(self) -> None:
+        if self.rank != 0:
+            return
+        self.bar.close()
+        self.metrics.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """A stable wandb run id per run folder, so a resumed run continues the same wandb run."""
+    path = run_dir / ".wandb_id"
+    if not path.exists():
+        import uuid
+        path.write_text(uuid.uuid4().hex[:12])
+    return path.read_text().strip()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl, keeping the last record per step (a resumed run may rewrite steps)."""
+    by_step = {}
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                by_step[rec["step"]] = rec
+    return [by_step[k] for k in sorted(by_step)]

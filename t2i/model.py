@@ -1,0 +1,90 @@
+"""The MMDiT: diffusers' SD3Transformer2DModel, from a size preset or a local diffusers folder.
+
+Presets give the transformer's own shape; the input/output channels and the text widths are
+taken from the VAE and the text encoders so the three always fit together. The model code does
+not know about distribution: DeepSpeed wraps it in t2i/engine.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import SD3Transformer2DModel
+
+from t2i.config import ConfigError, ModelConfig
+
+# Shapes of the released checkpoints' transformer/config.json (sample_size is in latent pixels).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(patch_size=2, num_layers=4, attention_head_dim=32, num_attention_heads=2,
+                 caption_projection_dim=64, pos_embed_max_size=32),
+    "sd3-medium": dict(patch_size=2, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+                       caption_projection_dim=1536, pos_embed_max_size=192),
+    "sd3.5-medium": dict(patch_size=2, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+                         caption_projection_dim=1536, pos_embed_max_size=384, qk_norm="rms_norm",
+                         dual_attention_layers=tuple(range(13))),
+    "sd3.5-large": dict(patch_size=2, num_layers=38, attention_head_dim=64, num_attention_heads=38,
+                        caption_projection_dim=2432, pos_embed_max_size=192, qk_norm="rms_norm"),
+}
+
+
+def preset_kwargs(cfg: ModelConfig, *, in_channels: int, sample_size: int, joint_attention_dim: int,
+                  pooled_projection_dim: int) -> dict:
+    """The SD3Transformer2DModel constructor arguments for a preset plus the config's overrides."""
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"model.preset must be one of {sorted(PRESETS)}, got {cfg.preset!r}")
+    kwargs = dict(PRESETS[cfg.preset], sample_size=sample_size, in_channels=in_channels,
+                  out_channels=in_channels, joint_attention_dim=joint_attention_dim,
+                  pooled_projection_dim=pooled_projection_dim)
+    kwargs.update(cfg.kwargs)
+    return kwargs
+
+
+def build_model(cfg: ModelConfig, *, in_channels: int, sample_size: int, joint_attention_dim: int,
+                pooled_projection_dim: int, seed: int = 0) -> SD3Transformer2DModel:
+    """A randomly initialised preset (deterministic in `seed`) or a local pretrained folder."""
+    if cfg.pretrained:
+        model = load_pretrained(cfg.pretrained)
+        check_compatible(model, in_channels=in_channels, joint_attention_dim=joint_attention_dim,
+                         pooled_projection_dim=pooled_projection_dim)
+    else:
+        kwargs = preset_kwargs(cfg, in_channels=in_channels, sample_size=sample_size,
+                               joint_attention_dim=joint_attention_dim,
+                               pooled_projection_dim=pooled_projection_dim)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = SD3Transformer2DModel(**kwargs)
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
+def load_pretrained(path: str) -> SD3Transformer2DModel:
+    """Load from a diffusers pipeline folder (uses its transformer/) or a transformer folder."""
+    root = Path(path)
+    if (root / "transformer" / "config.json").is_file():
+        root = root / "transformer"
+    if not (root / "config.json").is_file():
+        raise ConfigError(f"model.pretrained={path!r} is not a diffusers folder (no config.json or transformer/)")
+    return SD3Transformer2DModel.from_pretrained(root, local_files_only=True)
+
+
+def check_compatible(model: SD3Transformer2DModel, *, in_channels: int, joint_attention_dim: int,
+                     pooled_projection_dim: int) -> None:
+    got = model.config
+    want = dict(in_channels=in_channels, joint_attention_dim=joint_attention_dim,
+                pooled_projection_dim=pooled_projection_dim)
+    bad = {k: (got[k], v) for k, v in want.items() if got[k] != v}
+    if bad:
+        detail = ", ".join(f"{k}: model has {m}, pipeline needs {n}" for k, (m, n) in bad.items())
+        raise ConfigError(f"model.pretrained does not fit the configured VAE/text encoders ({detail})")
+
+
+def velocity(model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
+    """v̂ = model(x, timestep, text): the one place that knows the SD3 forward signature."""
+    return model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond["context"],
+                 pooled_projections=cond["pooled"], return_dict=False)[0]
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

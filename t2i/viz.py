@@ -1,0 +1,58 @@
+"""Pictures a person would rather look at: labelled sample grids and loss curves (PNG)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """[3, H, W] in [−1, 1] -> RGB PIL image."""
+    array = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+def save_grid(images: torch.Tensor, labels: list[str], path: Path, cols: int = 4, cell: int = 160) -> Path:
+    """A grid of images (upscaled with nearest neighbour to `cell` px), each captioned with its label."""
+    font = ImageFont.load_default(size=11)
+    rows = (len(images) + cols - 1) // cols
+    text_h = 44
+    sheet = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (img, label) in enumerate(zip(images, labels)):
+        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
+        sheet.paste(to_pil(img).resize((cell, cell), Image.NEAREST), (x, y))
+        lines = textwrap.wrap(label, width=cell // 6)[:3]
+        draw.multiline_text((x + 3, y + cell + 2), "\n".join(lines), fill="black", font=font, spacing=1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return Path(path)
+
+
+def plot_loss(records: list[dict], path: Path, title: str = "training loss") -> Path:
+    """Per-step loss (faint) and its running mean over ~2% of the run (bold)."""
+    steps = np.array([r["step"] for r in records])
+    loss = np.array([r["loss"] for r in records], dtype=float)
+    window = max(1, len(loss) // 50)
+    smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, loss, alpha=0.3, lw=0.8, label="per step")
+    ax.plot(steps[window - 1:], smooth, lw=2, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
