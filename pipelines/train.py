@@ -23,7 +23,7 @@ from t2i.config import Config, ConfigError, save_config, to_dict
 from t2i.data.loader import BAD_REASONS, TrainLoader
 from t2i.ema import ShardedEMA
 from t2i.logger import RunLogger, log, read_metrics, setup_logging
-from t2i.model import build_model, count_parameters, velocity
+from t2i.model import build_model, count_parameters, load_weights, velocity
 from t2i.text_encoders import TextEncoders
 from t2i.vae import FrozenVAE
 
@@ -32,7 +32,8 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-def main(cfg: Config, resume: bool = False) -> Path:
+def main(cfg: Config, resume: bool = False, stop_at: int | None = None) -> Path:
+    """Train to cfg.train.steps (or stop and checkpoint at `stop_at`, as a preemption would)."""
     rank, world = engine_lib.init_distributed()
     device = engine_lib.device()
     run_dir = prepare_run_dir(cfg, rank, resume)
@@ -66,7 +67,8 @@ def main(cfg: Config, resume: bool = False) -> Path:
     skipped = consecutive = 0
     images_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
 
-    while step < cfg.train.steps:
+    end = min(cfg.train.steps, stop_at or cfg.train.steps)
+    while step < end:
         t0 = time.perf_counter()
         lr = engine_lib.lr_at(step, cfg.train)
         engine_lib.set_lr(optimizer, lr)
@@ -98,13 +100,13 @@ def main(cfg: Config, resume: bool = False) -> Path:
                 f"{consecutive} consecutive steps had a non-finite loss or gradient (last at step {step}); "
                 f"stopping without saving. The last good checkpoint is {checkpoint.latest_tag(ckpt_root)!r} "
                 f"in {ckpt_root}. Lower train.lr, check the data, or raise train.max_consecutive_nonfinite.")
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+        if step % cfg.train.ckpt_every == 0 or step == end:
             save(engine, ema, generator, loader, ckpt_root, step, cfg, world)
 
     logger.close()
     if keys_file:
         keys_file.close()
-    if rank == 0:
+    if rank == 0 and step == cfg.train.steps:
         finish(cfg, run_dir, text, vae, ckpt_root, device)
     dist.barrier()
     return run_dir
@@ -188,7 +190,7 @@ def finish(cfg: Config, run_dir: Path, text, vae, ckpt_root: Path, device) -> No
     tag = checkpoint.latest_tag(ckpt_root)
     model = build_model(cfg.model, in_channels=vae.latent_channels, sample_size=vae.latent_size(cfg.data.resolution),
                         joint_attention_dim=text.context_dim, pooled_projection_dim=text.pooled_dim)
-    model.load_state_dict(checkpoint.load_weights(ckpt_root, tag, ema=cfg.sample.use_ema))
+    load_weights(model, checkpoint.load_weights(ckpt_root, tag, ema=cfg.sample.use_ema))
     model.to(device).eval()
     prompts = [p for p in cfg.sample.prompts for _ in range(2)]
     images = generate(model, text, vae, prompts, resolution=cfg.data.resolution, steps=cfg.sample.steps,

@@ -22,6 +22,8 @@ def _environment() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")           # weights come from local folders only
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated")  # DeepSpeed's calls
     import torch
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")      # DeepSpeed's CPU accelerator + gloo
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                            help="local ranks to launch with torchrun (ignored when already under a launcher)")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/latest")
+            p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                           help="checkpoint and stop at this step (resume later with --resume)")
     shards = sub.add_parser("make-shards", help="write WebDataset shards", add_help=False)
     shards.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return _relaunch(args.nproc, _strip_nproc(argv))
     from pipelines.train import main as train
     try:
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, stop_at=args.stop_at)
     except ConfigError as e:
         print(f"t2i: {e}", file=sys.stderr)
         return 2

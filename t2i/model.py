@@ -88,3 +88,14 @@ def velocity(model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, co
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load consolidated weights: every parameter must be present; buffers (e.g. the fixed sin-cos
+    position table) may be absent, they are rebuilt by the constructor."""
+    params = {n for n, _ in model.named_parameters()}
+    missing = sorted(params - set(weights))
+    unexpected = sorted(set(weights) - set(model.state_dict()))
+    if missing or unexpected:
+        raise KeyError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(weights, strict=False)

@@ -69,7 +69,11 @@ class TextEncoderConfig:
             p = getattr(self, key)
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
                 raise ValueError(f"{key}: caption dropout probability must be in [0, 1], got {p!r}")
-        if self.preset == "sd3":
+        if self.preset == "tiny":
+            for key in ("sd3_folder", "clip_l", "clip_g", "t5"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: only used by preset 'sd3' (preset is 'tiny')")
+        else:
             for key in ("clip_l", "clip_g", "t5"):
                 if getattr(self, key) is None and self.sd3_folder is None:
                     raise ValueError(f"{key}: preset 'sd3' needs sd3_folder or an explicit {key} path")
@@ -136,7 +140,7 @@ def hf_clip_to_open_clip(sd: dict) -> dict:
 def _tower_from_hf(folder: str) -> torch.nn.Module:
     """Build an open_clip TextTransformer with the shapes of an HF CLIP text config and load its
     converted weights strictly."""
-    hf = CLIPTextModelWithProjection.from_pretrained(folder, dtype=torch.float32)
+    hf = CLIPTextModelWithProjection.from_pretrained(folder)  # any dtype: copied into the fp32 tower
     c = hf.config
     if c.hidden_act not in ("quick_gelu", "gelu") or c.intermediate_size % c.hidden_size:
         raise ValueError(f"sd3_folder: unsupported CLIP text config in {folder} "
@@ -197,7 +201,7 @@ class TextEncoders(torch.nn.Module):
                 text_cfg = dict(TINY_CLIP, context_length=C)
                 self.clip_l = _build_text_tower(TINY_EMBED_DIM, text_cfg, quick_gelu=True)
                 self.clip_g = _build_text_tower(TINY_EMBED_DIM, text_cfg, quick_gelu=False)
-                self.t5 = T5EncoderModel(T5Config(**TINY_T5))
+                self.t5 = T5EncoderModel(T5Config(**TINY_T5)).to(DTYPES[cfg.dtype])
             self.tok_l, self.tok_g = clip_tokenizer(CLIP_L_PAD, C), clip_tokenizer(CLIP_G_PAD, C)
             self.tok_t5 = ByT5Tokenizer()
         else:
@@ -208,6 +212,8 @@ class TextEncoders(torch.nn.Module):
                            else _tower_from_hf(os.path.join(folder, "text_encoder_2")))
             t5_model, t5_tok = ((cfg.t5, cfg.t5) if cfg.t5 else
                                 (os.path.join(folder, "text_encoder_3"), os.path.join(folder, "tokenizer_3")))
+            # Loaded in cfg.dtype by transformers exactly as the pipeline gets it (under float16 it
+            # keeps T5's `wo` layers in fp32), so T5 is not cast again below.
             self.t5 = T5EncoderModel.from_pretrained(t5_model, dtype=DTYPES[cfg.dtype])
             self.tok_t5 = AutoTokenizer.from_pretrained(t5_tok)
             # The checkpoint's own CLIP tokenizers when the folder has them, else SD3's settings.
@@ -219,8 +225,9 @@ class TextEncoders(torch.nn.Module):
                 if tower.positional_embedding.shape[0] != C:
                     raise ValueError(f"clip_context: {C} but the {name} tower was trained with "
                                      f"{tower.positional_embedding.shape[0]} positions")
-        self.to(DTYPES[cfg.dtype]).requires_grad_(False)
-        super().train(False)
+        self.clip_l.to(DTYPES[cfg.dtype])
+        self.clip_g.to(DTYPES[cfg.dtype])
+        self.requires_grad_(False).eval()
         self._empty: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     # ---- dims
@@ -244,7 +251,9 @@ class TextEncoders(torch.nn.Module):
     def identity(self) -> dict:
         """What the encodings depend on (cache keys). Caption dropout is applied after caching."""
         c = self.cfg
-        real = lambda p: os.path.realpath(p) if p else None  # noqa: E731
+
+        def real(path):
+            return os.path.realpath(path) if path else None
         return {"encoders": "sd3-clip_l+clip_g+t5", "preset": c.preset, "sd3_folder": real(c.sd3_folder),
                 "clip_l": real(c.clip_l), "clip_g": real(c.clip_g), "t5": real(c.t5),
                 "seed": c.seed if c.preset == "tiny" else None, "clip_context": c.clip_context,
@@ -268,6 +277,8 @@ class TextEncoders(torch.nn.Module):
                dropout: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """captions -> (context [B, seq_len, context_dim], pooled [B, pooled_dim]).
         With ``dropout``, apply per-encoder caption dropout (see ``apply_caption_dropout``)."""
+        if len(captions) == 0:
+            return self.encode_empty(0)
         ids = {k: v.to(self.t5.device) for k, v in self.tokenize(captions).items()}
         pen_l, pool_l = encode_clip_tower(self.clip_l, ids["clip_l"], self.tok_l.eos_token_id)
         pen_g, pool_g = encode_clip_tower(self.clip_g, ids["clip_g"], self.tok_g.eos_token_id)

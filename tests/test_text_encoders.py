@@ -83,9 +83,10 @@ def tiny():
 
 def test_sd3_folder_encodings_equal_stable_diffusion3_pipeline(sd3):
     pipe, te = sd3
-    ctx, neg_ctx, pooled, neg_pooled = pipe.encode_prompt(
-        prompt=PROMPTS, prompt_2=None, prompt_3=None, device=torch.device("cpu"),
-        do_classifier_free_guidance=True, max_sequence_length=T5_TOKENS)
+    with torch.no_grad():  # as in the pipeline's __call__
+        ctx, neg_ctx, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=PROMPTS, prompt_2=None, prompt_3=None, device=torch.device("cpu"),
+            do_classifier_free_guidance=True, max_sequence_length=T5_TOKENS)
     ours_ctx, ours_pooled = te.encode(PROMPTS)
     assert (te.context_dim, te.pooled_dim, te.seq_len) == (48, 36, 77 + T5_TOKENS)
     assert ours_ctx.shape == ctx.shape and ours_pooled.shape == pooled.shape
@@ -137,6 +138,7 @@ def test_tiny_preset_shapes_and_dims(tiny):
     assert (tiny.context_dim, tiny.pooled_dim, tiny.seq_len) == (64, 64, 32 + 64)
     assert ctx.shape == (len(PROMPTS), 96, 64) and pooled.shape == (len(PROMPTS), 64)
     assert ctx.dtype == pooled.dtype == torch.float32 and torch.isfinite(ctx).all()
+    assert [t.shape for t in tiny.encode([])] == [(0, 96, 64), (0, 64)]
     ident = tiny.identity()
     assert ident["preset"] == "tiny" and ident["context_dim"] == 64 and ident["max_t5_tokens"] == 64
 
@@ -223,6 +225,7 @@ def test_dropout_half_drops_half_independently_and_reproducibly(tiny):
     ({"preset": "sd3"}, "clip_l"),
     ({"preset": "sd3", "clip_l": "/nonexistent/l.pt", "clip_g": "/x", "t5": "/y"}, "clip_l"),
     ({"preset": "sd3", "sd3_folder": "/nonexistent/sd3"}, "sd3_folder"),
+    ({"preset": "tiny", "t5": "/some/t5"}, "t5"),
 ])
 def test_bad_config_raises_value_error_naming_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key):
@@ -233,3 +236,19 @@ def test_sd3_clip_context_must_match_the_checkpoint(sd3):
     _, te = sd3
     with pytest.raises(ValueError, match="clip_context"):
         TextEncoders(TextEncoderConfig(preset="sd3", sd3_folder=te.cfg.sd3_folder, clip_context=32))
+
+
+def test_sd3_folder_in_bfloat16_matches_the_pipeline_in_bfloat16(sd3):
+    pipe, te = sd3
+    folder = te.cfg.sd3_folder
+    te16 = TextEncoders(TextEncoderConfig(preset="sd3", sd3_folder=folder, clip_context=77,
+                                          max_t5_tokens=T5_TOKENS, dtype="bfloat16"))
+    pipe16 = StableDiffusion3Pipeline.from_pretrained(folder, dtype=torch.bfloat16)
+    assert {p.dtype for p in te16.t5.parameters()} == {p.dtype for p in pipe16.text_encoder_3.parameters()}
+    with torch.no_grad():  # (with grad enabled, CPU SDPA picks another kernel: bf16 rounding differs)
+        ctx, _, pooled, _ = pipe16.encode_prompt(prompt=PROMPTS, prompt_2=None, prompt_3=None,
+                                                 device=torch.device("cpu"), max_sequence_length=T5_TOKENS)
+    ours_ctx, ours_pooled = te16.encode(PROMPTS)
+    assert ours_ctx.dtype == ours_pooled.dtype == torch.bfloat16
+    torch.testing.assert_close(ours_ctx, ctx)  # bf16 default tolerances; bit-identical on the dev VM
+    torch.testing.assert_close(ours_pooled, pooled)
