@@ -15,7 +15,7 @@ from pathlib import Path
 
 from t2i.config import Config
 
-SHAPES = dict(n=4000, per_shard=500, size=64, seed=0)  # 8 shards; the tiny config reads 32x32 crops
+SHAPES = dict(n=4000, samples_per_shard=500, size=64, seed=0)  # 8 shards; the tiny config reads 32x32 crops
 
 
 def ensure_shapes_shards(out: Path) -> None:
@@ -28,8 +28,7 @@ def ensure_shapes_shards(out: Path) -> None:
             return
     from t2i.data.writers import write_shapes_shards
     print(f"[demo] shards: writing {SHAPES['n']} captioned-shapes samples to {out}", flush=True)
-    write_shapes_shards(out, SHAPES["n"], samples_per_shard=SHAPES["per_shard"], seed=SHAPES["seed"],
-                        size=SHAPES["size"], prefix="shapes")
+    write_shapes_shards(out, prefix="shapes", **SHAPES)
 
 
 def main(cfg: Config, config_path: str | None, overrides: list[str], nproc: int = 2) -> int:
