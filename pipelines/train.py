@@ -55,16 +55,16 @@ def main(cfg: Config, resume: bool = False, stop_at: int | None = None) -> Path:
     generator = torch.Generator().manual_seed(1_000_003 * cfg.run.seed + rank)  # noise, sigma, dropout
 
     ckpt_root = run_dir / "checkpoints"
-    step, data_state = 0, None
+    step, data_state, skipped = 0, None, 0
     if resume:
-        step, data_state = restore(engine, ema, generator, ckpt_root)
+        step, data_state, skipped = restore(engine, ema, generator, ckpt_root)
 
     loader = TrainLoader(cfg.data, seed=cfg.run.seed, rank=rank, world_size=world,
                          batch_size=cfg.train.micro_batch_size, state=data_state)
     logger = RunLogger(run_dir, cfg, rank, start_step=step)
     keys_file = open(run_dir / f"sample_keys.rank{rank}.jsonl", "a") if cfg.logging.sample_keys else None
     dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
-    skipped = consecutive = 0
+    consecutive = 0
     images_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
 
     end = min(cfg.train.steps, stop_at or cfg.train.steps)
@@ -100,8 +100,8 @@ def main(cfg: Config, resume: bool = False, stop_at: int | None = None) -> Path:
                 f"{consecutive} consecutive steps had a non-finite loss or gradient (last at step {step}); "
                 f"stopping without saving. The last good checkpoint is {checkpoint.latest_tag(ckpt_root)!r} "
                 f"in {ckpt_root}. Lower train.lr, check the data, or raise train.max_consecutive_nonfinite.")
-        if step % cfg.train.ckpt_every == 0 or step == end:
-            save(engine, ema, generator, loader, ckpt_root, step, cfg, world)
+        if step == end or (step % cfg.train.ckpt_every == 0 and consecutive == 0):  # not mid non-finite streak
+            save(engine, ema, generator, loader, ckpt_root, step, skipped, cfg, world)
 
     logger.close()
     if keys_file:
@@ -161,16 +161,17 @@ def prepare_run_dir(cfg: Config, rank: int, resume: bool) -> Path:
     return run_dir
 
 
-def save(engine, ema, generator, loader, ckpt_root: Path, step: int, cfg: Config, world: int) -> None:
+def save(engine, ema, generator, loader, ckpt_root: Path, step: int, skipped: int, cfg: Config,
+         world: int) -> None:
     client = {"step": step, "rng": checkpoint.rng_state(generator), "data": loader.state_dict(),
-              "ema": ema.state_dict()}
+              "ema": ema.state_dict(), "skipped_nonfinite": skipped}
     meta = {"world_size": world, "zero_stage": cfg.deepspeed.zero_stage, "config": to_dict(cfg),
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     tag = checkpoint.save(engine, ckpt_root, step, client, meta)
     log.info("saved checkpoint %s", ckpt_root / tag)
 
 
-def restore(engine, ema, generator, ckpt_root: Path) -> tuple[int, dict]:
+def restore(engine, ema, generator, ckpt_root: Path) -> tuple[int, dict, int]:
     broken = checkpoint.incomplete_tags(ckpt_root)
     if broken:
         log.warning("ignoring incomplete checkpoint folder(s) in %s: %s", ckpt_root, ", ".join(broken))
@@ -179,7 +180,7 @@ def restore(engine, ema, generator, ckpt_root: Path) -> tuple[int, dict]:
     ema.load_state_dict(client["ema"])
     checkpoint.set_rng_state(client["rng"], generator)
     log.info("resumed from %s at step %d", ckpt_root / tag, meta["step"])
-    return meta["step"], client["data"]
+    return meta["step"], client["data"], client["skipped_nonfinite"]
 
 
 def finish(cfg: Config, run_dir: Path, text, vae, ckpt_root: Path, device) -> None:

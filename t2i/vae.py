@@ -23,6 +23,7 @@ class FrozenVAE(torch.nn.Module):
         self.kind = cfg.kind
         self.path = cfg.path
         self.vae: Optional[AutoencoderKL] = None
+        self.eval()
         if cfg.kind == "identity":
             self.latent_channels, self.downsample = 3, 1
             self.scaling_factor, self.shift_factor = 1.0, 0.0
