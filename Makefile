@@ -1,0 +1,27 @@
+# t2i: the two commands a new user needs are `make demo` and `make test`.
+# Both install the environment on first use (`make setup`): a venv in .venv with the tested
+# versions from constraints.txt. Re-running is a no-op until pyproject.toml or constraints.txt change.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.t2i-installed
+
+.PHONY: setup demo test test-fast clean-runs
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -c "import torch, torchvision, deepspeed, diffusers, transformers, open_clip, webdataset, wandb, cleanfid; print('t2i environment ready: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| diffusers', diffusers.__version__)"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/t2i demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
