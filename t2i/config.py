@@ -188,15 +188,33 @@ def _choice(key: str, value: Any, allowed: list) -> None:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Defaults <- YAML file (default: configs/tiny-cpu.yaml) <- `a.b=value` overrides."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    data = read_yaml(Path(path) if path is not None else DEFAULT_CONFIG)
     for item in overrides:
         apply_override(data, item)
     return from_dict(data)
+
+
+def read_yaml(path: Path, _chain: tuple = ()) -> dict:
+    """A config file as a dict. `base: other.yaml` (relative to the file) is read first and this
+    file's keys are merged over it, so a stage config only states what differs."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _chain:
+        raise ConfigError(f"config 'base' chain loops: {' -> '.join(map(str, _chain + (path,)))}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return deep_merge(read_yaml(path.parent / base, _chain + (path.resolve(),)), data)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def from_dict(data: dict) -> Config:

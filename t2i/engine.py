@@ -13,7 +13,7 @@ import socket
 
 import torch
 
-from t2i.config import Config, TrainConfig
+from t2i.config import Config, TrainConfig, deep_merge
 
 
 def init_distributed() -> tuple[int, int]:
@@ -54,14 +54,7 @@ def deepspeed_config(cfg: Config) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    return _merge(ds, cfg.deepspeed.extra)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    return deep_merge(ds, copy.deepcopy(cfg.deepspeed.extra))
 
 
 def initialize(model: torch.nn.Module, cfg: Config):

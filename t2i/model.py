@@ -16,8 +16,10 @@ from t2i.config import ConfigError, ModelConfig
 
 # Shapes of the released checkpoints' transformer/config.json (sample_size is in latent pixels).
 PRESETS: dict[str, dict] = {
-    "tiny": dict(patch_size=2, num_layers=4, attention_head_dim=32, num_attention_heads=2,
-                 caption_projection_dim=64, pos_embed_max_size=32),
+    # CPU-sized: 4 blocks of width 128 over 4x4-pixel patches (64 tokens at 32 px), SD3.5's QK-norm;
+    # its position table is exactly the latent grid (set in preset_kwargs) so neighbours are 1 apart.
+    "tiny": dict(patch_size=4, num_layers=4, attention_head_dim=32, num_attention_heads=4,
+                 caption_projection_dim=128, qk_norm="rms_norm"),
     "sd3-medium": dict(patch_size=2, num_layers=24, attention_head_dim=64, num_attention_heads=24,
                        caption_projection_dim=1536, pos_embed_max_size=192),
     "sd3.5-medium": dict(patch_size=2, num_layers=24, attention_head_dim=64, num_attention_heads=24,
@@ -37,6 +39,7 @@ def preset_kwargs(cfg: ModelConfig, *, in_channels: int, sample_size: int, joint
                   out_channels=in_channels, joint_attention_dim=joint_attention_dim,
                   pooled_projection_dim=pooled_projection_dim)
     kwargs.update(cfg.kwargs)
+    kwargs.setdefault("pos_embed_max_size", sample_size // kwargs["patch_size"])
     return kwargs
 
 
@@ -54,9 +57,28 @@ def build_model(cfg: ModelConfig, *, in_channels: int, sample_size: int, joint_a
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = SD3Transformer2DModel(**kwargs)
+            init_from_scratch(model)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
+
+
+def init_from_scratch(model: SD3Transformer2DModel) -> None:
+    """The DiT / SD3-reference initialisation, which diffusers' constructor does not apply: Xavier-
+    uniform linear layers (the patch projection viewed as one), zero biases, and zero-initialised
+    adaLN modulations and output projection, so every block starts as the identity ("adaLN-Zero")."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    proj = model.pos_embed.proj
+    torch.nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+    torch.nn.init.zeros_(proj.bias)
+    for name, module in model.named_modules():
+        if name.endswith(("norm1.linear", "norm1_context.linear")) or name in ("norm_out.linear", "proj_out"):
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
 
 
 def load_pretrained(path: str) -> SD3Transformer2DModel:

@@ -73,3 +73,24 @@ def test_resolved_config_round_trips_through_the_run_folder_file(tmp_path):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_the_gpu_example_config_is_valid(tmp_path):
+    folder = f"{tmp_path}"  # the example's placeholder paths must exist: text encoders check them early
+    with pytest.raises(ConfigError, match="text.sd3_folder: path does not exist"):
+        load_config(DEFAULT_CONFIG.parent / "sd3.5-medium-512.yaml")
+    cfg = load_config(DEFAULT_CONFIG.parent / "sd3.5-medium-512.yaml",
+                      [f"model.pretrained={folder}", f"text.sd3_folder={folder}", f"vae.path={folder}"])
+    assert (cfg.model.preset, cfg.text.preset, cfg.vae.kind, cfg.deepspeed.precision) == \
+        ("sd3.5-medium", "sd3", "pretrained", "bf16")
+
+
+def test_a_config_can_state_only_what_differs_from_its_base(tmp_path):
+    (tmp_path / "stage.yaml").write_text(f"base: {DEFAULT_CONFIG}\ntrain:\n  steps: 5\n  timesteps: {{shift: 3.0}}\n")
+    cfg = load_config(tmp_path / "stage.yaml")
+    assert (cfg.train.steps, cfg.train.timesteps.shift, cfg.train.timesteps.kind) == (5, 3.0, "logit_normal")
+    assert cfg.sample == load_config().sample
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "a.yaml")

@@ -94,3 +94,16 @@ def test_autoencoder_latents_use_sd3_scaling_and_shift(tmp_path):
     torch.testing.assert_close(loaded.encode(x, torch.Generator().manual_seed(0)), z)
     with pytest.raises(ConfigError, match="divisible"):
         vae.latent_size(33)
+
+
+def test_from_scratch_presets_start_as_adaln_zero_blocks_predicting_zero():
+    model = build_model(ModelConfig(), seed=0, **TINY)
+    for name, module in model.named_modules():
+        if name.endswith(("norm1.linear", "norm1_context.linear")) or name in ("norm_out.linear", "proj_out"):
+            assert not module.weight.any() and not module.bias.any(), name
+    x = torch.randn(2, 3, 16, 16)
+    cond = {"context": torch.randn(2, 6, 64), "pooled": torch.randn(2, 64)}
+    assert not velocity(model, x, torch.tensor([10.0, 990.0]), cond).any()
+    w = model.transformer_blocks[0].attn.to_q.weight
+    bound = (6 / sum(w.shape)) ** 0.5                      # Xavier-uniform bound
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
