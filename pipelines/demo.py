@@ -15,25 +15,30 @@ from pathlib import Path
 
 from t2i.config import Config
 
-SHAPES = dict(n=4000, samples_per_shard=500, size=64, seed=0)  # 8 shards; the tiny config reads 32x32 crops
+# 8 training shards and 2 held-out validation shards (another seed); the tiny config reads 32x32 crops.
+SHAPES = {"shapes": dict(n=4000, samples_per_shard=500, size=64, seed=0),
+          "shapes-val": dict(n=512, samples_per_shard=256, size=64, seed=1)}
 
 
-def ensure_shapes_shards(out: Path) -> None:
+def ensure_shapes_shards(root: Path) -> None:
     """Write the synthetic shapes shards once; reuse them when the manifest matches."""
-    manifest = out / "manifest.json"
-    if manifest.exists():
-        args = json.loads(manifest.read_text()).get("args", {})
-        if all(args.get(k) == v for k, v in SHAPES.items()):
-            print(f"[demo] shards: reusing {out}", flush=True)
-            return
     from t2i.data.writers import write_shapes_shards
-    print(f"[demo] shards: writing {SHAPES['n']} captioned-shapes samples to {out}", flush=True)
-    write_shapes_shards(out, prefix="shapes", **SHAPES)
+
+    for prefix, spec in SHAPES.items():
+        out = root / prefix
+        manifest = out / "manifest.json"
+        if manifest.exists():
+            args = json.loads(manifest.read_text()).get("args", {})
+            if all(args.get(k) == v for k, v in spec.items()):
+                print(f"[demo] shards: reusing {out}", flush=True)
+                continue
+        print(f"[demo] shards: writing {spec['n']} captioned-shapes samples to {out}", flush=True)
+        write_shapes_shards(out, prefix=prefix, overwrite=True, progress=False, **spec)
 
 
 def main(cfg: Config, config_path: str | None, overrides: list[str], nproc: int = 2) -> int:
     t0 = time.time()
-    ensure_shapes_shards(Path("data/shapes"))
+    ensure_shapes_shards(Path("data"))
     name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     argv = ["train", f"--nproc={nproc}", f"run.name={name}", *overrides]
     if config_path:

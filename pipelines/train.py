@@ -18,12 +18,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import json
+
 from t2i import checkpoint, engine as engine_lib, flow
 from t2i.config import Config, ConfigError, save_config, to_dict
 from t2i.data.loader import BAD_REASONS, TrainLoader
+from t2i.diagnostics import FixedSigmaValidation, SigmaStats
 from t2i.ema import ShardedEMA
 from t2i.logger import RunLogger, log, read_metrics, setup_logging
-from t2i.model import build_model, count_parameters, load_weights, velocity
+from t2i.model import build_model, count_parameters, is_diffusers_folder, load_pretrained, load_weights, velocity
 from t2i.text_encoders import TextEncoders
 from t2i.vae import FrozenVAE
 
@@ -38,7 +41,7 @@ def main(cfg: Config, resume: bool = False, stop_at: int | None = None) -> Path:
     device = engine_lib.device()
     run_dir = prepare_run_dir(cfg, rank, resume)
     setup_logging(run_dir, rank)
-    log.info("run %s: %d rank(s), device %s, ZeRO-%d, %s", run_dir, world, device.type,
+    log.info("run %s: stage %s, %d rank(s), device %s, ZeRO-%d, %s", run_dir, cfg.stage, world, device.type,
              cfg.deepspeed.zero_stage, cfg.deepspeed.precision)
 
     # Frozen conditioning and autoencoder: built identically on every rank, never optimised.
@@ -50,6 +53,11 @@ def main(cfg: Config, resume: bool = False, stop_at: int | None = None) -> Path:
     log.info("MMDiT %s: %.2fM parameters; text context %d x %d, pooled %d; latents %d x %d^2",
              cfg.model.preset, count_parameters(model) / 1e6, text.seq_len, text.context_dim, text.pooled_dim,
              vae.latent_channels, vae.latent_size(cfg.data.resolution))
+    if cfg.train.init_from and not resume:  # post-training: weights from the parent, all else fresh
+        parent = init_from_parent(model, cfg)
+        if rank == 0:
+            (run_dir / "parent.json").write_text(json.dumps(parent, indent=1))
+        log.info("initialised %s weights from %s", parent.get("weights", "diffusers"), parent["path"])
     engine, optimizer = engine_lib.initialize(model, cfg)
     ema = ShardedEMA(engine.module, cfg.train.ema_decay)
     generator = torch.Generator().manual_seed(1_000_003 * cfg.run.seed + rank)  # noise, sigma, dropout
@@ -62,8 +70,12 @@ def main(cfg: Config, resume: bool = False, stop_at: int | None = None) -> Path:
     loader = TrainLoader(cfg.data, seed=cfg.run.seed, rank=rank, world_size=world,
                          batch_size=cfg.train.micro_batch_size, state=data_state)
     logger = RunLogger(run_dir, cfg, rank, start_step=step)
-    keys_file = open(run_dir / f"sample_keys.rank{rank}.jsonl", "a") if cfg.logging.sample_keys else None
+    sigma_stats = SigmaStats(cfg.logging.sigma_bins)
     dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+    validation = FixedSigmaValidation(cfg.validation, cfg.data, text, vae, device) if cfg.validation.shards else None
+    if validation and step == 0 and cfg.train.init_from:  # the parent's validation loss, for reference
+        logger.validation(0, validation(engine, dtype))
+    keys_file = open(run_dir / f"sample_keys.rank{rank}.jsonl", "a") if cfg.logging.sample_keys else None
     consecutive = 0
     images_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
 
@@ -75,10 +87,11 @@ def main(cfg: Config, resume: bool = False, stop_at: int | None = None) -> Path:
         losses, keys = [], []
         for _ in range(cfg.train.grad_accum):
             batch = next(loader)
-            loss = compute_loss(engine, text, vae, batch, generator, cfg, device, dtype)
+            loss, stats = compute_loss(engine, text, vae, batch, generator, cfg, device, dtype)
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach().float())
+            sigma_stats.add(stats["sigma"], stats["sigma_in"], stats["per_sample"])
             keys += batch["keys"]
         step += 1
 
@@ -91,6 +104,10 @@ def main(cfg: Config, resume: bool = False, stop_at: int | None = None) -> Path:
         metrics = {"loss": _mean_over_ranks(torch.stack(losses).mean()), "lr": lr,
                    "images_per_s": images_per_step / (time.perf_counter() - t0),
                    "grad_norm": _grad_norm(engine), "skipped_nonfinite": skipped, "bad": _bad_counts(loader)}
+        if step % cfg.train.log_every == 0 or step == end:
+            metrics.update(sigma_stats.summary(device))
+        if validation and (step % cfg.validation.every == 0 or step == end):
+            metrics.update(validation(engine, dtype))
         logger.step(step, metrics)
         if keys_file:
             keys_file.write(f'{{"step": {step}, "keys": {keys!r}}}\n'.replace("'", '"'))
@@ -117,27 +134,45 @@ def main(cfg: Config, resume: bool = False, stop_at: int | None = None) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
-def compute_loss(engine, text, vae, batch, generator, cfg: Config, device, dtype) -> torch.Tensor:
-    """Mean per-sample flow-matching or MixFlow loss of one micro-batch (t2i.flow has the formulas)."""
+def compute_loss(engine, text, vae, batch, generator, cfg: Config, device, dtype) -> tuple[torch.Tensor, dict]:
+    """Mean flow-matching or MixFlow loss of one micro-batch (t2i.flow has the formulas), and the
+    per-sample values behind it (σ, σ_in, loss, x, noise) for diagnostics and tests."""
     x = vae.encode(batch["images"].to(device), generator).to(device, torch.float32)
     context, pooled = text.encode(batch["captions"], generator=generator, dropout=True)
     cond = {"context": context.to(device, dtype), "pooled": pooled.to(device, dtype)}
     n, t = x.shape[0], cfg.train.timesteps
     noise = torch.randn(x.shape, generator=generator).to(device)
     model_fn = lambda x_in, timestep: velocity(engine, x_in.to(dtype), timestep.to(dtype), cond).float()  # noqa: E731
-    if cfg.train.objective == "mixflow":
+    if cfg.train.objective == "mixflow":  # slowed input at σ_in ≥ σ, conditioned on σ
         sigma, sigma_in = flow.sample_mixflow(n, cfg.train.mixflow_gamma, generator=generator, shift=t.shift)
         loss = flow.mixflow_loss(model_fn, x, noise, sigma.to(device), sigma_in.to(device))
     else:
-        sigma = flow.sample_sigmas(t.kind, n, generator=generator, **timestep_params(cfg))
+        sigma = flow.sample_sigmas(cfg.timestep_sampler, n, generator=generator, **timestep_params(cfg))
+        sigma_in = sigma
         loss = flow.flow_matching_loss(model_fn, x, noise, sigma.to(device))
-    return loss.mean()
+    stats = {"sigma": sigma, "sigma_in": sigma_in, "per_sample": loss.detach(), "x": x, "noise": noise}
+    return loss.mean(), stats
 
 
 def timestep_params(cfg: Config) -> dict:
-    t = cfg.train.timesteps
-    extra = {"logit_normal": {"mean": t.mean, "std": t.std}, "mode": {"scale": t.scale}}.get(t.kind, {})
+    t, kind = cfg.train.timesteps, cfg.timestep_sampler
+    extra = {"logit_normal": {"mean": t.mean, "std": t.std}, "mode": {"scale": t.scale}}.get(kind, {})
     return {"shift": t.shift, **extra}
+
+
+def init_from_parent(model, cfg: Config) -> dict:
+    """Load the parent's weights into `model`; returns what to record in <run>/parent.json."""
+    path = cfg.train.init_from
+    if is_diffusers_folder(path):
+        load_weights(model, load_pretrained(path).state_dict())
+        return {"kind": "diffusers", "path": str(Path(path).resolve())}
+    root, tag = checkpoint.resolve(path)
+    ema = cfg.train.init_weights == "ema"
+    load_weights(model, checkpoint.load_weights(root, tag, ema=ema))
+    meta = checkpoint.read_meta(root, tag)
+    return {"kind": "checkpoint", "path": str((root / tag).resolve()), "run": str(root.parent.resolve()),
+            "tag": tag, "step": meta["step"], "weights": cfg.train.init_weights,
+            "stage": meta["config"]["train"].get("stage", "?")}
 
 
 # ----------------------------------------------------------------------------------------------

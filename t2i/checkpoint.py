@@ -139,3 +139,20 @@ def load_weights(root: Path, tag: str, ema: bool) -> dict[str, torch.Tensor]:
         return consolidate([c["ema"] for c in read_client_states(root, tag)])
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))
+
+
+def resolve(path: str | Path) -> tuple[Path, str]:
+    """(checkpoints root, tag) for a run folder, its checkpoints/ folder (-> latest) or a tag folder."""
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if (p / "meta.json").is_file():
+        return p.parent, p.name
+    tag = latest_tag(p) if p.is_dir() else None
+    if tag is None:
+        raise CheckpointError(f"{path}: not a checkpoint (no checkpoints/latest, latest or meta.json)")
+    return p, tag
+
+
+def read_meta(root: Path, tag: str) -> dict:
+    return json.loads((root / tag / "meta.json").read_text())

@@ -69,7 +69,8 @@ class DataConfig:
 
 @dataclass
 class TimestepConfig:
-    kind: str = "logit_normal"      # uniform | logit_normal | mode | mixflow (see t2i.flow.sample_sigmas)
+    kind: str = "auto"              # auto | uniform | logit_normal | mode | mixflow (t2i.flow.sample_sigmas);
+                                    # auto = logit_normal for flow matching, MixFlow's Beta(2,1) for mixflow
     mean: float = 0.0               # logit_normal
     std: float = 1.0                # logit_normal
     scale: float = 1.29             # mode
@@ -78,9 +79,13 @@ class TimestepConfig:
 
 @dataclass
 class TrainConfig:
-    stage: str = "pretrain"         # pretrain | mixflow | control (a label recorded with the run)
-    objective: str = "flow_matching"  # flow_matching | mixflow
-    mixflow_gamma: float = 0.8      # MixFlow mixture range coefficient (objective=mixflow)
+    objective: str = "flow_matching"  # flow_matching | mixflow: THE switch for MixFlow post-training
+    mixflow_gamma: float = 0.8      # MixFlow mixture range coefficient γ in [0, 1] (objective=mixflow)
+    init_from: Optional[str] = None  # start from a checkpoint (run folder, checkpoints/ or a tag) or a
+                                    # diffusers folder: fresh optimizer and step counter, parent recorded
+    init_weights: str = "ema"       # ema | raw: which weights of a checkpoint init_from takes
+    stage: str = "auto"             # auto | pretrain | mixflow | control; auto derives it from
+                                    # objective and init_from; an explicit stage must agree with them
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
     steps: int = 600                # optimizer steps
     micro_batch_size: int = 32      # per rank
@@ -106,10 +111,23 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Fixed-σ validation loss on held-out shards: the same samples, noise and σ grid every time, so
+    two checkpoints (or a MixFlow and a control run) are directly comparable."""
+    shards: Optional[Union[str, list]] = None  # held-out shards; null disables validation
+    every: int = 100                # steps
+    num_samples: int = 64           # the first N samples of the shards, in file order
+    num_sigmas: int = 8             # σ_i = (i + 0.5) / num_sigmas
+    seed: int = 1234                # noise
+    batch_size: int = 64
+
+
+@dataclass
 class LoggingConfig:
     wandb: str = "offline"          # offline | online | disabled
     project: str = "t2i"
     sample_keys: bool = False       # write each rank's per-step sample keys (resume tests, debugging)
+    sigma_bins: int = 10            # training loss is also reported per σ bin of this many equal bins
 
 
 @dataclass
@@ -140,6 +158,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
@@ -153,9 +172,21 @@ class Config:
         _choice("vae.kind", self.vae.kind, ["identity", "tiny", "pretrained"])
         if self.vae.kind == "pretrained" and not self.vae.path:
             raise ConfigError("vae.kind=pretrained needs vae.path (a local diffusers folder)")
-        _choice("train.stage", self.train.stage, ["pretrain", "mixflow", "control"])
         _choice("train.objective", self.train.objective, ["flow_matching", "mixflow"])
-        _choice("train.timesteps.kind", self.train.timesteps.kind, ["uniform", "logit_normal", "mode", "mixflow"])
+        _choice("train.timesteps.kind", self.train.timesteps.kind,
+                ["auto", "uniform", "logit_normal", "mode", "mixflow"])
+        _choice("train.init_weights", self.train.init_weights, ["ema", "raw"])
+        _choice("train.stage", self.train.stage, ["auto", "pretrain", "mixflow", "control"])
+        t = self.train
+        if t.objective == "mixflow" and t.timesteps.kind not in ("auto", "mixflow"):
+            raise ConfigError(
+                f"train.objective=mixflow draws its own timesteps (sigma = 1 - sqrt(u), i.e. Beta(2,1) in the "
+                f"paper's time, then train.timesteps.shift), so train.timesteps.kind={t.timesteps.kind!r} would "
+                f"be ignored; set train.timesteps.kind to 'auto' or 'mixflow'")
+        if t.stage != "auto" and t.stage != self.stage:
+            raise ConfigError(f"train.stage={t.stage!r} contradicts train.objective={t.objective!r} and "
+                              f"train.init_from={t.init_from!r} (which make it {self.stage!r}); "
+                              f"mixflow and control post-train from train.init_from")
         _choice("train.schedule", self.train.schedule, ["constant", "cosine"])
         _choice("deepspeed.zero_stage", self.deepspeed.zero_stage, [1, 2, 3])
         _choice("deepspeed.precision", self.deepspeed.precision, ["fp32", "bf16"])
@@ -174,6 +205,21 @@ class Config:
         if self.data.resolution < 8:
             raise ConfigError(f"data.resolution must be >= 8, got {self.data.resolution}")
         return self
+
+
+    @property
+    def stage(self) -> str:
+        """pretrain (from scratch or a model preset), mixflow or control (post-training from init_from)."""
+        if self.train.objective == "mixflow":
+            return "mixflow"
+        return "control" if self.train.init_from else "pretrain"
+
+    @property
+    def timestep_sampler(self) -> str:
+        kind = self.train.timesteps.kind
+        if kind != "auto":
+            return kind
+        return "mixflow" if self.train.objective == "mixflow" else "logit_normal"
 
 
 def _choice(key: str, value: Any, allowed: list) -> None:

@@ -64,13 +64,29 @@ class RunLogger:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
         if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
-        if step % self.log_every == 0 or step == self.cfg.train.steps:
+            self.wandb.log(_flatten(metrics, "train/"), step=step)
+        if "loss_by_sigma" in metrics or "val_loss" in metrics or step == self.cfg.train.steps:
             bad = metrics.get("bad", {})
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.1f img/s  grad_norm %.3f  skipped %d  bad %s",
+            extra = ""
+            if "sigma_gap" in metrics:
+                extra += f"  sigma_in-sigma {metrics['sigma_gap']['mean']:.3f}"
+            if "val_loss" in metrics:
+                extra += f"  val {metrics['val_loss']:.4f}"
+            log.info("step %d/%d  loss %.4f  lr %.2e  %.1f img/s  grad_norm %.3f  skipped %d  bad %s%s",
                      step, self.cfg.train.steps, metrics["loss"], metrics["lr"], metrics["images_per_s"],
                      metrics.get("grad_norm", float("nan")), metrics.get("skipped_nonfinite", 0),
-                     " ".join(f"{k}={v}" for k, v in bad.items()) or "0")
+                     " ".join(f"{k}={v}" for k, v in bad.items()) or "0", extra)
+
+    def validation(self, step: int, metrics: dict) -> None:
+        """A validation-only record (e.g. the parent's loss before post-training starts)."""
+        if self.rank != 0:
+            return
+        self.metrics.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.metrics.flush()
+        if self.wandb is not None:
+            self.wandb.log(_flatten(metrics, "train/"), step=step)
+        log.info("step %d  val %.4f  by sigma %s", step, metrics["val_loss"],
+                 " ".join(f"{v:.3f}" for v in metrics["val_loss_by_sigma"]))
 
     def image(self, key: str, path: Path, step: int) -> None:
         if self.rank == 0 and self.wandb is not None:
@@ -86,6 +102,19 @@ class RunLogger:
             self.wandb.finish()
 
 
+def _flatten(metrics: dict, prefix: str) -> dict:
+    """Nested dicts and lists as flat wandb keys: loss_by_sigma -> loss_by_sigma/0 ... ."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        elif isinstance(v, list):
+            out.update({f"{prefix}{k}/{i}": x for i, x in enumerate(v) if isinstance(x, (int, float))})
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _wandb_id(run_dir: Path) -> str:
     """A stable wandb run id per run folder, so a resumed run continues the same wandb run."""
     path = run_dir / ".wandb_id"
@@ -96,12 +125,13 @@ def _wandb_id(run_dir: Path) -> str:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl, keeping the last record per step (a resumed run may rewrite steps)."""
+    """metrics.jsonl's training records, the last one per step (a resumed run may rewrite steps)."""
     by_step = {}
     path = Path(run_dir) / "metrics.jsonl"
     if path.exists():
         for line in path.read_text().splitlines():
             if line.strip():
                 rec = json.loads(line)
-                by_step[rec["step"]] = rec
+                if "loss" in rec:
+                    by_step[rec["step"]] = rec
     return [by_step[k] for k in sorted(by_step)]

@@ -81,6 +81,11 @@ def init_from_scratch(model: SD3Transformer2DModel) -> None:
             torch.nn.init.zeros_(module.bias)
 
 
+def is_diffusers_folder(path: str) -> bool:
+    root = Path(path)
+    return (root / "transformer" / "config.json").is_file() or (root / "config.json").is_file()
+
+
 def load_pretrained(path: str) -> SD3Transformer2DModel:
     """Load from a diffusers pipeline folder (uses its transformer/) or a transformer folder."""
     root = Path(path)

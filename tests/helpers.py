@@ -25,14 +25,15 @@ def tiny_train_args(shards, out_dir, name, **overrides) -> list[str]:
     base = {"run.output_dir": out_dir, "run.name": name, "data.shards": shards, "data.resolution": 16,
             "data.shuffle_buffer": 16, "train.micro_batch_size": 4, "train.warmup_steps": 2,
             "train.log_every": 1, "train.ckpt_every": 1000, "logging.wandb": "disabled",
-            "sample.steps": 2, "sample.prompts": "[a photo of a red square]"}
+            "sample.steps": 2, "sample.prompts": "[a photo of a red square]", "validation.shards": "null"}
     base.update(overrides)
     return [f"{k}={v}" for k, v in base.items()]
 
 
 def losses(run_dir) -> list[float]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines if line.strip()]
+    records = [json.loads(line) for line in lines if line.strip()]
+    return [r["loss"] for r in records if "loss" in r]
 
 
 def sample_keys(run_dir, rank) -> list[list[str]]:

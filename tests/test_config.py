@@ -88,7 +88,7 @@ def test_the_gpu_example_config_is_valid(tmp_path):
 def test_a_config_can_state_only_what_differs_from_its_base(tmp_path):
     (tmp_path / "stage.yaml").write_text(f"base: {DEFAULT_CONFIG}\ntrain:\n  steps: 5\n  timesteps: {{shift: 3.0}}\n")
     cfg = load_config(tmp_path / "stage.yaml")
-    assert (cfg.train.steps, cfg.train.timesteps.shift, cfg.train.timesteps.kind) == (5, 3.0, "logit_normal")
+    assert (cfg.train.steps, cfg.train.timesteps.shift, cfg.train.timesteps.kind) == (5, 3.0, "auto")
     assert cfg.sample == load_config().sample
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
