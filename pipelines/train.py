@@ -20,15 +20,13 @@ import torch.distributed as dist
 
 import json
 
-from t2i import checkpoint, engine as engine_lib, flow
+from t2i import checkpoint, engine as engine_lib, flow, inference
 from t2i.config import Config, ConfigError, save_config, to_dict
 from t2i.data.loader import BAD_REASONS, TrainLoader
 from t2i.diagnostics import FixedSigmaValidation, SigmaStats
 from t2i.ema import ShardedEMA
 from t2i.logger import RunLogger, log, read_metrics, setup_logging
-from t2i.model import build_model, count_parameters, is_diffusers_folder, load_pretrained, load_weights, velocity
-from t2i.text_encoders import TextEncoders
-from t2i.vae import FrozenVAE
+from t2i.model import count_parameters, is_diffusers_folder, load_pretrained, load_weights, velocity
 
 
 class NonFiniteError(RuntimeError):
@@ -45,11 +43,8 @@ def main(cfg: Config, resume: bool = False, stop_at: int | None = None) -> Path:
              cfg.deepspeed.zero_stage, cfg.deepspeed.precision)
 
     # Frozen conditioning and autoencoder: built identically on every rank, never optimised.
-    text = TextEncoders(cfg.text).to(device)
-    vae = FrozenVAE(cfg.vae, seed=cfg.run.seed).to(device)
-    model = build_model(cfg.model, in_channels=vae.latent_channels, sample_size=vae.latent_size(cfg.data.resolution),
-                        joint_attention_dim=text.context_dim, pooled_projection_dim=text.pooled_dim,
-                        seed=cfg.run.seed)
+    text, vae = inference.build_frozen(cfg, device)
+    model = inference.build_for(cfg, text, vae)
     log.info("MMDiT %s: %.2fM parameters; text context %d x %d, pooled %d; latents %d x %d^2",
              cfg.model.preset, count_parameters(model) / 1e6, text.seq_len, text.context_dim, text.pooled_dim,
              vae.latent_channels, vae.latent_size(cfg.data.resolution))
@@ -224,10 +219,7 @@ def finish(cfg: Config, run_dir: Path, text, vae, ckpt_root: Path, device) -> No
     from t2i.viz import plot_loss, save_grid
 
     tag = checkpoint.latest_tag(ckpt_root)
-    model = build_model(cfg.model, in_channels=vae.latent_channels, sample_size=vae.latent_size(cfg.data.resolution),
-                        joint_attention_dim=text.context_dim, pooled_projection_dim=text.pooled_dim)
-    load_weights(model, checkpoint.load_weights(ckpt_root, tag, ema=cfg.sample.use_ema))
-    model.to(device).eval()
+    model = inference.load(ckpt_root / tag, ema=cfg.sample.use_ema, device=device, text=text, vae=vae).model
     prompts = [p for p in cfg.sample.prompts for _ in range(2)]
     images = generate(model, text, vae, prompts, resolution=cfg.data.resolution, steps=cfg.sample.steps,
                       guidance=cfg.sample.guidance, shift=cfg.sample.shift, seed=cfg.sample.seed)

@@ -4,6 +4,7 @@
     t2i train [--config C] [--resume] [--nproc N] [key=value ...]
     t2i config [--config C] [key=value ...]        print the resolved, validated config
     t2i make-shards {shapes,folder} ...            write WebDataset shards (tools/make_shards.py)
+    t2i slowflow --ckpt LABEL=RUN ... --steps 4 8 16 32 --out DIR   exposure-bias report (tools/slowflow.py)
 
 Nothing is ever downloaded from a model hub: every pretrained component is a local path.
 """
@@ -66,13 +67,24 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/latest")
             p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                            help="checkpoint and stop at this step (resume later with --resume)")
-    shards = sub.add_parser("make-shards", help="write WebDataset shards", add_help=False)
-    shards.add_argument("rest", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    for name, help_ in [("make-shards", "write WebDataset shards (tools/make_shards.py)"),
+                        ("slowflow", "exposure-bias report of checkpoints (tools/slowflow.py)")]:
+        p = sub.add_parser(name, help=help_, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+    if argv and argv[0] in ("make-shards", "slowflow"):  # their own argparse takes the rest verbatim
+        args = argparse.Namespace(command=argv[0], rest=argv[1:])
+    else:
+        args = parser.parse_args(argv)
 
     if args.command == "make-shards":
         from tools.make_shards import main as make_shards
-        return make_shards(args.rest) or 0
+        make_shards(args.rest)
+        return 0
+    if args.command == "slowflow":
+        _environment()
+        from tools.slowflow import main as slowflow
+        slowflow(args.rest)
+        return 0
 
     _environment()
     from t2i.config import ConfigError, load_config

@@ -1,0 +1,48 @@
+"""Rebuild a trained model (with its text encoders and VAE) from a checkpoint, for sampling and evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from t2i import checkpoint
+from t2i.config import Config, from_dict
+from t2i.model import build_model, load_weights
+from t2i.text_encoders import TextEncoders
+from t2i.vae import FrozenVAE
+
+
+@dataclass
+class Loaded:
+    cfg: Config
+    model: torch.nn.Module
+    text: TextEncoders
+    vae: FrozenVAE
+    source: str  # "<checkpoint dir> (ema|raw)"
+
+    @property
+    def latent_shape(self) -> tuple:
+        size = self.vae.latent_size(self.cfg.data.resolution)
+        return (self.vae.latent_channels, size, size)
+
+
+def build_frozen(cfg: Config, device="cpu") -> tuple[TextEncoders, FrozenVAE]:
+    return TextEncoders(cfg.text).to(device), FrozenVAE(cfg.vae, seed=cfg.run.seed).to(device)
+
+
+def build_for(cfg: Config, text: TextEncoders, vae: FrozenVAE) -> torch.nn.Module:
+    return build_model(cfg.model, in_channels=vae.latent_channels, sample_size=vae.latent_size(cfg.data.resolution),
+                       joint_attention_dim=text.context_dim, pooled_projection_dim=text.pooled_dim, seed=cfg.run.seed)
+
+
+def load(path: str | Path, ema: bool = True, device="cpu", text=None, vae=None) -> Loaded:
+    """A run folder, its checkpoints/ folder (latest) or a tag folder -> model in eval mode."""
+    root, tag = checkpoint.resolve(path)
+    cfg = from_dict(checkpoint.read_meta(root, tag)["config"])
+    if text is None or vae is None:
+        text, vae = build_frozen(cfg, device)
+    model = build_for(cfg, text, vae)
+    load_weights(model, checkpoint.load_weights(root, tag, ema=ema))
+    return Loaded(cfg, model.to(device).eval(), text, vae, f"{root / tag} ({'ema' if ema else 'raw'})")
