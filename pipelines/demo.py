@@ -36,26 +36,51 @@ def ensure_shapes_shards(root: Path) -> None:
         write_shapes_shards(out, prefix=prefix, overwrite=True, progress=False, **spec)
 
 
-def main(cfg: Config, config_path: str | None, overrides: list[str], nproc: int = 2) -> int:
-    t0 = time.time()
-    ensure_shapes_shards(Path("data"))
-    name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    argv = ["train", f"--nproc={nproc}", f"run.name={name}", *overrides]
+def _train(config_path: str | None, nproc: int, overrides: list[str]) -> int:
+    argv = ["train", f"--nproc={nproc}", *overrides]
     if config_path:
         argv[1:1] = ["--config", config_path]
-    print(f"[demo] training: t2i {' '.join(argv)}", flush=True)
-    rc = subprocess.call([sys.executable, "-m", "t2i.cli", *argv])
+    print(f"[demo] t2i {' '.join(argv)}", flush=True)
+    return subprocess.call([sys.executable, "-m", "t2i.cli", *argv])
+
+
+def main(cfg: Config, config_path: str | None, overrides: list[str], nproc: int = 2, mixflow_steps: int = 150) -> int:
+    t0 = time.time()
+    ensure_shapes_shards(Path("data"))
+    out = Path(cfg.run.output_dir) / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    pretrain, mixflow = out / "pretrain", out / "mixflow"
+    print(f"[demo] 1/3 pretrain the tiny MMDiT (flow matching) -> {pretrain}", flush=True)
+    rc = _train(config_path, nproc, [f"run.output_dir={out}", "run.name=pretrain", *overrides])
+    if rc == 0 and mixflow_steps > 0:
+        print(f"[demo] 2/3 post-train it with MixFlow (gamma {cfg.train.mixflow_gamma}) -> {mixflow}", flush=True)
+        rc = _train(config_path, nproc, [f"run.output_dir={out}", "run.name=mixflow", *overrides,
+                                         f"train.init_from={pretrain}", "train.objective=mixflow",
+                                         f"train.steps={mixflow_steps}", "train.lr=2e-4", "train.schedule=constant",
+                                         "train.warmup_steps=10", f"train.ckpt_every={mixflow_steps}",
+                                         f"train.log_every={max(1, mixflow_steps // 3)}",
+                                         f"validation.every={max(1, mixflow_steps // 3)}"])
     if rc != 0:
         print(f"[demo] training failed with exit code {rc}", file=sys.stderr)
         return rc
-    run_dir = Path(cfg.run.output_dir) / name
+    report = None
+    if mixflow_steps > 0:
+        print("[demo] 3/3 exposure bias (Slow Flow) of both checkpoints", flush=True)
+        from tools.slowflow import main as slowflow
+        slowflow(["--ckpt", f"pretrain={pretrain}", "--ckpt", f"mixflow={mixflow}", "--steps", "4", "8", "16",
+                  "--n", "32", "--out", str(mixflow / "samples")])
+        report = mixflow / "samples" / "slowflow.png"
+
     from t2i.logger import read_metrics
-    records = read_metrics(run_dir)
+    records = read_metrics(pretrain)
     head = sum(r["loss"] for r in records[:20]) / min(20, len(records))
     tail = sum(r["loss"] for r in records[-20:]) / min(20, len(records))
-    grids = sorted((run_dir / "samples").glob("*.png"))
-    print(f"[demo] done in {time.time() - t0:.0f} s: loss {head:.4f} (first 20 steps) -> {tail:.4f} (last 20)")
-    print(f"[demo] run folder: {run_dir}")
-    print(f"[demo] samples:    {grids[-1] if grids else 'none'}")
-    print(f"[demo] loss curve: {run_dir / 'loss.png'}")
+    print(f"[demo] done in {time.time() - t0:.0f} s: pretrain loss {head:.4f} (first 20 steps) -> {tail:.4f} (last 20)")
+    print(f"[demo] runs:        {out}")
+    for run in (pretrain, mixflow):
+        grids = sorted((run / "samples").glob("step*.png"))
+        if grids:
+            print(f"[demo] samples:     {grids[-1]}")
+    print(f"[demo] loss curve:  {pretrain / 'loss.png'}")
+    if report:
+        print(f"[demo] Slow Flow:   {report}")
     return 0

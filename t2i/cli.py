@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("train", "demo"):
             p.add_argument("--nproc", type=int, default=2 if name == "demo" else 1,
                            help="local ranks to launch with torchrun (ignored when already under a launcher)")
+        if name == "demo":
+            p.add_argument("--mixflow-steps", type=int, default=150,
+                           help="MixFlow post-training steps after pretraining (0 skips the stage)")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/latest")
             p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
@@ -101,15 +104,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "demo":
         from pipelines.demo import main as demo
-        return demo(cfg, args.config, args.overrides, nproc=args.nproc)
+        return demo(cfg, args.config, args.overrides, nproc=args.nproc, mixflow_steps=args.mixflow_steps)
 
     if "RANK" not in os.environ and args.nproc > 1:
         return _relaunch(args.nproc, _strip_nproc(argv))
     from pipelines.train import main as train
+    from t2i.checkpoint import CheckpointError
+    from t2i.data.loader import DataError
     try:
         train(cfg, resume=args.resume, stop_at=args.stop_at)
-    except ConfigError as e:
-        print(f"t2i: {e}", file=sys.stderr)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"t2i: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -14,13 +14,14 @@ from helpers import REPO
 @pytest.mark.slow
 def test_demo_writes_shards_trains_on_two_ranks_and_draws_samples(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "-m", "t2i.cli", "demo", "train.steps=60", "train.warmup_steps=5", "train.log_every=10",
+    cmd = [sys.executable, "-m", "t2i.cli", "demo", "--mixflow-steps=6", "train.steps=60", "train.warmup_steps=5", "train.log_every=10",
            "train.micro_batch_size=16", "sample.steps=4"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert len(list((tmp_path / "data" / "shapes").glob("shapes-*.tar"))) == 8
 
-    (run,) = (tmp_path / "runs").iterdir()
+    (demo,) = (tmp_path / "runs").iterdir()
+    run = demo / "pretrain"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 61))
     assert sum(r["loss"] for r in records[-5:]) < 0.7 * sum(r["loss"] for r in records[:5])
@@ -32,6 +33,18 @@ def test_demo_writes_shards_trains_on_two_ranks_and_draws_samples(tmp_path):
     assert "step 60/60" in proc.stderr and "[demo] done" in proc.stdout
     assert any((run / "wandb").iterdir())
 
-    again = subprocess.run(cmd[:3] + ["train.steps=2", "sample.steps=1"], cwd=tmp_path, env=env,
+    mixflow = demo / "mixflow"
+    parent = json.loads((mixflow / "parent.json").read_text())
+    assert (parent["tag"], parent["weights"], parent["step"]) == ("step00000060", "ema", 60)
+    post = [json.loads(line) for line in (mixflow / "metrics.jsonl").read_text().splitlines()]
+    assert post[0]["step"] == 0 and "val_loss" in post[0]              # the parent's validation loss
+    assert [r["step"] for r in post[1:]] == list(range(1, 7))
+    assert all(r["sigma_gap"]["mean"] > 0.1 for r in post if "sigma_gap" in r)   # MixFlow's slowed inputs
+    report = json.loads((mixflow / "samples" / "slowflow.json").read_text())
+    assert set(report) == {"pretrain", "mixflow"} and set(report["mixflow"]) == {"4", "8", "16"}
+    assert Image.open(mixflow / "samples" / "slowflow.png").size[0] > 600
+    assert "stage mixflow" in proc.stderr
+
+    again = subprocess.run(cmd[:3] + ["--mixflow-steps=0", "train.steps=2", "sample.steps=1"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "reusing" in again.stdout  # shards are written once

@@ -1,0 +1,86 @@
+"""Stages are configs: MixFlow is one key, invalid combinations name their keys, and a mixflow run
+really feeds the model x at σ_in while conditioning it on σ."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import sample_members, write_tar
+from helpers import losses, run_t2i, tiny_train_args
+from pipelines.train import compute_loss
+from t2i import flow
+from t2i.config import ConfigError, load_config
+from t2i.data.loader import TrainLoader
+from t2i.inference import build_for, build_frozen
+
+
+def test_mixflow_is_one_key_and_the_stage_is_derived():
+    assert load_config().stage == "pretrain"
+    mix = load_config(overrides=["train.objective=mixflow"])
+    assert (mix.stage, mix.timestep_sampler) == ("mixflow", "mixflow")
+    control = load_config(overrides=["train.init_from=runs/x"])
+    assert (control.stage, control.timestep_sampler) == ("control", "logit_normal")
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    (["train.objective=mixflow", "train.mixflow_gamma=1.2"], r"train.mixflow_gamma must be in \[0, 1\]"),
+    (["train.objective=mixflow", "train.timesteps.kind=logit_normal"],
+     r"train.objective=mixflow .* train.timesteps.kind='logit_normal' would be ignored"),
+    (["train.objective=eps"], r"train.objective must be one of \['flow_matching', 'mixflow'\]"),
+    (["train.stage=control"], r"train.stage='control' contradicts train.objective='flow_matching' and train.init_from"),
+    (["train.stage=pretrain", "train.objective=mixflow"], r"train.stage='pretrain' contradicts"),
+    (["train.init_weights=best"], r"train.init_weights must be one of \['ema', 'raw'\]"),
+])
+def test_invalid_stage_combinations_name_the_keys(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(overrides=overrides)
+
+
+@pytest.mark.parametrize("objective", ["mixflow", "flow_matching"])
+def test_the_model_sees_x_at_sigma_in_and_is_conditioned_on_sigma(tmp_path, objective):
+    shard = write_tar(tmp_path / "s.tar", sum((sample_members(f"k{i}") for i in range(8)), []))
+    cfg = load_config(overrides=[f"data.shards={shard}", "data.resolution=16", f"train.objective={objective}",
+                                 "train.mixflow_gamma=0.8"])
+    text, vae = build_frozen(cfg)
+    model = build_for(cfg, text, vae)
+    seen = {}
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return model(**kwargs)
+
+    batch = next(TrainLoader(cfg.data, seed=0, rank=0, world_size=1, batch_size=8))
+    loss, stats = compute_loss(spy, text, vae, batch, torch.Generator().manual_seed(0), cfg,
+                               torch.device("cpu"), torch.float32)
+    sigma, sigma_in = stats["sigma"], stats["sigma_in"]
+    torch.testing.assert_close(seen["hidden_states"], flow.interpolate(stats["x"], stats["noise"], sigma_in))
+    torch.testing.assert_close(seen["timestep"], 1000 * sigma)
+    if objective == "mixflow":
+        assert (sigma_in >= sigma).all() and (sigma_in > sigma + 1e-3).any()
+        assert torch.all(sigma_in <= sigma + 0.8 * (1 - sigma) + 1e-6)
+    else:
+        assert torch.equal(sigma_in, sigma)
+    target = stats["noise"] - stats["x"]
+    pred = model(**seen)[0]
+    torch.testing.assert_close(loss, ((pred - target) ** 2).mean())
+
+
+@pytest.mark.slow
+def test_post_training_starts_from_the_parent_with_a_fresh_step_counter(make_shards, tmp_path):
+    shards = make_shards(n_shards=2, per_shard=8)
+    out = tmp_path / "runs"
+    val = str(tmp_path / "shard-{000000..000001}.tar")
+    run_t2i("train", *tiny_train_args(shards, out, "base", **{"train.steps": 4, "validation.shards": val,
+                                                                 "validation.num_samples": 8}))
+    proc = run_t2i("train", *tiny_train_args(shards, out, "mix", **{
+        "train.steps": 3, "train.init_from": out / "base", "train.init_weights": "raw", "train.objective": "mixflow",
+        "validation.shards": val, "validation.num_samples": 8, "validation.every": 1}))
+    assert "stage mixflow" in proc.stderr
+    parent = json.loads((out / "mix" / "parent.json").read_text())
+    assert (parent["kind"], parent["tag"], parent["step"], parent["weights"]) == ("checkpoint", "step00000004", 4, "raw")
+    records = [json.loads(line) for line in (out / "mix" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3] and len(losses(out / "mix")) == 3
+    base_val = [json.loads(line) for line in (out / "base" / "metrics.jsonl").read_text().splitlines()][-1]
+    # the child's step-0 validation is the parent's final weights (raw) on the same fixed samples and noise
+    assert records[0]["val_loss"] == pytest.approx(base_val["val_loss"], rel=1e-5)
