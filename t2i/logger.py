@@ -69,7 +69,11 @@ class RunLogger:
             bad = metrics.get("bad", {})
             extra = ""
             if "sigma_gap" in metrics:
-                extra += f"  sigma_in-sigma {metrics['sigma_gap']['mean']:.3f}"
+                g = metrics["sigma_gap"]
+                extra += f"  sigma_in-sigma {g['mean']:.3f} [q10 {g['q10']:.3f} q90 {g['q90']:.3f}]"
+            if "loss_by_sigma" in metrics:
+                extra += "  loss/sigma-bin " + " ".join("-" if v is None else f"{v:.3f}"
+                                                        for v in metrics["loss_by_sigma"])
             if "val_loss" in metrics:
                 extra += f"  val {metrics['val_loss']:.4f}"
             log.info("step %d/%d  loss %.4f  lr %.2e  %.1f img/s  grad_norm %.3f  skipped %d  bad %s%s",

@@ -84,3 +84,12 @@ def test_post_training_starts_from_the_parent_with_a_fresh_step_counter(make_sha
     base_val = [json.loads(line) for line in (out / "base" / "metrics.jsonl").read_text().splitlines()][-1]
     # the child's step-0 validation is the parent's final weights (raw) on the same fixed samples and noise
     assert records[0]["val_loss"] == pytest.approx(base_val["val_loss"], rel=1e-5)
+
+
+def test_the_stage_configs_differ_in_the_objective_only():
+    from t2i.config import DEFAULT_CONFIG, to_dict
+    mix = to_dict(load_config(DEFAULT_CONFIG.parent / "stages" / "mixflow.yaml"))
+    control = to_dict(load_config(DEFAULT_CONFIG.parent / "stages" / "control.yaml"))
+    assert mix["train"].pop("objective") == "mixflow" and control["train"].pop("objective") == "flow_matching"
+    assert mix["run"].pop("name") == "mixflow" and control["run"].pop("name") == "control"
+    assert mix == control
