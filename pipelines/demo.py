@@ -44,7 +44,7 @@ def _train(config_path: str | None, nproc: int, overrides: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", "t2i.cli", *argv])
 
 
-def main(cfg: Config, config_path: str | None, overrides: list[str], nproc: int = 2, mixflow_steps: int = 150) -> int:
+def main(cfg: Config, config_path: str | None, overrides: list[str], nproc: int = 2, mixflow_steps: int = 100) -> int:
     t0 = time.time()
     ensure_shapes_shards(Path("data"))
     out = Path(cfg.run.output_dir) / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"

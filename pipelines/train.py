@@ -105,7 +105,7 @@ def main(cfg: Config, resume: bool = False, stop_at: int | None = None) -> Path:
             metrics.update(validation(engine, dtype))
         logger.step(step, metrics)
         if keys_file:
-            keys_file.write(f'{{"step": {step}, "keys": {keys!r}}}\n'.replace("'", '"'))
+            keys_file.write(json.dumps({"step": step, "keys": keys}) + "\n")
             keys_file.flush()
         if consecutive >= cfg.train.max_consecutive_nonfinite:
             raise NonFiniteError(

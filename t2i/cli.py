@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--nproc", type=int, default=2 if name == "demo" else 1,
                            help="local ranks to launch with torchrun (ignored when already under a launcher)")
         if name == "demo":
-            p.add_argument("--mixflow-steps", type=int, default=150,
+            p.add_argument("--mixflow-steps", type=int, default=100,
                            help="MixFlow post-training steps after pretraining (0 skips the stage)")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/latest")

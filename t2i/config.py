@@ -87,7 +87,7 @@ class TrainConfig:
     stage: str = "auto"             # auto | pretrain | mixflow | control; auto derives it from
                                     # objective and init_from; an explicit stage must agree with them
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
-    steps: int = 600                # optimizer steps
+    steps: int = 900                # optimizer steps
     micro_batch_size: int = 32      # per rank
     grad_accum: int = 1
     lr: float = 1.0e-3
@@ -99,7 +99,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.995
     max_consecutive_nonfinite: int = 3  # non-finite loss/grad steps are skipped; this many in a row stop the run
-    ckpt_every: int = 200
+    ckpt_every: int = 300
     log_every: int = 25
 
 
