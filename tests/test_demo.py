@@ -45,6 +45,6 @@ def test_demo_writes_shards_trains_on_two_ranks_and_draws_samples(tmp_path):
     assert Image.open(mixflow / "samples" / "slowflow.png").size[0] > 600
     assert "stage mixflow" in proc.stderr
 
-    again = subprocess.run(cmd[:3] + ["--mixflow-steps=0", "train.steps=2", "sample.steps=1"], cwd=tmp_path, env=env,
+    again = subprocess.run(cmd[:4] + ["--mixflow-steps=0", "train.steps=2", "sample.steps=1"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "reusing" in again.stdout  # shards are written once

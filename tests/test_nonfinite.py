@@ -20,8 +20,8 @@ poison = {int(c) for c in sys.argv[1].split(",")}
 real, calls = train.compute_loss, [0]
 def poisoned(*a, **k):
     calls[0] += 1
-    loss = real(*a, **k)
-    return loss * float("nan") if calls[0] in poison else loss
+    loss, stats = real(*a, **k)
+    return (loss * float("nan") if calls[0] in poison else loss), stats
 train.compute_loss = poisoned
 sys.exit(main(sys.argv[2:]))
 """
