@@ -12,13 +12,12 @@ DeepSpeed -> EMA -> resume -> data -> loop (loss, step, EMA, log, checkpoint) ->
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-import json
 
 from t2i import checkpoint, engine as engine_lib, flow, inference
 from t2i.config import Config, ConfigError, save_config, to_dict

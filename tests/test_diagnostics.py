@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import sample_members, write_tar
-from t2i.config import DataConfig, ValidationConfig
+from t2i.config import ValidationConfig
 from t2i.diagnostics import FixedSigmaValidation, SigmaStats, bin_means, gap_summary
 from t2i.inference import build_frozen
 from t2i.config import load_config

@@ -4,7 +4,6 @@ Values are checked against hand-computed numbers, DESIGN.md's test vectors, clos
 with fixed seeds, so deterministic) and diffusers' scheduler. Each distribution test also checks that
 a plausible WRONG distribution is rejected, so the tests have the power to fail.
 """
-import math
 
 import numpy as np
 import pytest

@@ -125,7 +125,7 @@ def main(argv=None) -> None:
     from t2i import checkpoint, inference
     from t2i.config import load_config
     from t2i.diagnostics import FixedSigmaValidation
-    from t2i.slowflow import measure, summary_table, write_report
+    from t2i.slowflow import measure, write_report
 
     cfg = load_config(overrides=[f"validation.shards={VAL}"])
     text, vae = inference.build_frozen(cfg)
