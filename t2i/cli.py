@@ -5,6 +5,12 @@
     t2i config [--config C] [key=value ...]        print the resolved, validated config
     t2i make-shards {shapes,folder} ...            write WebDataset shards (tools/make_shards.py)
     t2i slowflow --ckpt LABEL=RUN ... --steps 4 8 16 32 --out DIR   exposure-bias report (tools/slowflow.py)
+    t2i sample --ckpt RUN --prompts P --out DIR [--nproc N | --shard i/n]   images in GenEval's layout
+    t2i geneval DIR [--prompts P] [--detector shapes|mask2former:PATH]      GenEval score (tools/geneval.py)
+    t2i geneval-prompts --out DIR [--per-tag 16]   a GenEval prompt set for the shapes domain
+    t2i fid {ref,score} ...                        FID / KID against saved reference statistics (tools/fid.py)
+    t2i clipscore --images DIR --pretrained FILE   CLIP score of a GenEval-layout folder (tools/clipscore.py)
+    t2i eval --ckpt LABEL=RUN ... --out DIR        sample + GenEval + FID (+ CLIP score) report (pipelines/evaluate.py)
 
 Nothing is ever downloaded from a model hub: every pretrained component is a local path.
 """
@@ -12,6 +18,7 @@ Nothing is ever downloaded from a model hub: every pretrained component is a loc
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -28,6 +35,35 @@ def _environment() -> None:
     import torch
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")      # DeepSpeed's CPU accelerator + gloo
+
+
+# Commands whose own argparse takes the rest of the command line: name -> ("module:function", help).
+TOOLS = {
+    "make-shards": ("tools.make_shards:main", "write WebDataset shards (tools/make_shards.py)"),
+    "slowflow": ("tools.slowflow:main", "exposure-bias report of checkpoints (tools/slowflow.py)"),
+    "geneval": ("tools.geneval:main", "GenEval-score a folder of samples (tools/geneval.py)"),
+    "geneval-prompts": ("tools.geneval:prompts_main", "write a GenEval prompt set for the shapes domain"),
+    "fid": ("tools.fid:main", "FID / KID: reference statistics and scores (tools/fid.py)"),
+    "clipscore": ("tools.clipscore:main", "CLIP score of a folder of samples (tools/clipscore.py)"),
+}
+
+
+def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="run folder, checkpoints/, a tag folder, or a diffusers folder")
+    p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
+    p.add_argument("--prompts", required=True, help="GenEval metadata .jsonl, a .txt (one prompt per line) or shards")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--out", required=True, help="output folder (GenEval layout)")
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the checkpoint's sample.steps)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: sample.guidance)")
+    p.add_argument("--shift", type=float, default=None, help="sigma shift of the schedule (default: sample.shift)")
+    p.add_argument("--resolution", type=int, default=None, help="default: the checkpoint's data.resolution")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="part of the settings: the same batches on any split")
+    p.add_argument("--shard", default=None, metavar="I/N", help="this job's share, e.g. $SLURM_ARRAY_TASK_ID/16")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
 def _relaunch(nproc: int, argv: list[str]) -> int:
@@ -70,24 +106,33 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/latest")
             p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                            help="checkpoint and stop at this step (resume later with --resume)")
-    for name, help_ in [("make-shards", "write WebDataset shards (tools/make_shards.py)"),
-                        ("slowflow", "exposure-bias report of checkpoints (tools/slowflow.py)")]:
-        p = sub.add_parser(name, help=help_, add_help=False)
+    p = sub.add_parser("sample", help="sample a prompt set into GenEval's folder layout (pipelines/sample.py)")
+    add_sample_arguments(p)
+    p = sub.add_parser("eval", help="sample + score checkpoints; one report (pipelines/evaluate.py)")
+    from pipelines.evaluate import add_arguments as add_eval_arguments
+    add_eval_arguments(p)
+    for name in ("sample", "eval"):
+        p = sub.choices[name]
+        p.add_argument("--config", default=None, help="config for a diffusers --ckpt (default: configs/tiny-cpu.yaml)")
+        p.add_argument("--nproc", type=int, default=1, help="local ranks to launch with torchrun")
+        p.add_argument("overrides", nargs="*", help="key.path=value overrides of --config")
+    for name in TOOLS:
+        p = sub.add_parser(name, help=TOOLS[name][1], add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
-    if argv and argv[0] in ("make-shards", "slowflow"):  # their own argparse takes the rest verbatim
+    if argv and argv[0] in TOOLS:  # their own argparse takes the rest verbatim
         args = argparse.Namespace(command=argv[0], rest=argv[1:])
     else:
         args = parser.parse_args(argv)
 
-    if args.command == "make-shards":
-        from tools.make_shards import main as make_shards
-        make_shards(args.rest)
-        return 0
-    if args.command == "slowflow":
-        _environment()
-        from tools.slowflow import main as slowflow
-        slowflow(args.rest)
-        return 0
+    if args.command in TOOLS:
+        if args.command != "make-shards":
+            _environment()
+        module, attr = TOOLS[args.command][0].split(":")
+        try:
+            return getattr(importlib.import_module(module), attr)(args.rest) or 0
+        except (FileNotFoundError, ValueError) as e:
+            print(f"t2i {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
 
     _environment()
     from t2i.config import ConfigError, load_config
@@ -102,6 +147,18 @@ def main(argv: list[str] | None = None) -> int:
         from t2i.config import to_dict
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
+    if args.command in ("sample", "eval"):
+        if "RANK" not in os.environ and args.nproc > 1:
+            return _relaunch(args.nproc, _strip_nproc(argv))
+        from pipelines.sample import SampleError
+        from t2i.checkpoint import CheckpointError
+        from t2i.geneval import GenEvalInputError
+        module = importlib.import_module("pipelines.sample" if args.command == "sample" else "pipelines.evaluate")
+        try:
+            return module.main(args, cfg)
+        except (SampleError, CheckpointError, GenEvalInputError, FileNotFoundError) as e:
+            print(f"t2i {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
     if args.command == "demo":
         from pipelines.demo import main as demo
         return demo(cfg, args.config, args.overrides, nproc=args.nproc, mixflow_steps=args.mixflow_steps)

@@ -4,22 +4,31 @@
 they fill (square ≈ 1, circle ≈ π/4, triangle ≈ 1/2); `judge` applies GenEval's include/exclude
 rules (EVALUATORS.md §1.5: counts, colours, relative position) to those detections and a sample's
 `include`/`exclude` clauses. This is what the MixFlow toy experiment uses as its quality metric.
+
+`ShapesDetector` and `ShapesColorClassifier` are the same detector as GenEval backends
+(t2i.geneval.Detector / ColorClassifier), so `t2i geneval --detector shapes` scores a GenEval-layout
+folder of shapes images with the official rules.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
-from t2i.data.shapes import BACKGROUND, COLORS, relative_position
+from t2i import geneval
+from t2i.data.shapes import BACKGROUND, COLORS, SHAPES
+from t2i.geneval import Detection
 
 PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.float32)
 NAMES = ["background", *COLORS]
 
 
-def detect(image: np.ndarray, min_area_frac: float = 0.01, max_color_dist: float = 90.0) -> list[dict]:
-    """Shapes in an RGB uint8 image [H, W, 3]: [{"shape", "color", "box": [x0, y0, x1, y1], "area"}],
-    largest first. Pixels farther than `max_color_dist` from every palette colour are ignored."""
+def detect(image: np.ndarray, min_area_frac: float = 0.01, max_color_dist: float = 90.0,
+           with_masks: bool = False) -> list[dict]:
+    """Shapes in an RGB uint8 image [H, W, 3]: [{"shape", "color", "box": [x0, y0, x1, y1], "area"}]
+    (+ "mask", a bool [H, W] array, with `with_masks`), largest first. Pixels farther than
+    `max_color_dist` from every palette colour are ignored."""
     h, w, _ = image.shape
     dist = np.linalg.norm(image[:, :, None, :].astype(np.float32) - PALETTE[None, None], axis=-1)
     label = dist.argmin(-1)
@@ -35,6 +44,8 @@ def detect(image: np.ndarray, min_area_frac: float = 0.01, max_color_dist: float
                 continue
             y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
             found.append({"shape": classify(region), "color": color, "box": [x0, y0, x1, y1], "area": area})
+            if with_masks:
+                found[-1]["mask"] = regions == k
     return sorted(found, key=lambda d: -d["area"])
 
 
@@ -51,32 +62,46 @@ def classify(region: np.ndarray) -> str:
 
 
 def judge(detections: list[dict], include: list[dict], exclude: list[dict] = ()) -> bool:
-    """GenEval's per-image rule over exact detections ("class" is the shape name)."""
-    matched: list = []
-    for clause in include:
-        found = [d for d in detections if d["shape"] == clause["class"]][: clause["count"]]
-        ok = len(found) >= clause["count"]
-        if ok and "color" in clause:
-            ok = sum(d["color"] == clause["color"] for d in found) >= clause["count"]
-        if ok and "position" in clause:
-            rel, j = clause["position"]
-            target = matched[j]
-            ok = target is not None and all(rel in relations(a["box"], b["box"]) for a in found for b in target)
-        if not ok:
-            return False
-        matched.append(found)
-    return all(sum(d["shape"] == c["class"] for d in detections) < c["count"] for c in exclude)
+    """GenEval's per-image rule (t2i.geneval.judge) over `detect`'s output ("class" is the shape name)."""
+    kept: dict[str, list[Detection]] = {}
+    colour: dict[int, str] = {}
+    for d in detections:
+        obj = Detection(SHAPES.index(d["shape"]), 1.0, tuple(d["box"]))
+        kept.setdefault(d["shape"], []).append(obj)
+        colour[id(obj)] = d["color"]
+    correct, _ = geneval.judge(kept, {"include": include, "exclude": list(exclude)},
+                               lambda objs, _name: [colour[id(o)] for o in objs])
+    return correct
 
 
-def relations(box_a, box_b) -> set[str]:
-    dx, dy = relative_position(box_a, box_b)
-    out = set()
-    if dx < -0.5:
-        out.add("left of")
-    if dx > 0.5:
-        out.add("right of")
-    if dy < -0.5:
-        out.add("above")
-    if dy > 0.5:
-        out.add("below")
-    return out
+class ShapesDetector:
+    """The exact shapes detector as a GenEval `Detector`: every region found by `detect` becomes a
+    detection of its shape class with score 1.0, its tight box and its pixel mask."""
+    name = "shapes-exact"
+    class_names = list(SHAPES)
+
+    def __call__(self, images: list[Image.Image]) -> list[list[Detection]]:
+        out = []
+        for image in images:
+            arr = np.asarray(image.convert("RGB"))
+            out.append([Detection(SHAPES.index(d["shape"]), 1.0, tuple(d["box"]), d["mask"])
+                        for d in detect(arr, with_masks=True)])
+        return out
+
+
+class ShapesColorClassifier:
+    """A GenEval `ColorClassifier` for the shapes domain: the palette colour nearest to the median
+    RGB of the object's pixels (its mask, else its box)."""
+    name = "shapes-palette"
+    colors = list(COLORS)
+
+    def __call__(self, image: Image.Image, objects: list[Detection], class_name: str) -> list[str]:
+        arr = np.asarray(image.convert("RGB"), dtype=np.float32)
+        names, rgb = list(COLORS), np.array(list(COLORS.values()), dtype=np.float32)
+        out = []
+        for obj in objects:
+            x0, y0, x1, y1 = (int(round(v)) for v in obj.box[:4])
+            pixels = arr[obj.mask] if obj.mask is not None else arr[y0:y1, x0:x1].reshape(-1, 3)
+            median = np.median(pixels, axis=0)
+            out.append(names[int(np.linalg.norm(rgb - median, axis=1).argmin())])
+        return out

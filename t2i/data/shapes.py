@@ -37,6 +37,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from t2i.geneval import relative_offset
+
 SHAPES = ("circle", "square", "triangle")
 COLORS = {  # GenEval colour names; saturated and far apart in RGB
     "red": (220, 30, 30),
@@ -81,20 +83,9 @@ def _tight_box(mask: np.ndarray, x: int, y: int) -> list[int]:
 
 
 def relative_position(box_a, box_b, threshold: float = POSITION_THRESHOLD) -> tuple[float, float]:
-    """GenEval's normalised offset (dx, dy) of A relative to B (EVALUATORS.md §1.5 step D).
-
-    revised = sign(o)·max(|o| − threshold·(dA + dB), 0) per axis, o = centre(A) − centre(B);
-    (dx, dy) = revised / ‖o‖. "left of" iff dx < −0.5, "right of" iff dx > 0.5, "above" iff dy < −0.5,
-    "below" iff dy > 0.5.
-    """
-    a, b = np.asarray(box_a, float), np.asarray(box_b, float)
-    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
-    dims = np.abs(a[2:] - a[:2]) + np.abs(b[2:] - b[:2])
-    revised = np.sign(offset) * np.maximum(np.abs(offset) - threshold * dims, 0)
-    norm = float(np.linalg.norm(offset))
-    if norm == 0:
-        return 0.0, 0.0
-    return float(revised[0] / norm), float(revised[1] / norm)
+    """GenEval's normalised offset (dx, dy) of A relative to B (t2i.geneval.relative_offset), (0, 0)
+    when the objects overlap too much for any relation."""
+    return relative_offset(box_a, box_b, threshold) or (0.0, 0.0)
 
 
 def _relation_is_clear(rel: str, box_a, box_b) -> bool:

@@ -1,0 +1,185 @@
+"""One evaluation report for one or several checkpoints: sample -> GenEval -> FID/KID -> CLIP score.
+
+    t2i eval --ckpt base=runs/demo/pretrain --ckpt mixflow=runs/demo/mixflow --out runs/demo/eval
+    t2i eval --ckpt sd35=/weights/sd3.5-medium --config configs/sd3.5-medium-512.yaml \\
+        --prompts geneval/evaluation_metadata.jsonl --detector mask2former:/weights/m2f \\
+        --object-names geneval/object_names.txt --color clip:/weights/clip-l.pt \\
+        --fid-ref coco30k.npz --fid-extractor inception:/weights/inception-2015-12-05.pt --nproc 8
+
+Without --prompts the shapes-domain GenEval set is written to <out>/prompts and used. Per checkpoint
+<out>/<label>/ holds the samples (GenEval layout, resumable) and geneval/ results; <out>/report.md,
+report.json and grid.png compare them. Every number carries the settings it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", action="append", required=True, metavar="LABEL=PATH",
+                   help="a checkpoint to evaluate (repeat); PATH as for t2i sample")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
+    p.add_argument("--prompts", default=None, help="GenEval metadata jsonl (default: the shapes-domain set)")
+    p.add_argument("--per-tag", type=int, default=16, help="shapes-domain set: prompts per tag")
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--shift", type=float, default=None)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default=None)
+    p.add_argument("--detector", default=None, help="shapes | mask2former:<folder> (default: shapes)")
+    p.add_argument("--object-names", default=None)
+    p.add_argument("--color", default=None, help="shapes | clip:<file>")
+    p.add_argument("--fid-ref", default=None, help="reference statistics .npz (t2i fid ref), or built from "
+                                                   "--fid-shards into <out>/fid_ref.npz")
+    p.add_argument("--fid-shards", default=None, help="shards (or an image folder) for the reference statistics")
+    p.add_argument("--fid-max", type=int, default=None, help="at most this many reference images")
+    p.add_argument("--fid-extractor", default="random-conv", help="random-conv | inception:<local .pt file>")
+    p.add_argument("--clip", default=None, metavar="FILE", help="open_clip weights for the CLIP score")
+    p.add_argument("--clip-model", default="ViT-L-14-quickgelu")
+
+
+def _label_path(spec: str) -> tuple[str, str]:
+    label, sep, path = spec.partition("=")
+    if not sep or not label or not path:
+        raise FileNotFoundError(f"--ckpt must be LABEL=PATH, got {spec!r}")
+    return label, path
+
+
+def grid(folders: dict[str, Path], out: Path, per_row: int = 8) -> Path:
+    """Rows = checkpoints, columns = the first image of `per_row` prompts spread over the set."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from t2i import geneval
+    from t2i.viz import save_grid
+
+    images, labels = [], []
+    for label, folder in folders.items():
+        found = geneval.list_images(folder)
+        keys = sorted(found)
+        picks = [keys[round(i * (len(keys) - 1) / max(1, per_row - 1))] for i in range(min(per_row, len(keys)))]
+        for k in picks:
+            meta, files = found[k]
+            if files:
+                arr = torch.from_numpy(np.asarray(Image.open(files[0]).convert("RGB"))).float()
+                images.append(arr.permute(2, 0, 1) / 127.5 - 1)
+                labels.append(f"{label}: {meta['prompt']}")
+    return save_grid(torch.stack(images), labels, out, cols=per_row)
+
+
+def markdown(report: dict) -> str:
+    from t2i.geneval import TAGS
+
+    rows = report["checkpoints"]
+    tags = [t for t in TAGS if any(t in r.get("geneval", {}).get("tags", {}) for r in rows.values())]
+    head = ["checkpoint", "GenEval", *tags]
+    has_fid = any("fid" in r for r in rows.values())
+    has_clip = any("clipscore" in r for r in rows.values())
+    head += ["FID", "KID"] * has_fid + ["CLIP score"] * has_clip
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for label, r in rows.items():
+        g = r.get("geneval", {})
+        cells = [label, f"{g.get('overall', float('nan')):.4f}"]
+        cells += [f"{g['tags'][t]['score']:.3f}" if t in g.get("tags", {}) else "" for t in tags]
+        if has_fid:
+            cells += [f"{r['fid']['fid']:.4f}", f"{r['fid']['kid']:.5f}"] if "fid" in r else ["", ""]
+        if has_clip:
+            cells += [f"{r['clipscore']['mean']:.3f}"] if "clipscore" in r else [""]
+        lines.append("| " + " | ".join(cells) + " |")
+    s = report["settings"]
+    notes = [f"- sampling: {s['steps']} Euler steps, guidance {s['guidance']}, shift {s['shift']}, "
+             f"{s['images_per_prompt']} images per prompt, seed {s['seed']}, {s['resolution']} px, "
+             f"{s['weights']} weights",
+             f"- prompts: {s['prompts']} ({s['num_prompts']} prompts)",
+             f"- GenEval: detector {s.get('detector')}, colours {s.get('color_classifier')}; overall = mean of "
+             f"the tag scores"]
+    if has_fid:
+        notes.append(f"- FID/KID: extractor {s.get('fid_extractor')}, reference {s.get('fid_reference')}")
+    if has_clip:
+        notes.append(f"- CLIP score: {s.get('clip')} (100 x max(cos, 0))")
+    return "\n".join(["# Evaluation", "", *lines, "", *notes, "", "![samples](grid.png)", ""])
+
+
+def main(args, cfg) -> int:
+    import torch
+
+    from pipelines import sample
+    from t2i import inference
+    from t2i.prompts import load_prompts, write_shapes_geneval
+    from tools import geneval as geneval_tool
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+    barrier = (lambda: torch.distributed.barrier()) if world > 1 else (lambda: None)  # noqa: E731
+    out = Path(args.out)
+    prompts = args.prompts
+    if prompts is None:
+        prompts = str(out / "prompts" / "evaluation_metadata.jsonl")
+        if rank == 0 and not Path(prompts).exists():
+            write_shapes_geneval(out / "prompts", per_tag=args.per_tag)
+        barrier()
+    entries = load_prompts(prompts)
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+
+    report: dict = {"checkpoints": {}, "settings": {}}
+    folders = {}
+    for spec in args.ckpt:
+        label, path = _label_path(spec)
+        t0 = time.time()
+        loaded = inference.load_any(path, cfg, ema=not args.raw, device=device)
+        s = loaded.cfg.sample
+        kw = dict(images_per_prompt=args.images_per_prompt, steps=args.steps or s.steps,
+                  guidance=s.guidance if args.guidance is None else args.guidance,
+                  shift=s.shift if args.shift is None else args.shift,
+                  resolution=args.resolution or loaded.cfg.data.resolution, seed=args.seed, batch_size=args.batch_size)
+        folders[label] = out / label
+        stats = sample.run(loaded, entries, folders[label], prompts_source=prompts, **kw)
+        del loaded
+        barrier()
+        row = {"checkpoint": path, "sampling": {**stats, "seconds": round(time.time() - t0, 2)}}
+        row["geneval"] = geneval_tool.score(folders[label], detector=args.detector, color=args.color,
+                                            object_names=args.object_names, device=device, progress=rank == 0)
+        if rank == 0:
+            print(f"[eval] {label}: GenEval {row['geneval']['overall']:.4f} "
+                  f"({stats['images']} new images, {stats['images_per_s']:.2f} img/s)", flush=True)
+        report["checkpoints"][label] = row
+        report["settings"] = {**kw, "weights": "raw" if args.raw else "ema", "prompts": prompts,
+                              "num_prompts": len(entries), "detector": row["geneval"].get("detector"),
+                              "color_classifier": row["geneval"].get("color_classifier")}
+    if rank != 0:
+        return 0
+
+    if args.fid_ref or args.fid_shards:
+        from t2i import fid
+        ref = Path(args.fid_ref or out / "fid_ref.npz")
+        if not ref.exists():
+            fid.build_reference(args.fid_shards, ref, extractor=args.fid_extractor,
+                                resolution=report["settings"]["resolution"], max_images=args.fid_max, device=device)
+        for label, folder in folders.items():
+            report["checkpoints"][label]["fid"] = fid.score_folder(folder, ref, extractor=args.fid_extractor,
+                                                                   device=device)
+        report["settings"].update(fid_extractor=args.fid_extractor, fid_reference=str(ref))
+    if args.clip:
+        from tools.clipscore import score_folder as clip_folder
+        for label, folder in folders.items():
+            report["checkpoints"][label]["clipscore"] = clip_folder(folder, args.clip_model, args.clip, device=device)
+        report["settings"]["clip"] = f"{args.clip_model} ({args.clip})"
+
+    grid(folders, out / "grid.png")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"[eval] report: {out / 'report.md'}")
+    return 0
