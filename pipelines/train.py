@@ -7,7 +7,7 @@
         -m t2i.cli train --config my.yaml       # a cluster
 
 Reads top to bottom: distributed setup -> run folder -> frozen encoders + VAE -> model under
-DeepSpeed -> EMA -> resume -> data -> loop (loss, step, EMA, log, checkpoint) -> samples + plots.
+DeepSpeed -> EMA -> resume -> data -> loop (loss, step, EMA, log, evaluate, checkpoint) -> samples + plots.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from t2i.config import Config, ConfigError, save_config, to_dict
 from t2i.data.loader import BAD_REASONS, TrainLoader
 from t2i.diagnostics import FixedSigmaValidation, SigmaStats
 from t2i.ema import ShardedEMA
+from t2i.live_eval import LiveEval
 from t2i.logger import RunLogger, log, read_metrics, setup_logging
 from t2i.model import count_parameters, is_diffusers_folder, load_pretrained, load_weights, velocity
 
@@ -64,6 +65,7 @@ def main(cfg: Config, resume: bool = False, stop_at: int | None = None) -> Path:
     loader = TrainLoader(cfg.data, seed=cfg.run.seed, rank=rank, world_size=world,
                          batch_size=cfg.train.micro_batch_size, state=data_state)
     logger = RunLogger(run_dir, cfg, rank, start_step=step)
+    live_eval = LiveEval(cfg, text, vae, device, run_dir)
     sigma_stats = SigmaStats(cfg.logging.sigma_bins)
     dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
     validation = FixedSigmaValidation(cfg.validation, cfg.data, text, vae, device) if cfg.validation.shards else None
@@ -103,6 +105,8 @@ def main(cfg: Config, resume: bool = False, stop_at: int | None = None) -> Path:
         if validation and (step % cfg.validation.every == 0 or step == end):
             metrics.update(validation(engine, dtype))
         logger.step(step, metrics)
+        if live_eval.due(step):
+            live_eval(step, ema, logger)
         if keys_file:
             keys_file.write(json.dumps({"step": step, "keys": keys}) + "\n")
             keys_file.flush()

@@ -147,6 +147,9 @@ class SampleConfig:
     shift: float = 1.0
     seed: int = 0
     use_ema: bool = True
+    every: int = 0                  # also sample these prompts (EMA) every N training steps; 0 = at the end only
+    geneval_per_tag: int = 0        # with `every`: shapes-domain GenEval on up to this many prompts per tag
+    geneval_images: int = 2         # images per GenEval prompt
 
 
 @dataclass
@@ -196,6 +199,11 @@ class Config:
         for key in ("steps", "micro_batch_size", "grad_accum", "ckpt_every", "log_every"):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self.train, key)}")
+        for key in ("every", "geneval_per_tag"):
+            if getattr(self.sample, key) < 0:
+                raise ConfigError(f"sample.{key} must be >= 0, got {getattr(self.sample, key)}")
+        if self.sample.geneval_images < 1:
+            raise ConfigError(f"sample.geneval_images must be >= 1, got {self.sample.geneval_images}")
         if not 0.0 <= self.train.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.train.ema_decay}")
         if len(self.train.betas) != 2:

@@ -92,6 +92,19 @@ class RunLogger:
         log.info("step %d  val %.4f  by sigma %s", step, metrics["val_loss"],
                  " ".join(f"{v:.3f}" for v in metrics["val_loss_by_sigma"]))
 
+    def evaluation(self, step: int, metrics: dict, grid: Path) -> None:
+        """In-training evaluation (t2i.live_eval): a sample grid and optional GenEval numbers."""
+        if self.rank != 0:
+            return
+        if metrics:
+            self.metrics.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.metrics.flush()
+            if self.wandb is not None:
+                self.wandb.log(_flatten(metrics, "eval/"), step=step)
+        g = metrics.get("geneval")
+        log.info("step %d  samples %s%s", step, grid, "" if not g else f"  geneval {g['overall']:.3f} (" + ", ".join(
+            f"{k} {v:.2f}" for k, v in g.items() if k != "overall") + ")")
+
     def image(self, key: str, path: Path, step: int) -> None:
         if self.rank == 0 and self.wandb is not None:
             import wandb
@@ -139,3 +152,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
                 if "loss" in rec:
                     by_step[rec["step"]] = rec
     return [by_step[k] for k in sorted(by_step)]
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    """Every metrics.jsonl record in file order (training, validation and evaluation)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -3,6 +3,8 @@
 import pytest
 
 from helpers import losses, run_t2i, sample_keys, tiny_train_args
+from t2i.geneval import TAGS
+from t2i.logger import read_records
 
 K = 3  # odd, so a 2-worker loader stops mid round-robin
 
@@ -16,7 +18,10 @@ def test_stop_and_resume_gives_the_same_losses_and_samples(make_shards, tmp_path
               "train.grad_accum": grad_accum,
               "logging.sample_keys": "true", "text.dropout_t5": 0.3}
     straight = tmp_path / "runs" / "straight"
-    run_t2i("train", "--nproc", 2, *tiny_train_args(shards, tmp_path / "runs", "straight", **common))
+    # The straight run also evaluates in training (sample grid + shapes GenEval of the gathered EMA every
+    # 2 steps); that must not perturb training: its losses still equal the stopped-and-resumed run's.
+    run_t2i("train", "--nproc", 2, *tiny_train_args(shards, tmp_path / "runs", "straight", **common,
+                                                    **{"sample.every": 2, "sample.geneval_per_tag": 1}))
     run_t2i("train", "--nproc", 2, "--stop-at", K, *tiny_train_args(shards, tmp_path / "runs", "split", **common))
     split = tmp_path / "runs" / "split"
     assert len(losses(split)) == K and not (split / "samples").exists()
@@ -30,3 +35,8 @@ def test_stop_and_resume_gives_the_same_losses_and_samples(make_shards, tmp_path
         assert sample_keys(straight, rank) == sample_keys(split, rank)
         assert all(len(keys) == 4 * grad_accum for keys in sample_keys(straight, rank))
     assert (split / "samples").is_dir() and (split / "loss.png").is_file()
+    assert [p.name for p in sorted((straight / "samples").glob("*.png"))] == [
+        "step00000002.png", "step00000004.png", "step00000006.png"]
+    evals = [r for r in read_records(straight) if "geneval" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    assert all(set(r["geneval"]) == {"overall", *TAGS} and 0 <= r["geneval"]["overall"] <= 1 for r in evals)
