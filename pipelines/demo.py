@@ -1,5 +1,6 @@
 """The embedded default, end to end on a CPU: synthetic shapes shards -> 2-rank training of the
-tiny MMDiT under DeepSpeed -> checkpoint -> labelled sample grid + loss curve.
+tiny MMDiT under DeepSpeed -> checkpoint -> labelled sample grid + loss curve -> MixFlow post-training
+-> Slow Flow report -> evaluation of both checkpoints (shapes GenEval, FID/KID, report + grid).
 
     t2i demo                  # what the README's main command runs
     t2i demo train.steps=50   # overrides go to the training config
@@ -44,6 +45,14 @@ def _train(config_path: str | None, nproc: int, overrides: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", "t2i.cli", *argv])
 
 
+def _eval(config_path: str | None, nproc: int, args: list[str]) -> int:
+    argv = ["eval", f"--nproc={nproc}", *args]
+    if config_path:
+        argv[1:1] = ["--config", config_path]
+    print(f"[demo] t2i {' '.join(argv)}", flush=True)
+    return subprocess.call([sys.executable, "-m", "t2i.cli", *argv])
+
+
 def main(cfg: Config, config_path: str | None, overrides: list[str], nproc: int = 2, mixflow_steps: int = 100) -> int:
     t0 = time.time()
     ensure_shapes_shards(Path("data"))
@@ -64,11 +73,20 @@ def main(cfg: Config, config_path: str | None, overrides: list[str], nproc: int 
         return rc
     report = None
     if mixflow_steps > 0:
-        print("[demo] 3/3 exposure bias (Slow Flow) of both checkpoints", flush=True)
+        print("[demo] 3/4 exposure bias (Slow Flow) of both checkpoints", flush=True)
         from tools.slowflow import main as slowflow
         slowflow(["--ckpt", f"pretrain={pretrain}", "--ckpt", f"mixflow={mixflow}", "--steps", "4", "8", "16",
                   "--n", "32", "--out", str(mixflow / "samples")])
         report = mixflow / "samples" / "slowflow.png"
+
+    evaluation = out / "eval"
+    print(f"[demo] 4/4 evaluate: shapes GenEval + FID/KID against the held-out shards -> {evaluation}", flush=True)
+    checkpoints = [f"pretrain={pretrain}"] + ([f"mixflow={mixflow}"] if mixflow_steps > 0 else [])
+    rc = _eval(config_path, nproc, [a for c in checkpoints for a in ("--ckpt", c)]
+               + ["--out", str(evaluation), "--fid-shards", str(Path("data") / "shapes-val")])
+    if rc != 0:
+        print(f"[demo] evaluation failed with exit code {rc}", file=sys.stderr)
+        return rc
 
     from t2i.logger import read_metrics
     records = read_metrics(pretrain)
@@ -83,4 +101,5 @@ def main(cfg: Config, config_path: str | None, overrides: list[str], nproc: int 
     print(f"[demo] loss curve:  {pretrain / 'loss.png'}")
     if report:
         print(f"[demo] Slow Flow:   {report}")
+    print(f"[demo] evaluation:  {evaluation / 'report.md'}  (grid: {evaluation / 'grid.png'})")
     return 0

@@ -71,7 +71,7 @@ def grid(folders: dict[str, Path], out: Path, per_row: int = 8) -> Path:
         for k in picks:
             meta, files = found[k]
             if files:
-                arr = torch.from_numpy(np.asarray(Image.open(files[0]).convert("RGB"))).float()
+                arr = torch.from_numpy(np.array(Image.open(files[0]).convert("RGB"))).float()
                 images.append(arr.permute(2, 0, 1) / 127.5 - 1)
                 labels.append(f"{label}: {meta['prompt']}")
     return save_grid(torch.stack(images), labels, out, cols=per_row)
@@ -147,7 +147,12 @@ def main(args, cfg) -> int:
         folders[label] = out / label
         stats = sample.run(loaded, entries, folders[label], prompts_source=prompts, **kw)
         del loaded
-        barrier()
+        if world > 1:  # all ranks' images over the slowest rank's time
+            parts = [None] * world
+            torch.distributed.all_gather_object(parts, stats)
+            stats = {"images": sum(p["images"] for p in parts), "skipped": sum(p["skipped"] for p in parts),
+                     "seconds": max(p["seconds"] for p in parts), "ranks": world}
+            stats["images_per_s"] = stats["images"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
         row = {"checkpoint": path, "sampling": {**stats, "seconds": round(time.time() - t0, 2)}}
         row["geneval"] = geneval_tool.score(folders[label], detector=args.detector, color=args.color,
                                             object_names=args.object_names, device=device, progress=rank == 0)
@@ -158,19 +163,24 @@ def main(args, cfg) -> int:
         report["settings"] = {**kw, "weights": "raw" if args.raw else "ema", "prompts": prompts,
                               "num_prompts": len(entries), "detector": row["geneval"].get("detector"),
                               "color_classifier": row["geneval"].get("color_classifier")}
-    if rank != 0:
-        return 0
-
-    if args.fid_ref or args.fid_shards:
+    if args.fid_ref or args.fid_shards:  # every rank extracts its share of the features
         from t2i import fid
         ref = Path(args.fid_ref or out / "fid_ref.npz")
-        if not ref.exists():
-            fid.build_reference(args.fid_shards, ref, extractor=args.fid_extractor,
-                                resolution=report["settings"]["resolution"], max_images=args.fid_max, device=device)
+        build = not ref.exists()
+        barrier()  # every rank has looked before any writes it (identical contents, atomic renames)
+        if build:
+            src = Path(args.fid_shards)
+            is_folder = src.is_dir() and not any(src.glob("*.tar"))
+            source = fid.ImageSource(folder=str(src) if is_folder else None,
+                                     shards=None if is_folder else args.fid_shards,
+                                     resolution=report["settings"]["resolution"], max_images=args.fid_max)
+            fid.make_reference(source, fid.build_extractor(args.fid_extractor, device), ref, device=device)
         for label, folder in folders.items():
-            report["checkpoints"][label]["fid"] = fid.score_folder(folder, ref, extractor=args.fid_extractor,
-                                                                   device=device)
-        report["settings"].update(fid_extractor=args.fid_extractor, fid_reference=str(ref))
+            report["checkpoints"][label]["fid"] = fid.score_folder(folder, ref, device=device)
+        report["settings"].update(fid_extractor=report["checkpoints"][label]["fid"]["extractor"],
+                                  fid_reference=f"{ref} ({report['checkpoints'][label]['fid']['n_reference']} images)")
+    if rank != 0:
+        return 0
     if args.clip:
         from tools.clipscore import score_folder as clip_folder
         for label, folder in folders.items():

@@ -45,6 +45,15 @@ def test_demo_writes_shards_trains_on_two_ranks_and_draws_samples(tmp_path):
     assert Image.open(mixflow / "samples" / "slowflow.png").size[0] > 600
     assert "stage mixflow" in proc.stderr
 
+    evaluation = json.loads((demo / "eval" / "report.json").read_text())
+    assert set(evaluation["checkpoints"]) == {"pretrain", "mixflow"}
+    for row in evaluation["checkpoints"].values():
+        assert 0 <= row["geneval"]["overall"] <= 1 and row["geneval"]["images"] == 73 * 4
+        assert row["fid"]["n_reference"] == 512 and row["fid"]["fid"] > 0
+    assert evaluation["settings"]["steps"] == 4 and evaluation["settings"]["images_per_prompt"] == 4
+    assert "| pretrain |" in (demo / "eval" / "report.md").read_text()
+    assert Image.open(demo / "eval" / "grid.png").size[0] == 8 * 160
+
     again = subprocess.run(cmd[:4] + ["--mixflow-steps=0", "train.steps=2", "sample.steps=1"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "reusing" in again.stdout  # shards are written once
