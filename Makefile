@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/t2i demo
 
+# The SLURM tests need a SLURM: as root on Debian/Ubuntu, tools/slurm_ci.sh installs and starts a
+# single-node one for the duration of the tests and stops it after (by PID); otherwise they skip.
 test: setup
-	$(BIN)/python -m pytest -q
+	bash tools/slurm_ci.sh run $(BIN)/python -m pytest -q
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

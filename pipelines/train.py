@@ -25,6 +25,7 @@ from t2i.data.loader import BAD_REASONS, TrainLoader
 from t2i.diagnostics import FixedSigmaValidation, SigmaStats
 from t2i.ema import ShardedEMA
 from t2i.live_eval import LiveEval
+from t2i.preemption import Preempted, PreemptionGuard
 from t2i.logger import RunLogger, log, read_metrics, setup_logging
 from t2i.model import count_parameters, is_diffusers_folder, load_pretrained, load_weights, velocity
 
@@ -33,11 +34,14 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-def main(cfg: Config, resume: bool = False, stop_at: int | None = None) -> Path:
-    """Train to cfg.train.steps (or stop and checkpoint at `stop_at`, as a preemption would)."""
+def main(cfg: Config, resume: bool | str = False, stop_at: int | None = None) -> Path:
+    """Train to cfg.train.steps (or stop and checkpoint at `stop_at`). `resume="auto"` continues from
+    the run's latest checkpoint when there is one (what a requeued SLURM job does). SIGUSR1 / SIGTERM
+    checkpoint at the next step boundary and raise `Preempted` (t2i.preemption)."""
+    guard = PreemptionGuard()  # first: a signal during start-up must not kill the process half-way
     rank, world = engine_lib.init_distributed()
     device = engine_lib.device()
-    run_dir = prepare_run_dir(cfg, rank, resume)
+    run_dir, resume = prepare_run_dir(cfg, rank, resume)
     setup_logging(run_dir, rank)
     log.info("run %s: stage %s, %d rank(s), device %s, ZeRO-%d, %s", run_dir, cfg.stage, world, device.type,
              cfg.deepspeed.zero_stage, cfg.deepspeed.precision)
@@ -76,6 +80,10 @@ def main(cfg: Config, resume: bool = False, stop_at: int | None = None) -> Path:
     images_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
 
     end = min(cfg.train.steps, stop_at or cfg.train.steps)
+    signum = guard.agreed(device)
+    if signum and step < end:  # signalled during start-up: nothing new since the last checkpoint
+        logger.close()
+        raise Preempted(step, signum, saved=False)
     while step < end:
         t0 = time.perf_counter()
         lr = engine_lib.lr_at(step, cfg.train)
@@ -115,10 +123,18 @@ def main(cfg: Config, resume: bool = False, stop_at: int | None = None) -> Path:
                 f"{consecutive} consecutive steps had a non-finite loss or gradient (last at step {step}); "
                 f"stopping without saving. The last good checkpoint is {checkpoint.latest_tag(ckpt_root)!r} "
                 f"in {ckpt_root}. Lower train.lr, check the data, or raise train.max_consecutive_nonfinite.")
-        if step == end or (step % cfg.train.ckpt_every == 0 and consecutive == 0):  # not mid non-finite streak
+        saved = step == end or (step % cfg.train.ckpt_every == 0 and consecutive == 0)  # not mid non-finite streak
+        if saved:
             save(engine, ema, generator, loader, ckpt_root, step, skipped, cfg, world)
+        signum = guard.agreed(device)  # every rank, every step: one tiny all-reduce
+        if signum and step < cfg.train.steps:
+            if not saved:
+                save(engine, ema, generator, loader, ckpt_root, step, skipped, cfg, world)
+            logger.close()
+            raise Preempted(step, signum, saved=True)
 
     logger.close()
+    guard.restore()
     if keys_file:
         keys_file.close()
     if rank == 0 and step == cfg.train.steps:
@@ -178,20 +194,27 @@ def init_from_parent(model, cfg: Config) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def prepare_run_dir(cfg: Config, rank: int, resume: bool) -> Path:
-    """<output_dir>/<name>, with the resolved config. Never silently reuses a run's folder."""
+def prepare_run_dir(cfg: Config, rank: int, resume: bool | str) -> tuple[Path, bool]:
+    """(<output_dir>/<name> with the resolved config, whether to resume). Never silently reuses a run's
+    folder, except with resume="auto", which resumes from `latest` or starts over when there is none
+    (a job killed before its first checkpoint)."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     ckpt_root = run_dir / "checkpoints"
+    auto = resume == "auto"
+    if auto:
+        resume = checkpoint.latest_tag(ckpt_root) is not None
+        log.info("auto-resume: %s", f"continuing from {ckpt_root / checkpoint.latest_tag(ckpt_root)}"
+                 if resume else "no checkpoint yet, starting")
     if resume and checkpoint.latest_tag(ckpt_root) is None:
         raise ConfigError(f"--resume: no checkpoint in {ckpt_root} (no 'latest' file)")
-    if not resume and (run_dir / "metrics.jsonl").exists():
+    if not resume and not auto and (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or set run.name")
     dist.barrier()
     if rank == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     dist.barrier()
-    return run_dir
+    return run_dir, bool(resume)
 
 
 def save(engine, ema, generator, loader, ckpt_root: Path, step: int, skipped: int, cfg: Config,

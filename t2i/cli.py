@@ -45,6 +45,7 @@ TOOLS = {
     "geneval-prompts": ("tools.geneval:prompts_main", "write a GenEval prompt set for the shapes domain"),
     "fid": ("tools.fid:main", "FID / KID: reference statistics and scores (tools/fid.py)"),
     "clipscore": ("tools.clipscore:main", "CLIP score of a folder of samples (tools/clipscore.py)"),
+    "ckpt": ("tools.ckpt:main", "consolidate a ZeRO checkpoint / export a diffusers folder (tools/ckpt.py)"),
 }
 
 
@@ -87,6 +88,9 @@ def _strip_nproc(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"] and "RANK" in os.environ:  # a training rank: a requeue signal must not kill it
+        from t2i.preemption import install_early
+        install_early()
     parser = argparse.ArgumentParser(prog="t2i", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                            help="MixFlow post-training steps after pretraining (0 skips the stage)")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/latest")
+            p.add_argument("--auto-resume", action="store_true",
+                           help="resume when <run>/checkpoints/latest exists, else start (for requeued jobs)")
             p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                            help="checkpoint and stop at this step (resume later with --resume)")
     p = sub.add_parser("sample", help="sample a prompt set into GenEval's folder layout (pipelines/sample.py)")
@@ -152,11 +158,12 @@ def main(argv: list[str] | None = None) -> int:
             return _relaunch(args.nproc, _strip_nproc(argv))
         from pipelines.sample import SampleError
         from t2i.checkpoint import CheckpointError
+        from t2i.fid import FIDError
         from t2i.geneval import GenEvalInputError
         module = importlib.import_module("pipelines.sample" if args.command == "sample" else "pipelines.evaluate")
         try:
             return module.main(args, cfg)
-        except (SampleError, CheckpointError, GenEvalInputError, FileNotFoundError) as e:
+        except (SampleError, CheckpointError, GenEvalInputError, FIDError, FileNotFoundError) as e:
             print(f"t2i {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
     if args.command == "demo":
@@ -168,11 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.train import main as train
     from t2i.checkpoint import CheckpointError
     from t2i.data.loader import DataError
+    from t2i.preemption import EXIT_CODE, Preempted
     try:
-        train(cfg, resume=args.resume, stop_at=args.stop_at)
+        train(cfg, resume="auto" if args.auto_resume else args.resume, stop_at=args.stop_at)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"t2i: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"t2i: {e}; exiting with {EXIT_CODE} (requeue and resume with --auto-resume)", file=sys.stderr)
+        return EXIT_CODE
     return 0
 
 

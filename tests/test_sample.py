@@ -119,3 +119,20 @@ def test_a_killed_job_leaves_whole_pngs_and_the_restart_completes_it(tiny, tmp_p
     assert f"{2 * complete} already there" in proc.stdout
     done = images_of(tmp_path / "job")
     assert done.keys() == ref.keys() and all(np.array_equal(done[k], ref[k]) for k in ref)
+
+
+def test_prompt_sources_text_file_geneval_jsonl_and_shard_captions(tmp_path, tiny):
+    from t2i.data.shapes import make_sample
+    from t2i.data.writers import write_shapes_shards
+    from t2i.prompts import load_prompts
+
+    (tmp_path / "p.txt").write_text("a photo of a cat\n\n  a photo of a dog  \n")
+    assert load_prompts(str(tmp_path / "p.txt")) == [{"prompt": "a photo of a cat"}, {"prompt": "a photo of a dog"}]
+    assert load_prompts(str(tiny["prompts"]), limit=2) == tiny["entries"][:2]
+    shards = write_shapes_shards(tmp_path / "s", n=10, samples_per_shard=5, seed=0, size=32, progress=False)
+    from_shards = load_prompts(str(tmp_path / "s"), limit=7)
+    assert len(from_shards) == 7 and from_shards[2]["tag"] == "counting" and "exclude" in from_shards[2]
+    assert [e["prompt"] for e in from_shards] == [make_sample(i, 0, 32)[1] for i in range(7)]
+    assert len(load_prompts(str(shards[0]))) == 5
+    with pytest.raises(FileNotFoundError):
+        load_prompts(str(tmp_path / "missing.jsonl"))
