@@ -146,6 +146,7 @@ def main(args, cfg) -> int:
                   resolution=args.resolution or loaded.cfg.data.resolution, seed=args.seed, batch_size=args.batch_size)
         folders[label] = out / label
         stats = sample.run(loaded, entries, folders[label], prompts_source=prompts, **kw)
+        loaded_kind = loaded.source.rsplit("(", 1)[1].rstrip(")")  # ema | raw | diffusers
         del loaded
         if world > 1:  # all ranks' images over the slowest rank's time
             parts = [None] * world
@@ -153,14 +154,15 @@ def main(args, cfg) -> int:
             stats = {"images": sum(p["images"] for p in parts), "skipped": sum(p["skipped"] for p in parts),
                      "seconds": max(p["seconds"] for p in parts), "ranks": world}
             stats["images_per_s"] = stats["images"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
-        row = {"checkpoint": path, "sampling": {**stats, "seconds": round(time.time() - t0, 2)}}
+        row = {"checkpoint": path, "weights": loaded_kind, "sampling": {**stats, "seconds": round(time.time() - t0, 2)}}
         row["geneval"] = geneval_tool.score(folders[label], detector=args.detector, color=args.color,
                                             object_names=args.object_names, device=device, progress=rank == 0)
         if rank == 0:
             print(f"[eval] {label}: GenEval {row['geneval']['overall']:.4f} "
                   f"({stats['images']} new images, {stats['images_per_s']:.2f} img/s)", flush=True)
         report["checkpoints"][label] = row
-        report["settings"] = {**kw, "weights": "raw" if args.raw else "ema", "prompts": prompts,
+        weights = sorted({r["weights"] for r in report["checkpoints"].values()})
+        report["settings"] = {**kw, "weights": "/".join(weights), "prompts": prompts,
                               "num_prompts": len(entries), "detector": row["geneval"].get("detector"),
                               "color_classifier": row["geneval"].get("color_classifier")}
     if args.fid_ref or args.fid_shards:  # every rank extracts its share of the features

@@ -62,7 +62,9 @@ t2i_requeue() {
 # (--auto-resume) when it restarts.
 t2i_run() {
   if [ "$_T2I_SIGNAL" = USR1 ]; then t2i_requeue; exit 0; fi   # warned before anything started
-  srun --kill-on-bad-exit=1 bash -c \
+  # --kill-on-bad-exit=0 + --wait: ranks leaving with 99 a few ms apart are not killed by srun (which
+  # would turn a clean exit 99 into 143); a crashed rank's peers are ended 60 s after it
+  srun --kill-on-bad-exit=0 --wait=60 bash -c \
     'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS \
             LOCAL_WORLD_SIZE=${SLURM_NTASKS_PER_NODE:-1}; exec "$@"' t2i "$@" &
   _T2I_SRUN=$!
