@@ -222,20 +222,29 @@ def save(engine, ema, generator, loader, ckpt_root: Path, step: int, skipped: in
     client = {"step": step, "rng": checkpoint.rng_state(generator), "data": loader.state_dict(),
               "ema": ema.state_dict(), "skipped_nonfinite": skipped}
     meta = {"world_size": world, "zero_stage": cfg.deepspeed.zero_stage, "config": to_dict(cfg),
+            "transformer": {k: v for k, v in dict(engine.module.config).items() if not k.startswith("_")},
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    tag = checkpoint.save(engine, ckpt_root, step, client, meta)
+    tag, deleted = checkpoint.save(engine, ckpt_root, step, client, meta, keep_last=cfg.train.keep_last)
     log.info("saved checkpoint %s", ckpt_root / tag)
+    if deleted:
+        log.info("train.keep_last=%d: deleted %s", cfg.train.keep_last, ", ".join(deleted))
 
 
 def restore(engine, ema, generator, ckpt_root: Path) -> tuple[int, dict, int]:
+    """Load `latest` (at any world size, t2i.checkpoint.load) -> (step, data state, skipped count)."""
     broken = checkpoint.incomplete_tags(ckpt_root)
-    if broken:
-        log.warning("ignoring incomplete checkpoint folder(s) in %s: %s", ckpt_root, ", ".join(broken))
     tag = checkpoint.latest_tag(ckpt_root)
+    if broken:
+        log.warning("incomplete checkpoint folder(s) in %s (a save that did not finish; no meta.json): %s; "
+                    "ignoring them and resuming from latest = %s", ckpt_root, ", ".join(broken), tag)
     meta, client = checkpoint.load(engine, ckpt_root, tag)
     ema.load_state_dict(client["ema"])
-    checkpoint.set_rng_state(client["rng"], generator)
-    log.info("resumed from %s at step %d", ckpt_root / tag, meta["step"])
+    if client.get("resharded_from"):  # per-rank RNG states of another world size: derive fresh ones
+        checkpoint.reseed(generator, meta["config"]["run"]["seed"], meta["step"], dist.get_rank())
+    else:
+        checkpoint.set_rng_state(client["rng"], generator)
+    log.info("resumed from %s at step %d%s", ckpt_root / tag, meta["step"],
+             f" (written by {client['resharded_from']} rank(s); resharded)" if client.get("resharded_from") else "")
     return meta["step"], client["data"], client["skipped_nonfinite"]
 
 

@@ -11,6 +11,7 @@
     t2i fid {ref,score} ...                        FID / KID against saved reference statistics (tools/fid.py)
     t2i clipscore --images DIR --pretrained FILE   CLIP score of a GenEval-layout folder (tools/clipscore.py)
     t2i eval --ckpt LABEL=RUN ... --out DIR        sample + GenEval + FID (+ CLIP score) report (pipelines/evaluate.py)
+    t2i ckpt {list,consolidate,export,universal}   checkpoint tools: safetensors, diffusers folder (tools/ckpt.py)
 
 Nothing is ever downloaded from a model hub: every pretrained component is a local path.
 """

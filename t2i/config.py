@@ -100,6 +100,7 @@ class TrainConfig:
     ema_decay: float = 0.995
     max_consecutive_nonfinite: int = 3  # non-finite loss/grad steps are skipped; this many in a row stop the run
     ckpt_every: int = 300
+    keep_last: int = 3              # keep the newest N complete checkpoints (+ the one `latest` names); 0 = all
     log_every: int = 25
 
 
@@ -199,6 +200,8 @@ class Config:
         for key in ("steps", "micro_batch_size", "grad_accum", "ckpt_every", "log_every"):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self.train, key)}")
+        if self.train.keep_last < 0:
+            raise ConfigError(f"train.keep_last must be >= 0 (0 keeps every checkpoint), got {self.train.keep_last}")
         for key in ("every", "geneval_per_tag"):
             if getattr(self.sample, key) < 0:
                 raise ConfigError(f"sample.{key} must be >= 0, got {getattr(self.sample, key)}")

@@ -114,7 +114,7 @@ def main(argv=None) -> None:
     t_start = time.time()
 
     ensure_shards()
-    train(out, "pretrain", args.pretrain_steps, ["train.ckpt_every=500", "train.log_every=100",
+    train(out, "pretrain", args.pretrain_steps, ["train.ckpt_every=500", "train.keep_last=0", "train.log_every=100",
                                                  "train.warmup_steps=100", "validation.every=500"])
     for name, overrides in POST.items():
         train(out, name, args.post_steps, [f"train.init_from={out / 'pretrain'}", "train.init_weights=ema",

@@ -1,0 +1,87 @@
+"""Checkpoint tools: list, consolidate to safetensors, export a diffusers folder, make a universal checkpoint.
+
+    t2i ckpt list RUN                                             tags: step, ranks, ZeRO stage, complete?, latest
+    t2i ckpt consolidate RUN_OR_TAG --out DIR [--weights raw|ema|both]
+                                  -> DIR/raw.safetensors, DIR/ema.safetensors, DIR/consolidated.json
+    t2i ckpt export RUN_OR_TAG --out DIR [--weights ema|raw] [--pipeline]
+                                  -> DIR/transformer/ (SD3Transformer2DModel.from_pretrained), config.yaml,
+                                     t2i_export.json; --pipeline: a StableDiffusion3Pipeline folder
+    t2i ckpt universal RUN_OR_TAG -> <tag>/universal/ (DeepSpeed universal checkpoint), what a resume
+                                     at another world size makes by itself; do it ahead for big models
+
+RUN_OR_TAG is a run folder or its checkpoints/ folder (both mean `latest`) or a tag folder. Single
+process, CPU; DeepSpeed is used only to read its files. Details in t2i/export.py and t2i/checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="t2i ckpt", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="action", required=True)
+    s = sub.add_parser("list", help="the run's checkpoint tags")
+    s.add_argument("run", help="run folder or its checkpoints/ folder")
+    s = sub.add_parser("consolidate", help="full fp32 raw and/or EMA weights as safetensors")
+    s.add_argument("ckpt", help="run folder, checkpoints/ (latest) or a tag folder")
+    s.add_argument("--out", required=True)
+    s.add_argument("--weights", choices=["raw", "ema", "both"], default="both")
+    s = sub.add_parser("export", help="a diffusers folder (transformer/, or a full pipeline with --pipeline)")
+    s.add_argument("ckpt", help="run folder, checkpoints/ (latest) or a tag folder")
+    s.add_argument("--out", required=True)
+    s.add_argument("--weights", choices=["ema", "raw"], default="ema")
+    s.add_argument("--pipeline", action="store_true",
+                   help="also text encoders, tokenizers, VAE, scheduler (needs text.preset=sd3 + vae.kind=pretrained)")
+    s = sub.add_parser("universal", help="convert a tag to DeepSpeed's universal checkpoint (<tag>/universal)")
+    s.add_argument("ckpt", help="run folder, checkpoints/ (latest) or a tag folder")
+    s.add_argument("--workers", type=int, default=None, help="ds_to_universal extract/merge workers")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from t2i import checkpoint, export
+
+    try:
+        if args.action == "list":
+            return list_tags(Path(args.run))
+        root, tag = checkpoint.resolve(args.ckpt)
+        if args.action == "consolidate":
+            info = export.consolidate(root, tag, Path(args.out), args.weights)
+            print(f"{root / tag} (step {info['step']}): " + ", ".join(
+                f"{k} -> {Path(args.out) / v['file']}" for k, v in info["files"].items()))
+        elif args.action == "export":
+            info = export.export_diffusers(root, tag, Path(args.out), ema=args.weights == "ema",
+                                           pipeline=args.pipeline)
+            print(f"{root / tag} (step {info['step']}, {info['weights']}) -> {args.out}: {info['contents']}")
+        elif args.action == "universal":
+            print(checkpoint.ensure_universal(root, tag, workers=args.workers))
+    except (checkpoint.CheckpointError, export.ExportError) as e:
+        print(f"t2i ckpt {args.action}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def list_tags(path: Path) -> int:
+    from t2i import checkpoint
+
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if not root.is_dir():
+        raise checkpoint.CheckpointError(f"{path}: no checkpoints folder")
+    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    for tag in checkpoint.complete_tags(root):
+        meta = checkpoint.read_meta(root, tag)
+        flags = ["latest"] * (tag == latest) + ["universal"] * (root / tag / checkpoint.UNIVERSAL).is_dir()
+        print(f"{tag}  step {meta['step']}  {meta['world_size']} rank(s)  ZeRO-{meta.get('zero_stage', '?')}  "
+              f"complete {' '.join(flags)}".rstrip())
+    for tag in checkpoint.incomplete_tags(root):
+        print(f"{tag}  INCOMPLETE (no meta.json: a save that did not finish; ignored by --resume)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
