@@ -27,7 +27,23 @@ def init_distributed() -> tuple[int, int]:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if not torch.cuda.is_available():
+        _unlink_shm_segment()
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _unlink_shm_segment() -> None:
+    """DeepSpeed's CPU shared-memory all-reduce creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_
+    <port>_<rank> (69 MB per rank) and never removes it, so every CPU run leaked it until /dev/shm (RAM)
+    filled up. Once every rank has mapped every segment (DeepSpeed's init opens all peers'; the barrier
+    waits for all ranks), the name can go: the mappings stay valid until the processes exit."""
+    torch.distributed.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{torch.distributed.get_rank()}")
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass
 
 
 def device() -> torch.device:

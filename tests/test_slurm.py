@@ -180,3 +180,4 @@ def test_a_signal_before_training_starts_loses_nothing(shards, reference, tmp_pa
     assert int(state["Restarts"]) >= 1 and "batch shell got SIGUSR1" in text and "requeued" in text
     assert "checkpointed at step" not in text.split("requeued")[0]         # nothing saved before the requeue
     assert losses(tmp_path / "run") == pytest.approx(reference, abs=1e-6)
+

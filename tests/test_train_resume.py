@@ -1,5 +1,7 @@
 """Exact resume on 2 gloo ranks under real DeepSpeed: k steps + stop + resume k == 2k straight."""
 
+import glob
+
 import pytest
 
 from helpers import losses, run_t2i, sample_keys, tiny_train_args
@@ -13,6 +15,7 @@ K = 3  # odd, so a 2-worker loader stops mid round-robin
 @pytest.mark.parametrize("zero_stage,num_workers,grad_accum", [(2, 2, 1), (3, 0, 2)])
 def test_stop_and_resume_gives_the_same_losses_and_samples(make_shards, tmp_path, zero_stage, num_workers,
                                                             grad_accum):
+    shm_before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
     shards = make_shards(n_shards=4, per_shard=12)
     common = {"deepspeed.zero_stage": zero_stage, "data.num_workers": num_workers, "train.steps": 2 * K,
               "train.grad_accum": grad_accum,
@@ -35,6 +38,7 @@ def test_stop_and_resume_gives_the_same_losses_and_samples(make_shards, tmp_path
         assert sample_keys(straight, rank) == sample_keys(split, rank)
         assert all(len(keys) == 4 * grad_accum for keys in sample_keys(straight, rank))
     assert (split / "samples").is_dir() and (split / "loss.png").is_file()
+    assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= shm_before   # DeepSpeed's CPU shm: removed
     assert [p.name for p in sorted((straight / "samples").glob("*.png"))] == [
         "step00000002.png", "step00000004.png", "step00000006.png"]
     evals = [r for r in read_records(straight) if "geneval" in r]
