@@ -37,18 +37,9 @@ def ensure_shapes_shards(root: Path) -> None:
         write_shapes_shards(out, prefix=prefix, overwrite=True, progress=False, **spec)
 
 
-def _train(config_path: str | None, nproc: int, overrides: list[str]) -> int:
-    argv = ["train", f"--nproc={nproc}", *overrides]
-    if config_path:
-        argv[1:1] = ["--config", config_path]
-    print(f"[demo] t2i {' '.join(argv)}", flush=True)
-    return subprocess.call([sys.executable, "-m", "t2i.cli", *argv])
-
-
-def _eval(config_path: str | None, nproc: int, args: list[str]) -> int:
-    argv = ["eval", f"--nproc={nproc}", *args]
-    if config_path:
-        argv[1:1] = ["--config", config_path]
+def _t2i(command: str, config_path: str | None, nproc: int, args: list[str]) -> int:
+    """`t2i <command> [--config C] --nproc N <args>` in a subprocess; its exit code."""
+    argv = [command, *(["--config", config_path] if config_path else []), f"--nproc={nproc}", *args]
     print(f"[demo] t2i {' '.join(argv)}", flush=True)
     return subprocess.call([sys.executable, "-m", "t2i.cli", *argv])
 
@@ -59,10 +50,10 @@ def main(cfg: Config, config_path: str | None, overrides: list[str], nproc: int 
     out = Path(cfg.run.output_dir) / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     pretrain, mixflow = out / "pretrain", out / "mixflow"
     print(f"[demo] 1/3 pretrain the tiny MMDiT (flow matching) -> {pretrain}", flush=True)
-    rc = _train(config_path, nproc, [f"run.output_dir={out}", "run.name=pretrain", *overrides])
+    rc = _t2i("train", config_path, nproc, [f"run.output_dir={out}", "run.name=pretrain", *overrides])
     if rc == 0 and mixflow_steps > 0:
         print(f"[demo] 2/3 post-train it with MixFlow (gamma {cfg.train.mixflow_gamma}) -> {mixflow}", flush=True)
-        rc = _train(config_path, nproc, [f"run.output_dir={out}", "run.name=mixflow", *overrides,
+        rc = _t2i("train", config_path, nproc, [f"run.output_dir={out}", "run.name=mixflow", *overrides,
                                          f"train.init_from={pretrain}", "train.objective=mixflow",
                                          f"train.steps={mixflow_steps}", "train.lr=2e-4", "train.schedule=constant",
                                          "train.warmup_steps=10", f"train.ckpt_every={mixflow_steps}",
@@ -82,7 +73,7 @@ def main(cfg: Config, config_path: str | None, overrides: list[str], nproc: int 
     evaluation = out / "eval"
     print(f"[demo] 4/4 evaluate: shapes GenEval + FID/KID against the held-out shards -> {evaluation}", flush=True)
     checkpoints = [f"pretrain={pretrain}"] + ([f"mixflow={mixflow}"] if mixflow_steps > 0 else [])
-    rc = _eval(config_path, nproc, [a for c in checkpoints for a in ("--ckpt", c)]
+    rc = _t2i("eval", config_path, nproc, [a for c in checkpoints for a in ("--ckpt", c)]
                + ["--out", str(evaluation), "--fid-shards", str(Path("data") / "shapes-val")])
     if rc != 0:
         print(f"[demo] evaluation failed with exit code {rc}", file=sys.stderr)

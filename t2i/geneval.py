@@ -334,16 +334,20 @@ def score_folder(folder: str | Path, detector: Detector, color_classifier: Optio
     return records
 
 
-def write_results(records: list[dict], path: str | Path) -> Path:
-    """One JSON object per line, sorted by filename (the official file's fields), written atomically."""
+def write_jsonl(rows, path: str | Path) -> Path:
+    """One JSON object per line, written to a temporary name and renamed (readers never see half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        for r in sorted(records, key=lambda r: r["filename"]):
-            f.write(json.dumps(r) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in rows)
     os.replace(tmp, path)
     return path
+
+
+def write_results(records: list[dict], path: str | Path) -> Path:
+    """results.jsonl: the official fields, one image per line, sorted by filename."""
+    return write_jsonl(sorted(records, key=lambda r: r["filename"]), path)
 
 
 def read_results(path: str | Path) -> list[dict]:

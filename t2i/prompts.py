@@ -13,7 +13,6 @@ A prompt set is a list of metadata dicts, each with at least "prompt"; GenEval s
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 GENEVAL_KEYS = ("tag", "include", "exclude", "prompt")  # key order of the official file
@@ -60,13 +59,9 @@ def _from_shards(spec: str, limit: int | None) -> list[dict]:
 
 def write_prompts(entries: list[dict], path: str | Path) -> Path:
     """A GenEval metadata jsonl (keys in the official order), written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps({k: e[k] for k in GENEVAL_KEYS if k in e}) + "\n" for e in entries)
-    os.replace(tmp, path)
-    return path
+    from t2i.geneval import write_jsonl
+
+    return write_jsonl(({k: e[k] for k in GENEVAL_KEYS if k in e} for e in entries), path)
 
 
 def shapes_geneval(per_tag: int = 16, seed: int = 2) -> list[dict]:
