@@ -15,10 +15,16 @@ without touching the checkpoints.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import time
 
 EXIT_CODE = 99  # "checkpointed because asked to; requeue me" (slurm/common.sh requeues on it)
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# Test hook, used by tests/test_slurm.py: T2I_TEST_MIN_STEP_SECONDS=s makes every step last at least s
+# seconds, so that Slurm's time-limit warning (1-minute --time granularity, up to 60 s early) lands
+# mid-training however fast the machine is. Unset, it costs nothing.
+PACE_ENV = "T2I_TEST_MIN_STEP_SECONDS"
 log = logging.getLogger("t2i")
 
 
@@ -52,6 +58,8 @@ class PreemptionGuard:
         if self.signum:
             log.warning("received %s during start-up", signal.Signals(self.signum).name)
         self._previous = {s: signal.signal(s, self._handle) for s in signals}
+        self._pace = float(os.environ.get(PACE_ENV, 0) or 0)
+        self._last = time.monotonic()
 
     def _handle(self, signum, frame) -> None:
         if not self.signum:
@@ -64,6 +72,9 @@ class PreemptionGuard:
         import torch
         import torch.distributed as dist
 
+        if self._pace:
+            time.sleep(max(0.0, self._pace - (time.monotonic() - self._last)))
+            self._last = time.monotonic()
         flag = torch.tensor([self.signum], dtype=torch.long, device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

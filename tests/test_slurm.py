@@ -110,11 +110,13 @@ def test_a_two_rank_training_job_completes_and_matches_torchrun(shards, referenc
 
 def test_a_job_warned_before_its_time_limit_checkpoints_requeues_and_finishes_identically(shards, reference,
                                                                                           tmp_path):
-    # --time=3 with the warning 90 s ahead: nominally 90 s after the start, measured 5-30 s earlier
-    # (Slurm checks coarsely), so after start-up and during training; each restart is warned again
-    # until the run is done.
+    # --time=3 with the warning 90 s ahead: nominally 90 s after the start, up to 60 s earlier (Slurm
+    # checks coarsely), so after start-up and during training; each restart is warned again until the
+    # run is done. Steps are paced to >= 0.25 s (400 steps >= 100 s), as a bigger model's would be, so
+    # that a fast machine cannot finish before the warning (CI once did, in 45 s).
     job = sbatch("train.sbatch", tmp_path, *train_args(shards, tmp_path, "run"),
-                 options=["--ntasks-per-node=2", "--time=3", "--signal=B:USR1@90"], env={"T2I_MAX_RESTARTS": "10"})
+                 options=["--ntasks-per-node=2", "--time=3", "--signal=B:USR1@90"],
+                 env={"T2I_MAX_RESTARTS": "10", "T2I_TEST_MIN_STEP_SECONDS": "0.25"})
     (state,) = wait_for(job, timeout=1500)
     text = log_of(tmp_path)
     assert int(state["Restarts"]) >= 1, text[-3000:]
