@@ -19,25 +19,26 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from t2i import checkpoint, engine as engine_lib, flow, inference
+from t2i import cache as cache_lib, checkpoint, engine as engine_lib, flow, inference
 from t2i.config import Config, ConfigError, save_config, to_dict
 from t2i.data.loader import BAD_REASONS, TrainLoader
 from t2i.diagnostics import FixedSigmaValidation, SigmaStats
 from t2i.ema import ShardedEMA
 from t2i.live_eval import LiveEval
-from t2i.preemption import Preempted, PreemptionGuard
 from t2i.logger import RunLogger, log, read_metrics, setup_logging
 from t2i.model import count_parameters, is_diffusers_folder, load_pretrained, load_weights, velocity
+from t2i.preemption import Preempted, PreemptionGuard
+from t2i.timing import Phases, comm_seconds, peak_memory_gb
 
 
 class NonFiniteError(RuntimeError):
     pass
 
 
-def main(cfg: Config, resume: bool | str = False, stop_at: int | None = None) -> Path:
-    """Train to cfg.train.steps (or stop and checkpoint at `stop_at`). `resume="auto"` continues from
-    the run's latest checkpoint when there is one (what a requeued SLURM job does). SIGUSR1 / SIGTERM
-    checkpoint at the next step boundary and raise `Preempted` (t2i.preemption)."""
+def main(cfg: Config, resume: bool | str = False, stop_at: int | None = None, save_last: bool = True) -> Path:
+    """Train to cfg.train.steps (or stop and checkpoint at `stop_at`; `t2i bench` passes save_last=False).
+    `resume="auto"` continues from the run's latest checkpoint when there is one (what a requeued SLURM
+    job does). SIGUSR1 / SIGTERM checkpoint at the next step boundary and raise `Preempted` (t2i.preemption)."""
     guard = PreemptionGuard()  # first: a signal during start-up must not kill the process half-way
     rank, world = engine_lib.init_distributed()
     device = engine_lib.device()
@@ -66,8 +67,12 @@ def main(cfg: Config, resume: bool | str = False, stop_at: int | None = None) ->
     if resume:
         step, data_state, skipped = restore(engine, ema, generator, ckpt_root)
 
+    cache_identity = cache_lib.identity(text, vae, cfg) if cfg.data.cache else None
     loader = TrainLoader(cfg.data, seed=cfg.run.seed, rank=rank, world_size=world,
-                         batch_size=cfg.train.micro_batch_size, state=data_state)
+                         batch_size=cfg.train.micro_batch_size, state=data_state, cache_identity=cache_identity)
+    if cfg.data.cache:
+        log.info("data.cache: reading text encodings and VAE posteriors from %s (%d shard files checked)",
+                 cfg.data.cache, len(loader.urls))
     logger = RunLogger(run_dir, cfg, rank, start_step=step)
     live_eval = LiveEval(cfg, text, vae, device, run_dir)
     sigma_stats = SigmaStats(cfg.logging.sigma_bins)
@@ -78,8 +83,10 @@ def main(cfg: Config, resume: bool | str = False, stop_at: int | None = None) ->
     keys_file = open(run_dir / f"sample_keys.rank{rank}.jsonl", "a") if cfg.logging.sample_keys else None
     consecutive = 0
     images_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
+    phases = Phases(cfg.logging.phase_times, device, comm=comm_seconds)  # off by default: it syncs the GPU
 
     end = min(cfg.train.steps, stop_at or cfg.train.steps)
+    t_loop = time.perf_counter()
     signum = guard.agreed(device)
     if signum and step < end:  # signalled during start-up: nothing new since the last checkpoint
         logger.close()
@@ -90,24 +97,31 @@ def main(cfg: Config, resume: bool | str = False, stop_at: int | None = None) ->
         engine_lib.set_lr(optimizer, lr)
         losses, keys = [], []
         for _ in range(cfg.train.grad_accum):
-            batch = next(loader)
-            loss, stats = compute_loss(engine, text, vae, batch, generator, cfg, device, dtype)
-            engine.backward(loss)
-            engine.step()
+            with phases("data"):
+                batch = next(loader)
+            loss, stats = compute_loss(engine, text, vae, batch, generator, cfg, device, dtype, phases=phases)
+            with phases("backward"):
+                engine.backward(loss)
+            with phases("step"):
+                engine.step()
             losses.append(loss.detach().float())
             sigma_stats.add(stats["sigma"], stats["sigma_in"], stats["per_sample"])
             keys += batch["keys"]
         step += 1
 
         if engine.was_step_applied():
-            ema.update(engine.module)
+            with phases("ema"):
+                ema.update(engine.module)
             consecutive = 0
         else:  # DeepSpeed found a non-finite gradient norm and skipped the update
             skipped += 1
             consecutive += 1
         metrics = {"loss": _mean_over_ranks(torch.stack(losses).mean()), "lr": lr,
                    "images_per_s": images_per_step / (time.perf_counter() - t0),
-                   "grad_norm": _grad_norm(engine), "skipped_nonfinite": skipped, "bad": _bad_counts(loader)}
+                   "grad_norm": _grad_norm(engine), "skipped_nonfinite": skipped, "bad": _bad_counts(loader),
+                   "elapsed_s": time.perf_counter() - t_loop, **phases.collect()}
+        if phases.enabled:
+            metrics["peak_mem_gb"] = peak_memory_gb(device)
         if step % cfg.train.log_every == 0 or step == end:
             metrics.update(sigma_stats.summary(device))
         if validation and (step % cfg.validation.every == 0 or step == end):
@@ -123,7 +137,8 @@ def main(cfg: Config, resume: bool | str = False, stop_at: int | None = None) ->
                 f"{consecutive} consecutive steps had a non-finite loss or gradient (last at step {step}); "
                 f"stopping without saving. The last good checkpoint is {checkpoint.latest_tag(ckpt_root)!r} "
                 f"in {ckpt_root}. Lower train.lr, check the data, or raise train.max_consecutive_nonfinite.")
-        saved = step == end or (step % cfg.train.ckpt_every == 0 and consecutive == 0)  # not mid non-finite streak
+        saved = ((step == end and save_last)
+                 or (step % cfg.train.ckpt_every == 0 and consecutive == 0))  # not mid non-finite streak
         if saved:
             save(engine, ema, generator, loader, ckpt_root, step, skipped, cfg, world)
         signum = guard.agreed(device)  # every rank, every step: one tiny all-reduce
@@ -148,12 +163,33 @@ def main(cfg: Config, resume: bool | str = False, stop_at: int | None = None) ->
 # ----------------------------------------------------------------------------------------------
 
 
-def compute_loss(engine, text, vae, batch, generator, cfg: Config, device, dtype) -> tuple[torch.Tensor, dict]:
+def compute_loss(engine, text, vae, batch, generator, cfg: Config, device, dtype,
+                 phases: Phases | None = None) -> tuple[torch.Tensor, dict]:
     """Mean flow-matching or MixFlow loss of one micro-batch (t2i.flow has the formulas), and the
     per-sample values behind it (σ, σ_in, loss, x, noise) for diagnostics and tests."""
+    phases = phases or Phases(False, device)
+    with phases("encode"):
+        x, cond = encode_batch(text, vae, batch, generator, device, dtype)
+    with phases("forward"):
+        return loss_on_latents(engine, x, cond, generator, cfg, device, dtype)
+
+
+def encode_batch(text, vae, batch, generator, device, dtype) -> tuple[torch.Tensor, dict]:
+    """Frozen encoders: images -> latents x (fp32), captions -> {context, pooled} with caption dropout.
+    A batch from data.cache (batch["cache"], t2i.cache) gives the same values with the same generator
+    draws: the latent sample first, then the caption-dropout uniforms."""
+    cached = batch.get("cache")
+    if cached is not None:
+        x = cache_lib.latents(vae, cached, generator, device).to(device, torch.float32)
+        context, pooled = text.apply_caption_dropout(*cache_lib.conditioning(text, cached), generator)
+        return x, {"context": context.to(device, dtype), "pooled": pooled.to(device, dtype)}
     x = vae.encode(batch["images"].to(device), generator).to(device, torch.float32)
     context, pooled = text.encode(batch["captions"], generator=generator, dropout=True)
-    cond = {"context": context.to(device, dtype), "pooled": pooled.to(device, dtype)}
+    return x, {"context": context.to(device, dtype), "pooled": pooled.to(device, dtype)}
+
+
+def loss_on_latents(engine, x, cond, generator, cfg: Config, device, dtype) -> tuple[torch.Tensor, dict]:
+    """Draw σ (and σ_in for MixFlow) and noise, one forward pass, per-sample loss -> (mean, stats)."""
     n, t = x.shape[0], cfg.train.timesteps
     noise = torch.randn(x.shape, generator=generator).to(device)
     model_fn = lambda x_in, timestep: velocity(engine, x_in.to(dtype), timestep.to(dtype), cond).float()  # noqa: E731

@@ -12,6 +12,7 @@
     t2i clipscore --images DIR --pretrained FILE   CLIP score of a GenEval-layout folder (tools/clipscore.py)
     t2i eval --ckpt LABEL=RUN ... --out DIR        sample + GenEval + FID (+ CLIP score) report (pipelines/evaluate.py)
     t2i ckpt {list,consolidate,export,universal}   checkpoint tools: safetensors, diffusers folder (tools/ckpt.py)
+    t2i cache --config C --out DIR [--nproc N]     precompute text encodings + VAE latents (data.cache=DIR)
 
 Nothing is ever downloaded from a model hub: every pretrained component is a local path.
 """
@@ -47,6 +48,9 @@ TOOLS = {
     "fid": ("tools.fid:main", "FID / KID: reference statistics and scores (tools/fid.py)"),
     "clipscore": ("tools.clipscore:main", "CLIP score of a folder of samples (tools/clipscore.py)"),
     "ckpt": ("tools.ckpt:main", "consolidate a ZeRO checkpoint / export a diffusers folder (tools/ckpt.py)"),
+    "bench": ("tools.bench:main", "training-step throughput, phases, MFU; t2i vs bare / DDP / ZeRO (tools/bench.py)"),
+    "cache": ("tools.cache:main", "precompute text encodings + VAE latents per shard (tools/cache.py)"),
+    "bench-loader": ("tools.bench_loader:main", "samples/s of the data loader vs a plain webdataset loop"),
 }
 
 

@@ -47,6 +47,7 @@ class ModelConfig:
     preset: str = "tiny"            # tiny | sd3-medium | sd3.5-medium | sd3.5-large (see t2i/model.py)
     pretrained: Optional[str] = None  # local diffusers folder (a pipeline folder or its transformer/)
     gradient_checkpointing: bool = False
+    compile: bool = False           # torch.compile each transformer block (one compile per distinct block)
     kwargs: dict = field(default_factory=dict)  # extra SD3Transformer2DModel arguments over the preset
 
 
@@ -65,6 +66,8 @@ class DataConfig:
     num_workers: int = 0            # DataLoader workers per rank
     max_bad_fraction: float = 0.05  # fail when more than this fraction of samples is bad ...
     bad_check_after: int = 200      # ... once this many samples have been read on a rank
+    cache: Optional[str] = None     # folder written by `t2i cache`: read <shard>.safetensors (text encodings +
+                                    # VAE posteriors) instead of decoding images; a stale cache is refused
 
 
 @dataclass
@@ -129,6 +132,8 @@ class LoggingConfig:
     project: str = "t2i"
     sample_keys: bool = False       # write each rank's per-step sample keys (resume tests, debugging)
     sigma_bins: int = 10            # training loss is also reported per σ bin of this many equal bins
+    phase_times: bool = False       # per-step time in data/encode/forward/backward/step/ema/comm + peak memory
+                                    # in metrics.jsonl (syncs the GPU at phase boundaries: a few % slower)
 
 
 @dataclass

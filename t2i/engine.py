@@ -70,6 +70,8 @@ def deepspeed_config(cfg: Config) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.logging.phase_times:  # time DeepSpeed's collectives (t2i.timing.comm_seconds); syncs each op
+        ds["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False, "debug": False}
     return deep_merge(ds, copy.deepcopy(cfg.deepspeed.extra))
 
 

@@ -29,6 +29,7 @@ from transformers import (AutoTokenizer, ByT5Tokenizer, CLIPTextModelWithProject
                           T5Config, T5EncoderModel)
 
 PRESETS = ("tiny", "sd3")
+T5_PADDING = ("keep", "zero")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CLIP_L_PAD, CLIP_G_PAD = "<|endoftext|>", "!"  # SD3's tokenizer / tokenizer_2 pad tokens
 # Tiny preset: open_clip text_cfg dicts (random init) and a byte-level T5 (ByT5 vocab = 384).
@@ -55,6 +56,9 @@ class TextEncoderConfig:
     dropout_t5: float = 0.0
     dtype: str = "float32"              # float32 | bfloat16 | float16
     seed: int = 0                       # init seed of the tiny random towers (same on every rank)
+    t5_padding: str = "keep"            # keep: T5 outputs at pad positions as the SD3 pipeline leaves them
+                                        # (no attention mask); zero: outputs after the first </s> set to 0
+                                        # (SimpleTuner's t5_padding=zero; lets t2i cache store T5 trimmed)
 
     def validate(self) -> "TextEncoderConfig":
         """Raise ValueError naming the offending key."""
@@ -62,6 +66,8 @@ class TextEncoderConfig:
             raise ValueError(f"preset: {self.preset!r} is not one of {PRESETS}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {tuple(DTYPES)}")
+        if self.t5_padding not in T5_PADDING:
+            raise ValueError(f"t5_padding: {self.t5_padding!r} is not one of {T5_PADDING}")
         for key in ("max_t5_tokens", "clip_context"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 2:
                 raise ValueError(f"{key}: must be an integer >= 2, got {getattr(self, key)!r}")
@@ -258,7 +264,8 @@ class TextEncoders(torch.nn.Module):
                 "clip_l": real(c.clip_l), "clip_g": real(c.clip_g), "t5": real(c.t5),
                 "seed": c.seed if c.preset == "tiny" else None, "clip_context": c.clip_context,
                 "max_t5_tokens": c.max_t5_tokens, "context_dim": self.context_dim,
-                "pooled_dim": self.pooled_dim, "seq_len": self.seq_len, "dtype": c.dtype}
+                "pooled_dim": self.pooled_dim, "seq_len": self.seq_len, "dtype": c.dtype,
+                "t5_padding": c.t5_padding}
 
     # ---- encoding
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -283,12 +290,22 @@ class TextEncoders(torch.nn.Module):
         pen_l, pool_l = encode_clip_tower(self.clip_l, ids["clip_l"], self.tok_l.eos_token_id)
         pen_g, pool_g = encode_clip_tower(self.clip_g, ids["clip_g"], self.tok_g.eos_token_id)
         t5 = self.t5(input_ids=ids["t5"]).last_hidden_state
+        if self.cfg.t5_padding == "zero":  # positions after the first </s> -> 0
+            keep = torch.arange(t5.shape[1], device=t5.device) < self.t5_lengths(ids["t5"])[:, None]
+            t5 = t5.masked_fill(~keep[..., None], 0)
         clip = torch.cat([pen_l, pen_g], dim=-1)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         context, pooled = torch.cat([clip, t5], dim=-2), torch.cat([pool_l, pool_g], dim=-1)
         if dropout:
             context, pooled = self.apply_caption_dropout(context, pooled, generator)
         return context, pooled
+
+    def t5_lengths(self, ids: torch.Tensor) -> torch.Tensor:
+        """Real T5 token count per row of ``ids`` [B, T]: up to and including the first </s>
+        (T when a row has none)."""
+        eos = ids == self.tok_t5.eos_token_id
+        n = eos.int().argmax(-1) + 1
+        return torch.where(eos.any(-1), n, torch.full_like(n, ids.shape[1]))
 
     @torch.no_grad()
     def encode_empty(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:

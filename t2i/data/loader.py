@@ -35,7 +35,7 @@ from PIL import Image
 from t2i.config import DataConfig
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-BAD_REASONS = ("image", "caption", "read")
+BAD_REASONS = ("image", "caption", "read", "cache")  # cache: a sample missing from its data.cache file
 
 
 class DataError(RuntimeError):
@@ -126,11 +126,27 @@ def decode_sample(raw: dict, resolution: int, rng: random.Random) -> tuple[Optio
     try:
         with Image.open(io.BytesIO(raw[key])) as im:
             im.load()
-            image = resize_center_crop(im.convert("RGB"), resolution)
+            # convert() of an RGB image is a plain copy: skip it (the same pixels, one copy less)
+            image = resize_center_crop(im if im.mode == "RGB" else im.convert("RGB"), resolution)
     except Exception:  # any decoder failure is a bad sample, not a crash
         return None, "image"
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return {"key": raw["__key__"], "caption": caption, "image": torch.from_numpy(array).permute(2, 0, 1)}, None
+    return {"key": raw["__key__"], "caption": caption, "image": image_to_tensor(image)}, None
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB image -> contiguous float32 (3, H, W) tensor, x / 127.5 - 1 in float32 (so in [-1, 1]).
+
+    One channel-first copy, then in-place numpy ops: bit for bit the values of
+    `np.asarray(image, np.float32) / 127.5 - 1.0` permuted to CHW, but contiguous, so that collate's
+    torch.stack is a plain copy (a permuted view made it a strided gather), and single-threaded
+    numpy, so no intra-op thread pool is woken per sample.
+    """
+    array = np.asarray(image)
+    out = np.empty((3,) + array.shape[:2], dtype=np.float32)
+    np.copyto(out, array.transpose(2, 0, 1))  # uint8 -> float32 is exact
+    out /= 127.5
+    out -= 1.0
+    return torch.from_numpy(out)
 
 
 def _caption(raw: dict, rng: random.Random) -> Optional[str]:
@@ -172,6 +188,10 @@ def slot_stream(urls: list[str], cfg: DataConfig, seed: int, slot: int, n_slots:
     """
     counts = dict(counts) if counts else {r: 0 for r in BAD_REASONS}
     counts.setdefault("good", 0)
+    reader = None
+    if cfg.cache:  # precomputed encodings (t2i.cache): the tar gives keys, captions and order only
+        from t2i.cache import CacheReader
+        reader = CacheReader(cfg.cache)
     while True:
         shards, stride, offset = slot_plan(urls, epoch, seed, slot, n_slots)
         rng = random.Random(f"{seed}-{epoch}-{slot}")
@@ -187,9 +207,10 @@ def slot_stream(urls: list[str], cfg: DataConfig, seed: int, slot: int, n_slots:
                 replayed = reads["read"]
                 continue
             counts["read"] = read_base + reads["read"] - replayed
-            sample, reason = decode_sample(item, cfg.resolution, rng)
+            sample, reason = (reader.sample(item, rng) if reader is not None
+                              else decode_sample(item, cfg.resolution, rng))
             if sample is None:
-                counts[reason] += 1
+                counts[reason] = counts.get(reason, 0) + 1
                 continue
             counts["good"] += 1
             yielded_any = True
@@ -234,9 +255,15 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
 def collate(samples: list[dict]) -> dict:
     last = samples[-1]
-    return {"images": torch.stack([s["image"] for s in samples]), "captions": [s["caption"] for s in samples],
-            "keys": [s["key"] for s in samples], "worker": last["worker"], "pos": last["pos"],
-            "counts": last["counts"]}
+    batch = {"captions": [s["caption"] for s in samples],
+             "keys": [s["key"] for s in samples], "worker": last["worker"], "pos": last["pos"],
+             "counts": last["counts"]}
+    if "cache" in last:  # data.cache: stored encodings instead of images (t2i.cache.collate)
+        from t2i.cache import collate as collate_cached
+        batch["cache"] = collate_cached([s["cache"] for s in samples])
+    else:
+        batch["images"] = torch.stack([s["image"] for s in samples])
+    return batch
 
 
 @dataclass
@@ -251,9 +278,17 @@ class TrainLoader:
     """Infinite iterator of batches for one rank, with `state_dict()` for exact resume."""
 
     def __init__(self, cfg: DataConfig, *, seed: int, rank: int, world_size: int, batch_size: int,
-                 state: Optional[dict] = None):
+                 state: Optional[dict] = None, cache_identity: Optional[dict] = None):
+        """`cache_identity` (t2i.cache.identity of the frozen encoders): required with data.cache; every
+        shard's cache file must match it (t2i.cache.check_cache), else a CacheError (a DataError)."""
         self.cfg = cfg
         self.urls = expand_shards(cfg.shards)
+        if cfg.cache:
+            from t2i.cache import check_cache
+            if cache_identity is None:
+                raise DataError("data.cache is set but the loader was given no cache_identity "
+                                "(t2i.cache.identity(text, vae, cfg)) to check the cache against")
+            check_cache(cfg.cache, self.urls, cache_identity)
         n_workers = max(1, cfg.num_workers)
         if state is not None and state["num_workers"] != n_workers:
             raise DataError(f"checkpoint was written with data.num_workers={state['num_workers']}; "

@@ -1,0 +1,203 @@
+"""Precomputed caches (t2i/cache.py, `t2i cache`, data.cache): the cached training path gives the
+uncached one's values and losses; bf16 + t5_padding=zero stores T5 trimmed; stale caches are refused;
+a killed build resumes without rewriting valid files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import png_bytes, write_tar
+from helpers import REPO, losses, tiny_train_args
+
+from pipelines.train import encode_batch
+from t2i import cache
+from t2i.config import load_config
+from t2i.data.loader import DataError, TrainLoader
+from t2i.inference import build_frozen
+from tools.cache import main as cache_main
+
+
+def _json_caption_shard(path):
+    """Samples with several json captions, plus one undecodable image and one without a caption."""
+    members = []
+    for i in range(6):
+        caps = [f"a photo of {n} red squares number {i}" for n in ("one", "two", "three")]
+        members += [(f"j{i:02d}.png", png_bytes((40 * i, 255 - 30 * i, 90))),
+                    (f"j{i:02d}.json", json.dumps({"captions": caps}).encode())]
+    members += [("jbad.png", b"not an image"), ("jbad.txt", b"a broken image")]
+    members += [("jnocap.png", png_bytes((1, 2, 3)))]
+    return str(write_tar(path, members))
+
+
+@pytest.fixture
+def shards(make_shards, tmp_path):
+    return make_shards(n_shards=2, per_shard=6) + [_json_caption_shard(tmp_path / "json-000000.tar")]
+
+
+def _cfg(shards, *extra):
+    return load_config(overrides=[f"data.shards={shards}", "data.resolution=16", "data.shuffle_buffer=8",
+                                  "data.bad_check_after=100000", *extra])
+
+
+def _build(cfg_args, out, *extra):
+    assert cache_main(["--out", str(out), "--no-progress", *extra, *cfg_args]) == 0
+
+
+@pytest.mark.parametrize("vae_kind", ["identity", "tiny"])
+def test_cached_batches_equal_the_uncached_path(shards, tmp_path, vae_kind):
+    over = [f"vae.kind={vae_kind}", "vae.latent_channels=4"]
+    _build([f"data.shards={shards}", "data.resolution=16", *over], tmp_path / "c", "--dtype", "float32")
+    cfg = _cfg(shards, *over)
+    cached_cfg = _cfg(shards, *over, f"data.cache={tmp_path / 'c'}")
+    text, vae = build_frozen(cfg)
+    plain = TrainLoader(cfg.data, seed=0, rank=0, world_size=1, batch_size=5)
+    cached = TrainLoader(cached_cfg.data, seed=0, rank=0, world_size=1, batch_size=5,
+                         cache_identity=cache.identity(text, vae, cfg))
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for _ in range(5):  # > one epoch: every caption variant, the bad samples, caption dropout
+        a, b = next(plain), next(cached)
+        assert a["keys"] == b["keys"] and a["captions"] == b["captions"] and "images" not in b
+        xa, ca = encode_batch(text, vae, a, g1, torch.device("cpu"), torch.float32)
+        xb, cb = encode_batch(text, vae, b, g2, torch.device("cpu"), torch.float32)
+        torch.testing.assert_close(xb, xa, atol=1e-6, rtol=1e-6)
+        for k in ("context", "pooled"):
+            torch.testing.assert_close(cb[k], ca[k], atol=1e-6, rtol=1e-6)
+        assert torch.equal(g1.get_state(), g2.get_state())  # same generator consumption
+    assert plain.counts() == cached.counts() and plain.counts()["image"] >= 1 and plain.counts()["caption"] >= 1
+    assert plain.state_dict() == cached.state_dict()
+
+
+def test_cached_loader_resumes_and_reads_in_workers(shards, tmp_path):
+    _build([f"data.shards={shards}", "data.resolution=16"], tmp_path / "c")
+    cfg = _cfg(shards, f"data.cache={tmp_path / 'c'}")
+    text, vae = build_frozen(cfg)
+    ident = cache.identity(text, vae, cfg)
+    full = TrainLoader(cfg.data, seed=0, rank=0, world_size=1, batch_size=4, cache_identity=ident)
+    batches = [next(full) for _ in range(4)]
+    first = TrainLoader(cfg.data, seed=0, rank=0, world_size=1, batch_size=4, cache_identity=ident)
+    next(first), next(first)
+    resumed = TrainLoader(cfg.data, seed=0, rank=0, world_size=1, batch_size=4, state=first.state_dict(),
+                          cache_identity=ident)
+    assert [next(resumed)["keys"] for _ in range(2)] == [b["keys"] for b in batches[2:]]
+    workers = _cfg(shards, f"data.cache={tmp_path / 'c'}", "data.num_workers=1")
+    w = next(TrainLoader(workers.data, seed=0, rank=0, world_size=1, batch_size=4, cache_identity=ident))
+    assert w["keys"] == batches[0]["keys"] and w["cache"]["clip"].dtype == torch.bfloat16
+    assert all(torch.equal(w["cache"][k], batches[0]["cache"][k]) for k in w["cache"])
+    with pytest.raises(DataError, match="no cache_identity"):
+        TrainLoader(cfg.data, seed=0, rank=0, world_size=1, batch_size=4)
+
+
+def test_bf16_zero_padding_stores_t5_trimmed(shards, tmp_path):
+    args = [f"data.shards={shards}", "data.resolution=16", "text.t5_padding=zero"]
+    _build(args, tmp_path / "c")  # default dtype: bfloat16
+    cfg = _cfg(shards, "text.t5_padding=zero")
+    text, vae = build_frozen(cfg)
+    path = tmp_path / "c" / "json-000000.safetensors"
+    meta = cache.read_meta(path)
+    assert meta["store_dtype"] == "bfloat16" and meta["t5_tokens"] == "trimmed" and meta["samples"] == "8"
+    shard = cache.ShardCache(path)
+    assert shard.index["bad"] == {"jbad": "image", "jnocap": "caption"}
+    captions = [f"a photo of {n} red squares number {i}" for i in range(6) for n in ("one", "two", "three")]
+    rows = [shard.index["samples"][f"j{i:02d}"][1][cache.caption_hash(c)]
+            for i in range(6) for c in captions[3 * i:3 * i + 3]]
+    assert rows == list(range(18))
+    stored = torch.tensor(shard.offsets).diff()
+    real = text.t5_lengths(text.tokenize(captions)["t5"])
+    assert torch.equal(stored, real) and (real < text.cfg.max_t5_tokens).all()
+    assert shard.file.get_slice("t5").get_shape()[0] == int(real.sum())
+
+    items = [shard.lookup(f"j{i // 3:02d}", c)[0] for i, c in enumerate(captions)]
+    assert items[0]["clip"].dtype == torch.bfloat16
+    context, pooled = cache.conditioning(text, cache.collate(items))
+    ref_ctx, ref_pooled = text.encode(captions)
+    C = text.cfg.clip_context
+    for i, n in enumerate(real.tolist()):  # zero padding: exactly 0 after </s>, so trimming is exact
+        assert (ref_ctx[i, C + n:] == 0).all() and (ref_ctx[i, C + n - 1] != 0).any()
+    torch.testing.assert_close(context, ref_ctx, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(pooled, ref_pooled, atol=2e-2, rtol=1e-2)
+    keep = build_frozen(_cfg(shards))[0].encode(captions)[0]  # keep: the pad positions carry values
+    assert (keep[0, C + int(real[0]):] != 0).any()
+
+
+@pytest.mark.parametrize("override, field", [("text.seed=1", "text.seed"), ("data.resolution=8", "resolution"),
+                                             ("text.t5_padding=zero", "t5_padding")])
+def test_stale_cache_is_refused_naming_the_field(shards, tmp_path, override, field):
+    _build([f"data.shards={shards}", "data.resolution=16"], tmp_path / "c")
+    cfg = _cfg(shards, override, f"data.cache={tmp_path / 'c'}")
+    text, vae = build_frozen(cfg)
+    with pytest.raises(cache.CacheError) as err:
+        TrainLoader(cfg.data, seed=0, rank=0, world_size=1, batch_size=4,
+                    cache_identity=cache.identity(text, vae, cfg))
+    msg = str(err.value)
+    assert str(tmp_path / "c") in msg and "3 stale" in msg and field in msg, msg
+
+
+def test_missing_file_and_changed_shard_are_refused(shards, tmp_path):
+    out = tmp_path / "c"
+    _build([f"data.shards={shards}", "data.resolution=16"], out)
+    cfg = _cfg(shards, f"data.cache={out}")
+    text, vae = build_frozen(cfg)
+    ident = cache.identity(text, vae, cfg)
+    (out / "shard-000001.safetensors").unlink()
+    with pytest.raises(cache.CacheError, match=r"1 of 3 shard cache file\(s\) missing \(first: .*shard-000001"):
+        TrainLoader(cfg.data, seed=0, rank=0, world_size=1, batch_size=4, cache_identity=ident)
+    _build([f"data.shards={shards}", "data.resolution=16"], out)
+    with open(shards[0], "ab") as f:
+        f.write(b"\0" * 1024)
+    with pytest.raises(cache.CacheError, match=r"1 stale \(first: .*shard-000000.safetensors: shard size changed"):
+        TrainLoader(cfg.data, seed=0, rank=0, world_size=1, batch_size=4, cache_identity=ident)
+
+
+def test_killed_build_is_completed_without_rewriting_valid_files(shards, tmp_path, capsys):
+    out = tmp_path / "c"
+    args = [f"data.shards={shards}", "data.resolution=16"]
+    _build(args, out)
+    files = sorted(out.glob("*.safetensors"))
+    assert [f.name for f in files] == ["json-000000.safetensors", "shard-000000.safetensors",
+                                       "shard-000001.safetensors"]
+    assert not list(out.glob("*.tmp"))
+    before = {f.name: f.stat().st_mtime_ns for f in files}
+    (out / "shard-000001.safetensors").unlink()  # a kill mid-shard: no final file, a partial temp one
+    (out / "shard-000001.safetensors.tmp").write_bytes(b"partial")
+    _build(args, out)
+    assert "writes 1, 2 already valid" in capsys.readouterr().out
+    after = {f.name: f.stat().st_mtime_ns for f in out.glob("*.safetensors")}
+    assert set(after) == set(before) and not list(out.glob("*.tmp"))
+    assert all(after[n] == before[n] for n in ("json-000000.safetensors", "shard-000000.safetensors"))
+    assert cache.problem(out / "shard-000001.safetensors", shards[1],
+                         cache.identity(*build_frozen(_cfg(shards)), _cfg(shards))) is None
+    _build(args, out, "--dtype", "float32")  # another store dtype: every file is rewritten
+    assert "writes 3, 0 already valid" in capsys.readouterr().out
+
+
+TRAIN_BOTH = """
+import sys
+from t2i.cli import main
+out, cache_args, plain, cached = sys.argv[1], sys.argv[2].split("\\n"), sys.argv[3].split("\\n"), sys.argv[4].split("\\n")
+assert main(["cache", "--out", out, "--dtype", "float32", "--no-progress", *cache_args]) == 0
+assert main(["train", *plain]) == 0
+assert main(["train", *cached, "data.cache=" + out]) == 0
+"""
+
+
+@pytest.mark.slow  # ~80 s on 2 busy cores: the cache build and two 20-step DeepSpeed runs
+def test_training_on_the_cache_gives_the_same_losses(make_shards, tmp_path):
+    """20 steps with the tiny VAE (posterior sampling) and caption dropout: the same per-step losses.
+    One process runs the cache build and both trainings (the start-up cost is paid once)."""
+    shards = make_shards(n_shards=2, per_shard=12)
+    spec = "::".join(shards)
+    steps = {"train.steps": 20, "vae.kind": "tiny", "vae.latent_channels": 4, "sample.every": 0,
+             "sample.geneval_per_tag": 0}
+    runs = tmp_path / "runs"
+    args = {n: "\n".join(tiny_train_args(spec, runs, n, **steps)) for n in ("plain", "cached")}
+    proc = subprocess.run([sys.executable, "-c", TRAIN_BOTH, str(tmp_path / "c"), args["plain"], args["plain"],
+                           args["cached"]], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    plain, cached = losses(runs / "plain"), losses(runs / "cached")
+    assert len(plain) == len(cached) == 20
+    assert max(abs(a - b) for a, b in zip(plain, cached)) <= 1e-5, (plain, cached)
+    assert "data.cache: reading" in (runs / "cached" / "train.log").read_text()

@@ -1,0 +1,286 @@
+"""Throughput of the training data loader against a plain webdataset + PIL loop on the same shards.
+
+    python -m tools.bench_loader --shards 'data/shapes/shapes-{000000..000007}.tar' --resolution 32 \\
+        --batch-size 32 --workers 0,1,2 --seconds 10 --repeats 3 --json bench.json   # or: t2i bench-loader ...
+    python -m tools.bench_loader --synthetic /tmp/jpeg-bench --resolution 256 --batch-size 32
+
+Both loaders do the same work per sample: read the tar member, decode the image with PIL, resize the
+short side to --resolution (bicubic, the same target size and `reducing_gap` as the trainer), centre
+crop, to a float tensor in [-1, 1] (C, H, W), then batch with a torch DataLoader with the same
+batch size, worker count and prefetch factor (4).
+
+* **ours**: `t2i.data.loader.TrainLoader` (rank 0 of 1): adds a seeded shuffle buffer over the raw
+  samples, the resumable position, bad-sample counts and captions chosen with a seeded RNG.
+* **plain**: `wds.WebDataset(urls, shardshuffle=False).repeat().decode("pil").map(...)`: no shuffle,
+  shards split over DataLoader workers by webdataset (`split_by_worker`), images batched with
+  torch's `default_collate`. It makes the same pixels as ours (tests/test_bench_loader.py checks).
+
+Each measurement skips a warm-up (worker start-up plus the first `workers * prefetch + 2` batches, so
+the queue filled while the consumer waited does not count), then counts samples for --seconds of wall
+time. The table gives the median over --repeats runs (runs interleave ours / plain) with the range,
+the rate per worker, ours / plain, and the CPU time per sample of this process plus its DataLoader
+workers over the timed window (psutil; steadier than samples/s on a shared machine, since other
+jobs' load lowers the rate but not the CPU time a sample costs). `--synthetic DIR` writes (once) JPEG shards of smooth random
+640x480 images with captions into DIR and benchmarks those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PREFETCH = 4  # TrainLoader's prefetch_factor
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic JPEG shards
+# ----------------------------------------------------------------------------------------------
+
+
+def smooth_image(rng: np.random.Generator, width: int, height: int):
+    """A smooth random RGB image: a coarse random grid upsampled bicubically, plus a little texture."""
+    from PIL import Image
+    gw, gh = int(rng.integers(3, 9)), int(rng.integers(3, 9))
+    coarse = Image.fromarray(rng.integers(0, 256, (gh, gw, 3), dtype=np.uint8))
+    image = np.asarray(coarse.resize((width, height), Image.BICUBIC), dtype=np.int16)
+    noise = rng.integers(-6, 7, (height, width, 1), dtype=np.int16)
+    return Image.fromarray(np.clip(image + noise, 0, 255).astype(np.uint8))
+
+
+def write_synthetic_shards(out_dir, n_shards: int = 4, per_shard: int = 250, width: int = 640,
+                           height: int = 480, quality: int = 90, seed: int = 0) -> list[str]:
+    """JPEG shards `<out_dir>/bench-%06d.tar` (txt captions); existing complete ones are reused."""
+    import webdataset as wds
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {"n_shards": n_shards, "per_shard": per_shard, "width": width, "height": height,
+            "quality": quality, "seed": seed}
+    stamp = out / "bench-manifest.json"
+    paths = [str(out / f"bench-{i:06d}.tar") for i in range(n_shards)]
+    if stamp.exists() and json.loads(stamp.read_text()) == spec and all(Path(p).exists() for p in paths):
+        return paths
+    words = ["red", "green", "blue", "soft", "bright", "misty", "evening", "morning", "field", "sky"]
+    for s, path in enumerate(paths):
+        rng = np.random.default_rng([seed, s])
+        with wds.TarWriter(path, mtime=0) as sink:
+            for i in range(per_shard):
+                buf = io.BytesIO()
+                smooth_image(rng, width, height).save(buf, format="JPEG", quality=quality)
+                caption = "a photo of a " + " ".join(rng.choice(words, 3))
+                sink.write({"__key__": f"b{s}_{i:05d}", "jpg": buf.getvalue(), "txt": caption})
+    stamp.write_text(json.dumps(spec) + "\n")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# The two loaders
+# ----------------------------------------------------------------------------------------------
+
+
+def ours_loader(urls: list[str], resolution: int, batch_size: int, workers: int, seed: int = 0,
+                shuffle_buffer: int = 256):
+    from t2i.config import DataConfig
+    from t2i.data.loader import TrainLoader
+    cfg = DataConfig(shards=urls, resolution=resolution, num_workers=workers, shuffle_buffer=shuffle_buffer)
+    return TrainLoader(cfg, seed=seed, rank=0, world_size=1, batch_size=batch_size)
+
+
+def _plain_sample(sample: dict, resolution: int) -> dict:
+    """What a plain loop does with a webdataset sample decoded by `.decode("pil")`."""
+    from PIL import Image
+    image = next(sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample)
+    w, h = image.size
+    scale = resolution / min(w, h)
+    if scale != 1.0:  # the trainer's target size and resampling, so both loaders make the same pixels
+        image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+                             Image.BICUBIC, reducing_gap=None if scale > 1 else 3.0)
+    w, h = image.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    caption = sample.get("txt") or (sample.get("json") or {}).get("caption", "")
+    return {"key": sample["__key__"], "caption": caption, "image": tensor}
+
+
+def _plain_collate(samples: list[dict]) -> dict:
+    # default_collate stacks a worker's batch straight into shared memory, as a plain DataLoader does
+    return {"images": torch.utils.data.default_collate([s["image"] for s in samples]),
+            "captions": [s["caption"] for s in samples], "keys": [s["key"] for s in samples]}
+
+
+def plain_loader(urls: list[str], resolution: int, batch_size: int, workers: int):
+    import functools
+
+    import webdataset as wds
+    dataset = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).repeat().decode("pil")
+               .map(functools.partial(_plain_sample, resolution=resolution)))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=_plain_collate, prefetch_factor=PREFETCH if workers else None)
+    return iter(loader)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------
+
+
+def _shutdown(it) -> None:
+    inner = getattr(it, "_it", it)  # TrainLoader holds the DataLoader iterator in _it
+    shutdown = getattr(inner, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def _processes(it) -> list:
+    """This process and the DataLoader worker processes behind the iterator `it` (psutil handles)."""
+    try:
+        import psutil
+    except ImportError:  # CPU time is then this process only
+        return []
+    inner = getattr(it, "_it", it)
+    pids = [os.getpid()] + [w.pid for w in getattr(inner, "_workers", [])]
+    return [psutil.Process(pid) for pid in pids]
+
+
+def _cpu_seconds(procs: list) -> float:
+    if not procs:
+        return time.process_time()
+    total = 0.0
+    for proc in procs:
+        t = proc.cpu_times()
+        total += t.user + t.system
+    return total
+
+
+def measure(make, workers: int, seconds: float, warmup_batches: int | None = None) -> dict:
+    """Samples/s of the iterator `make()` after a warm-up, over `seconds` of wall time."""
+    t0 = time.perf_counter()
+    it = make()
+    warmup = warmup_batches if warmup_batches is not None else workers * PREFETCH + 2
+    try:
+        first = next(it)
+        startup_s = time.perf_counter() - t0
+        for _ in range(warmup - 1):
+            next(it)
+        shape, lo, hi = tuple(first["images"].shape[1:]), float(first["images"].min()), float(first["images"].max())
+        keys: set = set()
+        n = 0
+        procs = _processes(it)
+        cpu0 = _cpu_seconds(procs)
+        start = time.perf_counter()
+        while True:
+            batch = next(it)
+            n += len(batch["keys"])
+            keys.update(batch["keys"])
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                break
+        cpu = _cpu_seconds(procs) - cpu0
+        if batch["images"].shape[1:] != shape:
+            raise AssertionError(f"image shape changed: {shape} -> {tuple(batch['images'].shape[1:])}")
+        lo, hi = min(lo, float(batch["images"].min())), max(hi, float(batch["images"].max()))
+    finally:
+        _shutdown(it)
+    return {"samples": n, "seconds": elapsed, "samples_per_s": n / elapsed, "startup_s": startup_s,
+            "cpu_ms_per_sample": 1000 * cpu / max(1, n), "distinct_keys": len(keys), "image_shape": list(shape), "min": lo, "max": hi}
+
+
+def run(urls: list[str], resolution: int, batch_size: int, workers: list[int], seconds: float,
+        repeats: int = 1, loaders=("ours", "plain"), warmup_batches: int | None = None, log=print) -> dict:
+    makers = {
+        "ours": lambda w: (lambda: iter(ours_loader(urls, resolution, batch_size, w))),
+        "plain": lambda w: (lambda: plain_loader(urls, resolution, batch_size, w)),
+    }
+    results = []
+    for w in workers:
+        runs: dict = {name: [] for name in loaders}
+        for r in range(repeats):
+            for name in loaders:  # interleaved, so slow drifts of a shared machine hit both alike
+                m = measure(makers[name](w), w, seconds, warmup_batches)
+                runs[name].append(m)
+                log(f"  {name:5s} workers={w} run {r + 1}/{repeats}: {m['samples_per_s']:8.1f} samples/s "
+                    f"({m['samples']} in {m['seconds']:.1f} s, {m['cpu_ms_per_sample']:.2f} CPU ms/sample, "
+                    f"start-up {m['startup_s']:.2f} s)")
+        for name in loaders:
+            rates = [m["samples_per_s"] for m in runs[name]]
+            results.append({"loader": name, "workers": w, "samples_per_s": statistics.median(rates),
+                            "min_samples_per_s": min(rates), "max_samples_per_s": max(rates),
+                            "per_worker_samples_per_s": statistics.median(rates) / max(1, w),
+                            "cpu_ms_per_sample": statistics.median(m["cpu_ms_per_sample"] for m in runs[name]),
+                            "runs": runs[name]})
+    plain = {r["workers"]: r["samples_per_s"] for r in results if r["loader"] == "plain"}
+    for r in results:
+        r["ratio_vs_plain"] = r["samples_per_s"] / plain[r["workers"]] if r["workers"] in plain else None
+    return {"shards": urls, "resolution": resolution, "batch_size": batch_size, "seconds": seconds,
+            "repeats": repeats, "torch_threads": torch.get_num_threads(), "results": results}
+
+
+def table(report: dict) -> str:
+    lines = ["| loader | workers | samples/s (median [min-max]) | per-worker samples/s | ratio vs plain "
+             "| CPU ms/sample (all processes) |", "|---|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        ratio = f"{r['ratio_vs_plain']:.2f}" if r["ratio_vs_plain"] is not None else "-"
+        lines.append(f"| {r['loader']} | {r['workers']} | {r['samples_per_s']:.0f} "
+                     f"[{r['min_samples_per_s']:.0f}-{r['max_samples_per_s']:.0f}] | "
+                     f"{r['per_worker_samples_per_s']:.0f} | {ratio} | {r['cpu_ms_per_sample']:.3f} |")
+    return "\n".join(lines)
+
+
+def bench(argv=None) -> dict:
+    """The command line; returns the report."""
+    parser = argparse.ArgumentParser(prog="t2i bench-loader", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--shards", default=None, help="shard spec as in data.shards (default: the embedded "
+                     "default's data/shapes/shapes-{000000..000007}.tar)")
+    src.add_argument("--synthetic", default=None, metavar="DIR",
+                     help="write (once) JPEG shards of smooth random images into DIR and benchmark them")
+    parser.add_argument("--synthetic-shape", default="4x250x640x480", metavar="SHARDSxPERxWxH")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured wall time per run")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per loader and worker count (median)")
+    parser.add_argument("--warmup-batches", type=int, default=None,
+                        help="batches skipped before timing (default: workers * 4 + 2)")
+    parser.add_argument("--loaders", default="ours,plain", help="comma-separated: ours, plain")
+    parser.add_argument("--json", default=None, help="write the report here")
+    args = parser.parse_args(argv)
+
+    from t2i.data.loader import expand_shards
+    if args.synthetic:
+        n_shards, per_shard, width, height = (int(v) for v in args.synthetic_shape.lower().split("x"))
+        urls = write_synthetic_shards(args.synthetic, n_shards, per_shard, width, height)
+    else:
+        from t2i.config import DataConfig
+        urls = expand_shards(args.shards or DataConfig().shards)
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    loaders = tuple(name.strip() for name in args.loaders.split(",") if name.strip())
+    unknown = set(loaders) - {"ours", "plain"}
+    if unknown:
+        raise ValueError(f"--loaders: unknown {sorted(unknown)}; expected ours, plain")
+    print(f"{len(urls)} shards, resolution {args.resolution}, batch {args.batch_size}, "
+          f"{args.seconds:g} s x {args.repeats} per loader and worker count")
+    report = run(urls, args.resolution, args.batch_size, workers, args.seconds, args.repeats, loaders,
+                 args.warmup_batches)
+    print(table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def main(argv=None) -> int:
+    bench(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    main()
