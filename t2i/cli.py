@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             _environment()
         module, attr = TOOLS[args.command][0].split(":")
         try:
-            return getattr(importlib.import_module(module), attr)(args.rest) or 0
+            rc = getattr(importlib.import_module(module), attr)(args.rest)
+            return rc if isinstance(rc, int) else 0  # some tools return their report
         except (FileNotFoundError, ValueError) as e:
             print(f"t2i {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
             return 2

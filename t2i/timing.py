@@ -60,12 +60,17 @@ class Phases:
 
 
 def comm_seconds() -> float:
-    """Total time spent in DeepSpeed collectives so far, from its comms logger (0 if it is off)."""
+    """Total time spent in DeepSpeed collectives so far, from its comms logger (0 if it is off).
+
+    The logger records, per op, `timers(name).elapsed(reset=False)`: the running total of that op
+    name's timer, not the op's own latency (DeepSpeed 0.19). So the latest (largest) record of each
+    name is its total; summing the records, as DeepSpeed's own summary does, over-counts."""
     from deepspeed.comm import comms_logger
 
     if not comms_logger.enabled:
         return 0.0
-    return sum(sum(entry[1]) for sizes in comms_logger.comms_dict.values() for entry in sizes.values()) / 1e3
+    totals = [max(max(entry[1]) for entry in sizes.values()) for sizes in comms_logger.comms_dict.values() if sizes]
+    return sum(totals) / 1e3
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -67,6 +67,35 @@ def test_phases_accumulate_per_name_and_reset_on_collect():
     assert Phases(False, torch.device("cpu")).collect() == {}
 
 
+COMM_SCRIPT = """
+import time, torch, deepspeed, deepspeed.comm as dc
+from t2i import engine
+from t2i.timing import comm_seconds
+engine.init_distributed()
+dc.configure(enabled=True, prof_all=True, verbose=False, debug=False)
+x = torch.ones(2_000_000)
+t0 = time.perf_counter()
+for _ in range(30):
+    dc.all_reduce(x)
+wall = time.perf_counter() - t0
+print(comm_seconds(), wall)
+"""
+
+
+def test_comm_time_is_the_time_spent_in_collectives_not_the_sum_of_running_totals():
+    """DeepSpeed's comms logger stores running totals; summing them would exceed the wall time."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", COMM_SCRIPT], capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=300, check=True).stdout.split()
+    comm, wall = float(out[-2]), float(out[-1])
+    assert 0 < comm <= wall
+
+
 @pytest.mark.slow
 def test_a_bench_run_writes_the_table_and_the_ratios(tmp_path):
     """`t2i bench` on the tiny config, one process: the full t2i step (its real training loop), the
