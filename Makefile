@@ -23,7 +23,7 @@ demo: setup
 # The SLURM tests need a SLURM: as root on Debian/Ubuntu, tools/slurm_ci.sh installs and starts a
 # single-node one for the duration of the tests and stops it after (by PID); otherwise they skip.
 test: setup
-	bash tools/slurm_ci.sh run $(BIN)/python -m pytest -q
+	bash tools/slurm_ci.sh run $(BIN)/python -m pytest -q --durations=20
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
