@@ -2,6 +2,9 @@
 real (short) bench run that writes a table and ratios. Speed itself is never asserted here."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -10,7 +13,7 @@ from diffusers import SD3Transformer2DModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import run_t2i
+from helpers import REPO, run_t2i
 from t2i.flops import mmdit_forward_flops, peak_flops, train_flops_per_sample
 from t2i.model import PRESETS
 from t2i.timing import Phases
@@ -84,11 +87,6 @@ print(comm_seconds(), wall)
 
 def test_comm_time_is_the_time_spent_in_collectives_not_the_sum_of_running_totals():
     """DeepSpeed's comms logger stores running totals; summing them would exceed the wall time."""
-    import os
-    import subprocess
-    import sys
-
-    from helpers import REPO
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "-c", COMM_SCRIPT], capture_output=True, text=True, env=env, cwd=REPO,
                          timeout=300, check=True).stdout.split()

@@ -49,7 +49,8 @@ def parse_args(argv):
     p.add_argument("--config", default=None, help="YAML config (default: configs/tiny-cpu.yaml)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides of the config")
     p.add_argument("--variants", default=",".join(ALL), help=f"comma list of {', '.join(ALL)}")
-    p.add_argument("--nproc", type=int, default=2, help="ranks per variant (torchrun; 1 = a plain process)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="ranks per variant (torchrun; 1 = a plain process); default: the GPUs here, or 2 on a CPU")
     p.add_argument("--steps", type=int, default=20, help="measured steps per variant")
     p.add_argument("--warmup", type=int, default=5, help="steps run before measuring")
     p.add_argument("--batch-size", default=None,
@@ -82,6 +83,9 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.worker:
         return worker(args)
+    if args.nproc is None:
+        import torch
+        args.nproc = torch.cuda.device_count() or 2
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in ALL]
     if bad:
@@ -447,7 +451,8 @@ def summarize(results: list[dict], args) -> dict:
             ratio("mixflow / flow matching", find("mixflow", **kw), t2i, "full step, MixFlow loss over FM loss")
             ratio("t2i with cache / t2i", find("cache", **kw), t2i, "full step reading the cache over encoding")
     head = ("| variant | ckpt | compile | ZeRO | world x batch | images/s | per rank | total ms | "
-            + " | ".join(f"{'optimizer' if p == 'step' else p} ms" for p in PHASES) + " | TFLOP/s per rank | MFU | peak mem GB (max rank) |")
+            + " | ".join(f"{'optimizer' if p == 'step' else p} ms" for p in PHASES)
+            + " | TFLOP/s per rank | MFU | peak mem GB (max rank) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         zero = r["zero_stage"] if r["variant"] in ("t2i", "mixflow", "cache") or r["variant"].startswith("zero") \
