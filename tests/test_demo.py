@@ -12,7 +12,7 @@ from helpers import REPO
 
 
 @pytest.mark.slow
-def test_demo_writes_shards_trains_on_two_ranks_and_draws_samples(tmp_path):
+def test_demo_writes_shards_trains_on_two_ranks_and_draws_samples(tmp_path, capsys):
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
     cmd = [sys.executable, "-m", "t2i.cli", "demo", "--mixflow-steps=6", "train.steps=60", "train.warmup_steps=5", "train.log_every=10",
            "train.micro_batch_size=16", "sample.steps=4"]
@@ -54,6 +54,9 @@ def test_demo_writes_shards_trains_on_two_ranks_and_draws_samples(tmp_path):
     assert "| pretrain |" in (demo / "eval" / "report.md").read_text()
     assert Image.open(demo / "eval" / "grid.png").size[0] == 8 * 160
 
-    again = subprocess.run(cmd[:4] + ["--mixflow-steps=0", "train.steps=2", "sample.steps=1"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "reusing" in again.stdout  # shards are written once
+    # shards are written once: a second demo reuses them (checked on the function, not a second demo run)
+    from pipelines.demo import ensure_shapes_shards
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*.tar")}
+    ensure_shapes_shards(tmp_path / "data")
+    assert capsys.readouterr().out.count("reusing") == 2
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*.tar")} == mtimes
