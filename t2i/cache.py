@@ -157,14 +157,19 @@ def problem(path: Path, url: str, ident: dict, store_dtype: Optional[str] = None
     return None
 
 
-def check_cache(cache_dir, urls: list[str], ident: dict) -> None:
-    """Every shard must have a cache file built with the current identity from the same shard, else
-    raise CacheError naming the folder, the counts, the first missing / stale file and why."""
+def check_unique_names(cache_dir, urls: list[str]) -> None:
+    """One cache file per shard name: two shards called <name>.tar (in different folders) would collide."""
     names = collections.Counter(shard_name(u) for u in urls)
     clash = [n for n, c in names.items() if c > 1]
     if clash:
         raise CacheError(f"data.cache={cache_dir}: {len(clash)} shard name(s) occur more than once in "
                          f"data.shards (first: {clash[0]}.tar), so their cache files would collide")
+
+
+def check_cache(cache_dir, urls: list[str], ident: dict) -> None:
+    """Every shard must have a cache file built with the current identity from the same shard, else
+    raise CacheError naming the folder, the counts, the first missing / stale file and why."""
+    check_unique_names(cache_dir, urls)
     missing, stale = [], []
     for url in urls:
         path = cache_path(cache_dir, url)

@@ -142,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rc = getattr(importlib.import_module(module), attr)(args.rest)
             return rc if isinstance(rc, int) else 0  # some tools return their report
-        except (FileNotFoundError, ValueError) as e:
+        except Exception as e:  # bad input (a path, a value, the data): one clear line, no traceback
+            from t2i.data.loader import DataError
+            if not isinstance(e, (FileNotFoundError, ValueError, DataError)):
+                raise
             print(f"t2i {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
 

@@ -24,7 +24,6 @@ full-size MMDiTs can be measured without their text encoders' weights; only mode
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os
@@ -233,11 +232,12 @@ def run_full(variant: str, cfg, args, rank: int, world: int) -> dict:
     from t2i.config import ConfigError, from_dict, to_dict
     from t2i.flops import train_flops_per_sample
     from t2i.model import preset_kwargs
+    from t2i.timing import peak_memory_gb
 
     d = to_dict(cfg)
     run_root = Path(args.out) / "runs"
     d["run"].update(output_dir=str(run_root), name=f"{variant}-{os.getpid() if rank == 0 else 0}")
-    d["train"].update(steps=10**6, ckpt_every=10**6, log_every=10**6)
+    d["train"].update(steps=10**6, ckpt_every=10**6, log_every=10**6)  # no checkpoints, no σ-bin log line
     d["logging"].update(wandb="disabled", phase_times=True, sample_keys=False)
     d["sample"].update(every=0, geneval_per_tag=0)
     d["validation"].update(shards=None)
@@ -257,12 +257,12 @@ def run_full(variant: str, cfg, args, rank: int, world: int) -> dict:
     except ConfigError as e:
         raise SystemExit(f"t2i bench {variant}: {e}")
     run_dir = train.main(run_cfg, stop_at=args.warmup + args.steps, save_last=False)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     device = engine_lib.device()
+    if rank != 0:  # metrics.jsonl is rank 0's; the other ranks report their peak memory only
+        return {"peak_mem_gb": peak_memory_gb(device)}
     shapes, text_tokens = model_shapes(run_cfg)
     flops = train_flops_per_sample(preset_kwargs(run_cfg.model, **shapes), shapes["sample_size"], text_tokens)
-    if rank != 0:
-        return _common(variant, run_cfg, args, world, run_cfg.train.micro_batch_size, flops, [1.0], {}, device)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in records if "loss" in r]
     measured = steps[args.warmup:]
     elapsed = [r["elapsed_s"] for r in steps]
@@ -374,13 +374,14 @@ def _model_only_at(variant: str, cfg, args, world: int, micro_batch: int) -> dic
     return result
 
 
-def model_shapes(cfg) -> tuple[dict, int]:
-    """(SD3Transformer2DModel shape kwargs, text tokens) of a config: the tiny encoders are built (cheap);
-    SD3's (text.preset sd3, or any real-size model.preset) are described by their known shapes."""
+def model_shapes(cfg, text=None, vae=None) -> tuple[dict, int]:
+    """(SD3Transformer2DModel shape kwargs, text tokens) of a config: from the given (or built, if tiny
+    and cheap) frozen encoders; SD3's (text.preset sd3, or a real-size model.preset) by their known shapes."""
     from t2i import inference
 
-    if cfg.text.preset == "tiny" and cfg.model.preset == "tiny":
+    if text is None and cfg.text.preset == "tiny" and cfg.model.preset == "tiny":
         text, vae = inference.build_frozen(cfg, "cpu")
+    if text is not None:
         size = vae.latent_size(cfg.data.resolution)
         return dict(in_channels=vae.latent_channels, sample_size=size, joint_attention_dim=text.context_dim,
                     pooled_projection_dim=text.pooled_dim), text.seq_len
@@ -401,16 +402,16 @@ def fixed_batch(cfg, args, micro_batch: int, device):
     from t2i.data.loader import TrainLoader
 
     g = torch.Generator().manual_seed(cfg.run.seed)
-    shapes, text_tokens = model_shapes(cfg)
     if args.synthetic:
+        shapes, text_tokens = model_shapes(cfg)
         size = shapes["sample_size"]
         x = torch.randn(micro_batch, shapes["in_channels"], size, size, generator=g)
         cond = {"context": torch.randn(micro_batch, text_tokens, shapes["joint_attention_dim"], generator=g),
                 "pooled": torch.randn(micro_batch, shapes["pooled_projection_dim"], generator=g)}
     else:
         text, vae = inference.build_frozen(cfg, "cpu")
-        loader = TrainLoader(copy.deepcopy(cfg.data), seed=cfg.run.seed, rank=0, world_size=1,
-                             batch_size=micro_batch)
+        shapes, _ = model_shapes(cfg, text, vae)
+        loader = TrainLoader(cfg.data, seed=cfg.run.seed, rank=0, world_size=1, batch_size=micro_batch)
         x, cond = encode_batch(text, vae, next(loader), g, "cpu", torch.float32)
     return x.to(device), {k: v.to(device) for k, v in cond.items()}, shapes
 

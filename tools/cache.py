@@ -55,10 +55,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
     cfg = load_config(args.config, args.overrides)
     urls = expand_shards(cfg.data.shards)
-    names = [cache.shard_name(u) for u in urls]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise ValueError(f"data.shards: shard name {dup}.tar occurs more than once; cache files would collide")
+    cache.check_unique_names(args.out, urls)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
