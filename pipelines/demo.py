@@ -37,9 +37,10 @@ def ensure_shapes_shards(root: Path) -> None:
         write_shapes_shards(out, prefix=prefix, overwrite=True, progress=False, **spec)
 
 
-def _t2i(command: str, config_path: str | None, nproc: int, args: list[str]) -> int:
-    """`t2i <command> [--config C] --nproc N <args>` in a subprocess; its exit code."""
-    argv = [command, *(["--config", config_path] if config_path else []), f"--nproc={nproc}", *args]
+def _t2i(command: str, config_path: str | None, nproc: int | None, args: list[str]) -> int:
+    """`t2i <command> [--config C] [--nproc N] <args>` in a subprocess; its exit code."""
+    argv = [command, *(["--config", config_path] if config_path else []),
+            *([f"--nproc={nproc}"] if nproc else []), *args]
     print(f"[demo] t2i {' '.join(argv)}", flush=True)
     return subprocess.call([sys.executable, "-m", "t2i.cli", *argv])
 
@@ -65,9 +66,11 @@ def main(cfg: Config, config_path: str | None, overrides: list[str], nproc: int 
     report = None
     if mixflow_steps > 0:
         print("[demo] 3/4 exposure bias (Slow Flow) of both checkpoints", flush=True)
-        from tools.slowflow import main as slowflow
-        slowflow(["--ckpt", f"pretrain={pretrain}", "--ckpt", f"mixflow={mixflow}", "--steps", "4", "8", "16",
-                  "--n", "32", "--out", str(mixflow / "samples")])
+        rc = _t2i("slowflow", None, None, ["--ckpt", f"pretrain={pretrain}", "--ckpt", f"mixflow={mixflow}",
+                                           "--steps", "4", "8", "16", "--n", "32", "--out", str(mixflow / "samples")])
+        if rc != 0:
+            print(f"[demo] Slow Flow report failed with exit code {rc}", file=sys.stderr)
+            return rc
         report = mixflow / "samples" / "slowflow.png"
 
     evaluation = out / "eval"
@@ -79,7 +82,7 @@ def main(cfg: Config, config_path: str | None, overrides: list[str], nproc: int 
         print(f"[demo] evaluation failed with exit code {rc}", file=sys.stderr)
         return rc
 
-    from t2i.logger import read_metrics
+    from t2i.train.logger import read_metrics
     records = read_metrics(pretrain)
     head = sum(r["loss"] for r in records[:20]) / min(20, len(records))
     tail = sum(r["loss"] for r in records[-20:]) / min(20, len(records))

@@ -14,10 +14,12 @@ report.json and grid.png compare them. Every number carries the settings it came
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
+
+from t2i.errors import EvalError
+from t2i.io import write_json, write_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _label_path(spec: str) -> tuple[str, str]:
     label, sep, path = spec.partition("=")
     if not sep or not label or not path:
-        raise FileNotFoundError(f"--ckpt must be LABEL=PATH, got {spec!r}")
+        raise EvalError(f"--ckpt must be LABEL=PATH, got {spec!r}")
     return label, path
 
 
@@ -60,7 +62,7 @@ def grid(folders: dict[str, Path], out: Path, per_row: int = 8) -> Path:
     import torch
     from PIL import Image
 
-    from t2i import geneval
+    from t2i.eval import geneval
     from t2i.viz import save_grid
 
     images, labels = [], []
@@ -78,7 +80,7 @@ def grid(folders: dict[str, Path], out: Path, per_row: int = 8) -> Path:
 
 
 def markdown(report: dict) -> str:
-    from t2i.geneval import TAGS
+    from t2i.geneval_spec import TAGS
 
     rows = report["checkpoints"]
     tags = [t for t in TAGS if any(t in r.get("geneval", {}).get("tags", {}) for r in rows.values())]
@@ -113,10 +115,9 @@ def markdown(report: dict) -> str:
 def main(args, cfg) -> int:
     import torch
 
-    from pipelines import sample
-    from t2i import inference
-    from t2i.prompts import load_prompts, write_shapes_geneval
-    from tools import geneval as geneval_tool
+    from t2i.checkpoint import loading
+    from t2i.eval import geneval_folder, sample_folder
+    from t2i.eval.prompts import load_prompts, write_shapes_geneval
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
@@ -138,14 +139,14 @@ def main(args, cfg) -> int:
     for spec in args.ckpt:
         label, path = _label_path(spec)
         t0 = time.time()
-        loaded = inference.load_any(path, cfg, ema=not args.raw, device=device)
+        loaded = loading.load_any(path, cfg, ema=not args.raw, device=device)
         s = loaded.cfg.sample
         kw = dict(images_per_prompt=args.images_per_prompt, steps=args.steps or s.steps,
                   guidance=s.guidance if args.guidance is None else args.guidance,
                   shift=s.shift if args.shift is None else args.shift,
                   resolution=args.resolution or loaded.cfg.data.resolution, seed=args.seed, batch_size=args.batch_size)
         folders[label] = out / label
-        stats = sample.run(loaded, entries, folders[label], prompts_source=prompts, **kw)
+        stats = sample_folder.run(loaded, entries, folders[label], prompts_source=prompts, **kw)
         loaded_kind = loaded.source.rsplit("(", 1)[1].rstrip(")")  # ema | raw | diffusers
         del loaded
         if world > 1:  # all ranks' images over the slowest rank's time
@@ -155,8 +156,8 @@ def main(args, cfg) -> int:
                      "seconds": max(p["seconds"] for p in parts), "ranks": world}
             stats["images_per_s"] = stats["images"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
         row = {"checkpoint": path, "weights": loaded_kind, "sampling": {**stats, "seconds": round(time.time() - t0, 2)}}
-        row["geneval"] = geneval_tool.score(folders[label], detector=args.detector, color=args.color,
-                                            object_names=args.object_names, device=device, progress=rank == 0)
+        row["geneval"] = geneval_folder.score(folders[label], detector=args.detector, color=args.color,
+                                              object_names=args.object_names, device=device, progress=rank == 0)
         if rank == 0:
             print(f"[eval] {label}: GenEval {row['geneval']['overall']:.4f} "
                   f"({stats['images']} new images, {stats['images_per_s']:.2f} img/s)", flush=True)
@@ -166,7 +167,7 @@ def main(args, cfg) -> int:
                               "num_prompts": len(entries), "detector": row["geneval"].get("detector"),
                               "color_classifier": row["geneval"].get("color_classifier")}
     if args.fid_ref or args.fid_shards:  # every rank extracts its share of the features
-        from t2i import fid
+        from t2i.eval import fid
         ref = Path(args.fid_ref or out / "fid_ref.npz")
         build = not ref.exists()
         barrier()  # every rank has looked before any writes it (identical contents, atomic renames)
@@ -184,14 +185,14 @@ def main(args, cfg) -> int:
     if rank != 0:
         return 0
     if args.clip:
-        from tools.clipscore import score_folder as clip_folder
+        from t2i.eval.clipscore import score_folder as clip_folder
         for label, folder in folders.items():
             report["checkpoints"][label]["clipscore"] = clip_folder(folder, args.clip_model, args.clip, device=device)
         report["settings"]["clip"] = f"{args.clip_model} ({args.clip})"
 
     grid(folders, out / "grid.png")
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(markdown(report))
+    write_json(out / "report.json", report)
+    write_text(out / "report.md", markdown(report))
     print(markdown(report))
     print(f"[eval] report: {out / 'report.md'}")
     return 0

@@ -19,172 +19,21 @@ kill never leaves a half-written `NNNN.png`; a restart skips batches whose PNGs 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 
-
-class SampleError(ValueError):
-    """Settings that contradict what an output folder already holds, or a bad --shard."""
-
-
-@dataclass
-class Settings:
-    checkpoint: str
-    weights: str                    # ema | raw | diffusers
-    prompts: str
-    prompts_sha256: str
-    num_prompts: int
-    images_per_prompt: int
-    steps: int
-    guidance: float
-    shift: float
-    resolution: int
-    seed: int
-    batch_size: int
-    dtype: str
-    seed_rule: str = "noise of image k of prompt p: torch.Generator seeded SeedSequence([seed, p, k])"
-
-
-# ----------------------------------------------------------------------------------------------
-# Pure helpers: the work split, seeds, file names
-# ----------------------------------------------------------------------------------------------
-
-
-def parse_shard(spec: str | None) -> tuple[int, int]:
-    """"i/n" -> (i, n) with 0 <= i < n; None -> (0, 1)."""
-    if spec is None:
-        return 0, 1
-    try:
-        i, n = (int(x) for x in spec.split("/"))
-    except ValueError:
-        raise SampleError(f"--shard must look like i/n (e.g. 3/16), got {spec!r}") from None
-    if not 0 <= i < n:
-        raise SampleError(f"--shard {spec}: need 0 <= i < n")
-    return i, n
-
-
-def item_seed(seed: int, prompt: int, image: int) -> int:
-    return int(np.random.SeedSequence([seed, prompt, image]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def batches(num_prompts: int, images_per_prompt: int, batch_size: int) -> list[list[tuple[int, int]]]:
-    items = [(p, k) for p in range(num_prompts) for k in range(images_per_prompt)]
-    return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-
-
-def my_batches(all_batches: list, worker: int, workers: int) -> list:
-    return [b for i, b in enumerate(all_batches) if i % workers == worker]
-
-
-def digits(num_prompts: int) -> int:
-    return max(5, len(str(num_prompts - 1)))
-
-
-def image_path(out: Path, prompt: int, image: int, width: int) -> Path:
-    return out / f"{prompt:0{width}d}" / "samples" / f"{image:04d}.png"
-
-
-def write_atomic(path: Path, write) -> None:
-    """`write(tmp_path)` then rename: readers see the whole file or none (the dot-name matches no
-    GenEval pattern)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def prompts_digest(entries: list[dict]) -> str:
-    return hashlib.sha256("".join(json.dumps(e, sort_keys=True) + "\n" for e in entries).encode()).hexdigest()
-
-
-def check_manifest(out: Path, settings: Settings) -> None:
-    """Write <out>/manifest.json, or refuse when it already holds different settings."""
-    path = out / "manifest.json"
-    mine = asdict(settings)
-    if path.exists():
-        theirs = json.loads(path.read_text())
-        diff = [k for k in mine if theirs.get(k) != mine[k]]
-        if diff:
-            detail = "; ".join(f"{k}: folder has {theirs.get(k)!r}, this run {mine[k]!r}" for k in diff)
-            raise SampleError(f"{out} holds samples made with other settings ({detail}); "
-                              f"use another --out or the same settings")
-        return
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(mine, indent=2) + "\n"))
-
-
-# ----------------------------------------------------------------------------------------------
-# The job
-# ----------------------------------------------------------------------------------------------
-
-
-def run(loaded, entries: list[dict], out: str | Path, *, prompts_source: str, images_per_prompt: int = 4,
-        steps: int = 30, guidance: float = 3.0, shift: float = 1.0, resolution: int | None = None, seed: int = 0,
-        batch_size: int = 16, shard: str | None = None, progress: bool = True) -> dict:
-    """Sample this worker's share of the prompt set into `out`; returns {"images", "seconds", "skipped"}."""
-    from tqdm import tqdm
-
-    from t2i import flow
-    from t2i.sampling import sample_batch
-    from t2i.viz import to_pil
-
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    shard_i, shard_n = parse_shard(shard)
-    worker, workers = shard_i * world + rank, shard_n * world
-    out = Path(out)
-    model, text, vae = loaded.model, loaded.text, loaded.vae
-    param = next(model.parameters())
-    resolution = resolution or loaded.cfg.data.resolution
-    settings = Settings(checkpoint=loaded.source.rsplit(" (", 1)[0], weights=loaded.source.rsplit("(", 1)[1][:-1],
-                        prompts=prompts_source, prompts_sha256=prompts_digest(entries), num_prompts=len(entries),
-                        images_per_prompt=images_per_prompt, steps=steps, guidance=guidance, shift=shift,
-                        resolution=resolution, seed=seed, batch_size=batch_size, dtype=str(param.dtype))
-    check_manifest(out, settings)
-
-    width = digits(len(entries))
-    mine = my_batches(batches(len(entries), images_per_prompt, batch_size), worker, workers)
-    todo = [b for b in mine if not all(image_path(out, p, k, width).exists() for p, k in b)]
-    for p in sorted({p for b in mine for p, _ in b}):
-        meta = out / f"{p:0{width}d}" / "metadata.jsonl"
-        if not meta.exists():
-            write_atomic(meta, lambda tmp, p=p: tmp.write_text(json.dumps(entries[p]) + "\n"))
-
-    size = vae.latent_size(resolution)
-    shape = (vae.latent_channels, size, size)
-    sigmas = flow.sampling_sigmas(steps, shift)
-    total = sum(len(b) for b in todo)
-    bar = tqdm(total=total, desc=f"sample [{worker}/{workers}]", unit="img", disable=not progress or rank != 0,
-               dynamic_ncols=True)
-    t0 = time.time()
-    for batch in todo:
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(item_seed(seed, p, k)))
-                             for p, k in batch]).to(param.device, param.dtype)
-        latents = sample_batch(model, text, [entries[p]["prompt"] for p, _ in batch], noise, sigmas, guidance)
-        images = vae.decode(latents.float()).float().cpu()
-        for (p, k), image in zip(batch, images, strict=True):
-            write_atomic(image_path(out, p, k, width), lambda tmp, im=image: to_pil(im).save(tmp, format="PNG"))
-        bar.update(len(batch))
-    bar.close()
-    seconds = time.time() - t0
-    return {"images": total, "seconds": seconds, "skipped": sum(len(b) for b in mine) - total,
-            "images_per_s": total / seconds if seconds > 0 and total else 0.0}
+from t2i.checkpoint import loading
+from t2i.eval.prompts import load_prompts
+from t2i.eval.sample_folder import run
 
 
 def main(args, cfg) -> int:
     """`t2i sample` (see t2i/cli.py for the arguments)."""
-    from t2i import inference
-    from t2i.prompts import load_prompts
-
     entries = load_prompts(args.prompts, limit=args.limit)
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    loaded = inference.load_any(args.ckpt, cfg, ema=not args.raw, device=device)
+    loaded = loading.load_any(args.ckpt, cfg, ema=not args.raw, device=device)
     if args.dtype != "float32":
         loaded.model.to(getattr(torch, args.dtype))
     sample = loaded.cfg.sample

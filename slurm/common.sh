@@ -10,7 +10,7 @@
 #   T2I_MAX_RESTARTS  self-requeues allowed before a job gives up (default 50)
 
 T2I_ROOT=${T2I_ROOT:-$SLURM_SUBMIT_DIR}
-T2I_REQUEUE_EXIT=99          # the ranks checkpointed because they were asked to (t2i/preemption.py)
+T2I_REQUEUE_EXIT=99          # the ranks checkpointed because they were asked to (t2i/train/preemption.py)
 T2I_MAX_RESTARTS=${T2I_MAX_RESTARTS:-50}
 
 t2i_log() { echo "== $(date +%T) [job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}] $*"; }

@@ -4,12 +4,12 @@
     t2i train [--config C] [--resume] [--nproc N] [key=value ...]
     t2i config [--config C] [key=value ...]        print the resolved, validated config
     t2i make-shards {shapes,folder} ...            write WebDataset shards (tools/make_shards.py)
-    t2i slowflow --ckpt LABEL=RUN ... --steps 4 8 16 32 --out DIR   exposure-bias report (tools/slowflow.py)
+    t2i slowflow --ckpt LABEL=RUN ... --steps 4 8 16 32 --out DIR   exposure-bias report (pipelines/slowflow.py)
     t2i sample --ckpt RUN --prompts P --out DIR [--nproc N | --shard i/n]   images in GenEval's layout
-    t2i geneval DIR [--prompts P] [--detector shapes|mask2former:PATH]      GenEval score (tools/geneval.py)
+    t2i geneval DIR [--prompts P] [--detector shapes|mask2former:PATH]      GenEval score (pipelines/geneval.py)
     t2i geneval-prompts --out DIR [--per-tag 16]   a GenEval prompt set for the shapes domain
-    t2i fid {ref,score} ...                        FID / KID against saved reference statistics (tools/fid.py)
-    t2i clipscore --images DIR --pretrained FILE   CLIP score of a GenEval-layout folder (tools/clipscore.py)
+    t2i fid {ref,score} ...                        FID / KID against saved reference statistics (pipelines/fid.py)
+    t2i clipscore --images DIR --pretrained FILE   CLIP score of a GenEval-layout folder (pipelines/clipscore.py)
     t2i eval --ckpt LABEL=RUN ... --out DIR        sample + GenEval + FID (+ CLIP score) report (pipelines/evaluate.py)
     t2i ckpt {list,consolidate,export,universal}   checkpoint tools: safetensors, diffusers folder (tools/ckpt.py)
     t2i cache --config C --out DIR [--nproc N]     precompute text encodings + VAE latents (data.cache=DIR)
@@ -21,32 +21,20 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import subprocess
 import sys
-import time
 
-
-def _environment() -> None:
-    """Process-wide settings that must precede the heavy imports."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")           # weights come from local folders only
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated")  # DeepSpeed's calls
-    import torch
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")      # DeepSpeed's CPU accelerator + gloo
+from t2i.errors import EXIT_PREEMPTED, EXIT_USER, Preempted, T2IError
+from t2i.runtime import configure_environment, relaunch, under_launcher
 
 
 # Commands whose own argparse takes the rest of the command line: name -> ("module:function", help).
 TOOLS = {
     "make-shards": ("tools.make_shards:main", "write WebDataset shards (tools/make_shards.py)"),
-    "slowflow": ("tools.slowflow:main", "exposure-bias report of checkpoints (tools/slowflow.py)"),
-    "geneval": ("tools.geneval:main", "GenEval-score a folder of samples (tools/geneval.py)"),
-    "geneval-prompts": ("tools.geneval:prompts_main", "write a GenEval prompt set for the shapes domain"),
-    "fid": ("tools.fid:main", "FID / KID: reference statistics and scores (tools/fid.py)"),
-    "clipscore": ("tools.clipscore:main", "CLIP score of a folder of samples (tools/clipscore.py)"),
+    "slowflow": ("pipelines.slowflow:main", "exposure-bias report of checkpoints (pipelines/slowflow.py)"),
+    "geneval": ("pipelines.geneval:main", "GenEval-score a folder of samples (pipelines/geneval.py)"),
+    "geneval-prompts": ("pipelines.geneval:prompts_main", "write a GenEval prompt set for the shapes domain"),
+    "fid": ("pipelines.fid:main", "FID / KID: reference statistics and scores (pipelines/fid.py)"),
+    "clipscore": ("pipelines.clipscore:main", "CLIP score of a folder of samples (pipelines/clipscore.py)"),
     "ckpt": ("tools.ckpt:main", "consolidate a ZeRO checkpoint / export a diffusers folder (tools/ckpt.py)"),
     "bench": ("tools.bench:main", "training-step throughput, phases, MFU; t2i vs bare / DDP / ZeRO (tools/bench.py)"),
     "cache": ("tools.cache:main", "precompute text encodings + VAE latents per shard (tools/cache.py)"),
@@ -72,29 +60,10 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
-def _relaunch(nproc: int, argv: list[str]) -> int:
-    """Re-run this command under torchrun with `nproc` local ranks (unless already launched)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "t2i.cli", *argv]
-    return subprocess.call(cmd)
-
-
-def _strip_nproc(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            out.append(a)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"] and "RANK" in os.environ:  # a training rank: a requeue signal must not kill it
-        from t2i.preemption import install_early
+    if argv[:1] == ["train"] and under_launcher():  # a training rank: a requeue signal must not kill it
+        from t2i.train.preemption import install_early
         install_early()
     parser = argparse.ArgumentParser(prog="t2i", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,67 +104,48 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = parser.parse_args(argv)
 
+    try:
+        return run(args, argv)
+    except T2IError as e:  # the one place user errors are reported: one line, exit 2
+        print(f"t2i {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_USER
+    except Preempted as e:
+        print(f"t2i: {e}; exiting with {EXIT_PREEMPTED} (requeue and resume with --auto-resume)", file=sys.stderr)
+        return EXIT_PREEMPTED
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """Dispatch one command to the pipeline or tool that implements it (this is the only module of
+    the library that imports pipelines/ and tools/)."""
     if args.command in TOOLS:
         if args.command != "make-shards":
-            _environment()
+            configure_environment()
         module, attr = TOOLS[args.command][0].split(":")
-        try:
-            rc = getattr(importlib.import_module(module), attr)(args.rest)
-            return rc if isinstance(rc, int) else 0  # some tools return their report
-        except Exception as e:  # bad input (a path, a value, the data): one clear line, no traceback
-            from t2i.data.loader import DataError
-            if not isinstance(e, (FileNotFoundError, ValueError, DataError)):
-                raise
-            print(f"t2i {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
-            return 2
+        rc = getattr(importlib.import_module(module), attr)(args.rest)
+        return rc if isinstance(rc, int) else 0  # some tools return their report
 
-    _environment()
-    from t2i.config import ConfigError, load_config
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"t2i: config error: {e}", file=sys.stderr)
-        return 2
+    from t2i.config import load_config
 
+    cfg = load_config(args.config, args.overrides)  # a config error ends here, before any heavy import
     if args.command == "config":
         import yaml
+
         from t2i.config import to_dict
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
-    if args.command in ("sample", "eval"):
-        if "RANK" not in os.environ and args.nproc > 1:
-            return _relaunch(args.nproc, _strip_nproc(argv))
-        from pipelines.sample import SampleError
-        from t2i.checkpoint import CheckpointError
-        from t2i.fid import FIDError
-        from t2i.geneval import GenEvalInputError
-        module = importlib.import_module("pipelines.sample" if args.command == "sample" else "pipelines.evaluate")
-        try:
-            return module.main(args, cfg)
-        except (SampleError, CheckpointError, GenEvalInputError, FIDError, FileNotFoundError) as e:
-            print(f"t2i {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
-            return 2
+    configure_environment()
     if args.command == "demo":
         from pipelines.demo import main as demo
         return demo(cfg, args.config, args.overrides, nproc=args.nproc, mixflow_steps=args.mixflow_steps)
-
-    if "RANK" not in os.environ and args.nproc > 1:
-        return _relaunch(args.nproc, _strip_nproc(argv))
+    if not under_launcher() and args.nproc > 1:
+        return relaunch(args.nproc, argv)
+    if args.command in ("sample", "eval"):
+        module = importlib.import_module("pipelines.sample" if args.command == "sample" else "pipelines.evaluate")
+        return module.main(args, cfg)
     from pipelines.train import main as train
-    from t2i.checkpoint import CheckpointError
-    from t2i.data.loader import DataError
-    from t2i.preemption import EXIT_CODE, Preempted
-    try:
-        train(cfg, resume="auto" if args.auto_resume else args.resume, stop_at=args.stop_at)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"t2i: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    except Preempted as e:
-        print(f"t2i: {e}; exiting with {EXIT_CODE} (requeue and resume with --auto-resume)", file=sys.stderr)
-        return EXIT_CODE
+    train(cfg, resume="auto" if args.auto_resume else args.resume, stop_at=args.stop_at)
     return 0
 
 
 if __name__ == "__main__":
-    t0 = time.time()
     sys.exit(main())

@@ -11,6 +11,7 @@ Every section is a dataclass whose defaults *are* the embedded tiny CPU config
 from __future__ import annotations
 
 import dataclasses
+import os
 import difflib
 import types
 import typing
@@ -20,19 +21,70 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from t2i.text_encoders import TextEncoderConfig
+from t2i.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny-cpu.yaml"
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
-
-
 # ----------------------------------------------------------------------------------------------
 # Schema
 # ----------------------------------------------------------------------------------------------
+
+
+TEXT_PRESETS = ("tiny", "sd3")
+T5_PADDING = ("keep", "zero")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torch dtypes by name: t2i.models.text_encoders.DTYPES
+
+
+@dataclass
+class TextEncoderConfig:
+    """Which frozen text encoders to build. Defaults are the tiny CPU preset; for SD3 / SD3.5 set
+    ``preset: sd3``, ``sd3_folder``, ``clip_context: 77`` and ``max_t5_tokens: 256`` (pipeline default)."""
+    preset: str = "tiny"                # "tiny" (random init, offline) | "sd3" (local weights below)
+    sd3_folder: Optional[str] = None    # diffusers SD3/SD3.5 folder: text_encoder{,_2,_3}, tokenizer{,_2,_3}
+    clip_l: Optional[str] = None        # open_clip state dict for ViT-L-14 (quick_gelu, OpenAI); overrides folder
+    clip_g: Optional[str] = None        # open_clip state dict for ViT-bigG-14; overrides folder
+    t5: Optional[str] = None            # transformers folder with a T5EncoderModel + its tokenizer
+    max_t5_tokens: int = 64             # T5 tokens (SD3 pipeline default: 256)
+    clip_context: int = 32              # CLIP tokens; must be 77 for real CLIP weights
+    dropout_clip_l: float = 0.0         # per-encoder, per-sample caption dropout probability (CFG)
+    dropout_clip_g: float = 0.0
+    dropout_t5: float = 0.0
+    dtype: str = "float32"              # float32 | bfloat16 | float16
+    seed: int = 0                       # init seed of the tiny random towers (same on every rank)
+    t5_padding: str = "keep"            # keep: T5 outputs at pad positions as the SD3 pipeline leaves them
+                                        # (no attention mask); zero: outputs after the first </s> set to 0
+                                        # (SimpleTuner's t5_padding=zero; lets t2i cache store T5 trimmed)
+
+    def validate(self) -> "TextEncoderConfig":
+        """Raise ValueError naming the offending key."""
+        if self.preset not in TEXT_PRESETS:
+            raise ValueError(f"preset: {self.preset!r} is not one of {TEXT_PRESETS}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {DTYPE_NAMES}")
+        if self.t5_padding not in T5_PADDING:
+            raise ValueError(f"t5_padding: {self.t5_padding!r} is not one of {T5_PADDING}")
+        for key in ("max_t5_tokens", "clip_context"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 2:
+                raise ValueError(f"{key}: must be an integer >= 2, got {getattr(self, key)!r}")
+        for key in ("dropout_clip_l", "dropout_clip_g", "dropout_t5"):
+            p = getattr(self, key)
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+                raise ValueError(f"{key}: caption dropout probability must be in [0, 1], got {p!r}")
+        if self.preset == "tiny":
+            for key in ("sd3_folder", "clip_l", "clip_g", "t5"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: only used by preset 'sd3' (preset is 'tiny')")
+        else:
+            for key in ("clip_l", "clip_g", "t5"):
+                if getattr(self, key) is None and self.sd3_folder is None:
+                    raise ValueError(f"{key}: preset 'sd3' needs sd3_folder or an explicit {key} path")
+        for key in ("sd3_folder", "clip_l", "clip_g", "t5"):
+            path = getattr(self, key)
+            if path is not None and not os.path.exists(path):
+                raise ValueError(f"{key}: path does not exist: {path}")
+        return self
 
 
 @dataclass
@@ -44,7 +96,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"            # tiny | sd3-medium | sd3.5-medium | sd3.5-large (see t2i/model.py)
+    preset: str = "tiny"            # tiny | sd3-medium | sd3.5-medium | sd3.5-large (see t2i/models/mmdit.py)
     pretrained: Optional[str] = None  # local diffusers folder (a pipeline folder or its transformer/)
     gradient_checkpointing: bool = False
     compile: bool = False           # torch.compile each transformer block (one compile per distinct block)

@@ -1,12 +1,12 @@
 """What a training run holds right after it resumes (run by tests/test_ckpt_tools.py, under torchrun for
 several ranks): build the engine from <run>/config.yaml exactly as pipelines/train.main does, restore
-`latest` with pipelines.train.restore at this world size, and save on rank 0
+`latest` with t2i.train.checkpointer.Checkpointer.restore at this world size, and save on rank 0
 
     weights, exp_avg, exp_avg_sq   full fp32 tensors per parameter (DeepSpeed's safe_get_full_* API)
     adam_step                      the optimizer's step count(s)
-    ema                            the EMA, gathered and consolidated (t2i.ema.consolidate)
+    ema                            the EMA, gathered and consolidated (t2i.checkpoint.ema.consolidate)
     ema_updates, data, step, skipped, world_size
-    prediction                     t2i.model.velocity of the DeepSpeed engine on `fixed_inputs`
+    prediction                     t2i.models.mmdit.velocity of the DeepSpeed engine on `fixed_inputs`
 
     python tests/ckpt_probe.py RUN OUT.pt
 """
@@ -35,21 +35,21 @@ def main(run_dir: Path, out: Path) -> None:
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    from pipelines.train import restore
-    from t2i import engine as engine_lib
-    from t2i import inference
+    from t2i.train.checkpointer import Checkpointer
+    from t2i.train import engine as engine_lib
+    from t2i.models import build
     from t2i.config import load_config
-    from t2i.ema import ShardedEMA, consolidate
-    from t2i.model import velocity
+    from t2i.checkpoint.ema import ShardedEMA, consolidate
+    from t2i.models.mmdit import velocity
 
     rank, world = engine_lib.init_distributed()
     cfg = load_config(run_dir / "config.yaml")
-    text, vae = inference.build_frozen(cfg)
-    model = inference.build_for(cfg, text, vae)
+    text, vae = build.build_frozen(cfg)
+    model = build.build_for(cfg, text, vae)
     engine, _ = engine_lib.initialize(model, cfg)
     ema = ShardedEMA(engine.module, cfg.train.ema_decay)
     generator = torch.Generator().manual_seed(1_000_003 * cfg.run.seed + rank)
-    step, data, skipped = restore(engine, ema, generator, run_dir / "checkpoints")
+    step, data, skipped = Checkpointer(run_dir / "checkpoints", cfg, engine, ema, generator, world).restore()
 
     state = {"step": step, "skipped": skipped, "world_size": world, "weights": {}, "exp_avg": {}, "exp_avg_sq": {}}
     for name, p in engine.module.named_parameters():  # collective under ZeRO-3

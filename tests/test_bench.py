@@ -14,9 +14,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import REPO, run_t2i
-from t2i.flops import mmdit_forward_flops, peak_flops, train_flops_per_sample
-from t2i.model import PRESETS
-from t2i.timing import Phases
+from t2i.models.flops import mmdit_forward_flops, peak_flops, train_flops_per_sample
+from t2i.models.mmdit import PRESETS
+from t2i.train.timing import Phases
 
 
 @pytest.mark.parametrize("dual", [(), (0, 1)])
@@ -72,8 +72,8 @@ def test_phases_accumulate_per_name_and_reset_on_collect():
 
 COMM_SCRIPT = """
 import time, torch, deepspeed, deepspeed.comm as dc
-from t2i import engine
-from t2i.timing import comm_seconds
+from t2i.train import engine
+from t2i.train.timing import comm_seconds
 engine.init_distributed()
 dc.configure(enabled=True, prof_all=True, verbose=False, debug=False)
 x = torch.ones(2_000_000)

@@ -1,4 +1,4 @@
-"""Precomputed caches (t2i/cache.py, `t2i cache`, data.cache): the cached training path gives the
+"""Precomputed caches (t2i/data/cache.py, `t2i cache`, data.cache): the cached training path gives the
 uncached one's values and losses; bf16 + t5_padding=zero stores T5 trimmed; stale caches are refused;
 a killed build resumes without rewriting valid files."""
 
@@ -12,11 +12,12 @@ import torch
 from conftest import png_bytes, write_tar
 from helpers import REPO, losses, tiny_train_args
 
-from pipelines.train import encode_batch
-from t2i import cache
+from t2i.train.step import encode_batch
+from t2i.data import cache
 from t2i.config import load_config
-from t2i.data.loader import DataError, TrainLoader
-from t2i.inference import build_frozen
+from t2i.data.loader import TrainLoader
+from t2i.errors import CacheError, DataError
+from t2i.models.build import build_frozen
 from tools.cache import main as cache_main
 
 
@@ -128,7 +129,7 @@ def test_stale_cache_is_refused_naming_the_field(shards, tmp_path, override, fie
     _build([f"data.shards={shards}", "data.resolution=16"], tmp_path / "c")
     cfg = _cfg(shards, override, f"data.cache={tmp_path / 'c'}")
     text, vae = build_frozen(cfg)
-    with pytest.raises(cache.CacheError) as err:
+    with pytest.raises(CacheError) as err:
         TrainLoader(cfg.data, seed=0, rank=0, world_size=1, batch_size=4,
                     cache_identity=cache.identity(text, vae, cfg))
     msg = str(err.value)
@@ -142,12 +143,12 @@ def test_missing_file_and_changed_shard_are_refused(shards, tmp_path):
     text, vae = build_frozen(cfg)
     ident = cache.identity(text, vae, cfg)
     (out / "shard-000001.safetensors").unlink()
-    with pytest.raises(cache.CacheError, match=r"1 of 3 shard cache file\(s\) missing \(first: .*shard-000001"):
+    with pytest.raises(CacheError, match=r"1 of 3 shard cache file\(s\) missing \(first: .*shard-000001"):
         TrainLoader(cfg.data, seed=0, rank=0, world_size=1, batch_size=4, cache_identity=ident)
     _build([f"data.shards={shards}", "data.resolution=16"], out)
     with open(shards[0], "ab") as f:
         f.write(b"\0" * 1024)
-    with pytest.raises(cache.CacheError, match=r"1 stale \(first: .*shard-000000.safetensors: shard size changed"):
+    with pytest.raises(CacheError, match=r"1 stale \(first: .*shard-000000.safetensors: shard size changed"):
         TrainLoader(cfg.data, seed=0, rank=0, world_size=1, batch_size=4, cache_identity=ident)
 
 

@@ -16,10 +16,12 @@ import torch
 from ckpt_probe import fixed_inputs
 from helpers import REPO, losses, run_t2i, tiny_train_args
 
-from t2i import checkpoint
-from t2i.config import ConfigError, from_dict, load_config, to_dict
-from t2i.model import velocity
-from tools import ckpt as ckpt_tool
+from t2i.checkpoint import store
+from t2i.io import write_text
+from t2i.config import from_dict, load_config, to_dict
+from t2i.errors import ConfigError
+from t2i.models.mmdit import velocity
+from t2i import cli
 
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1",
            PYTHONPATH=str(REPO))
@@ -71,8 +73,8 @@ def zero_optimizer_state(tag_dir: Path, key: str) -> dict[str, torch.Tensor]:
 
 def assert_holds_exactly(state: dict, root: Path, tag: str) -> None:
     """A probe's state (right after restore) equals what `tag` saved: weights, Adam moments and step, EMA."""
-    meta = checkpoint.read_meta(root, tag)
-    raw, ema = checkpoint.load_weights(root, tag, ema=False), checkpoint.load_weights(root, tag, ema=True)
+    meta = store.read_meta(root, tag)
+    raw, ema = store.load_weights(root, tag, ema=False), store.load_weights(root, tag, ema=True)
     master = zero_optimizer_state(root / tag, "fp32")
     assert set(state["weights"]) == set(master) == set(ema) and len(master) == 138
     for name, w in state["weights"].items():
@@ -105,12 +107,12 @@ def test_pipeline_export_of_the_tiny_config_is_refused_with_the_reason(tmp_path,
     (root / "step00000001").mkdir(parents=True)
     meta = {"step": 1, "world_size": 2, "zero_stage": 2, "config": to_dict(load_config())}
     (root / "step00000001" / "meta.json").write_text(json.dumps(meta))
-    checkpoint.atomic_write_text(root / "latest", "step00000001")
-    assert ckpt_tool.main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--pipeline"]) == 2
+    write_text(root / "latest", "step00000001", fsync=True)
+    assert cli.main(["ckpt", "export", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--pipeline"]) == 2
     err = capsys.readouterr().err
     assert "--pipeline needs" in err and "text.preset=tiny, vae.kind=identity" in err
     assert not (tmp_path / "out").exists()
-    assert ckpt_tool.main(["consolidate", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert cli.main(["ckpt", "consolidate", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert "not a checkpoint" in capsys.readouterr().err
 
 
@@ -128,7 +130,7 @@ def test_kill9_inside_a_save_keeps_latest_at_the_previous_tag_and_resume_reports
     args = ["train", "--nproc", "2", *tiny_train_args(shards, runs, "kill", **{
         "train.steps": 8, "train.ckpt_every": 2, "train.keep_last": 2})]
     # Rank 0 pauses inside the save of step 4, after its DeepSpeed and client files, before meta.json.
-    env = dict(ENV, **{checkpoint.PAUSE_ENV: "4:0"})
+    env = dict(ENV, **{store.PAUSE_ENV: "4:0"})
     marker = root / "step00000004" / ".paused-rank0"
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "t2i.cli", *args], cwd=REPO, env=env, stdout=log,
@@ -145,16 +147,16 @@ def test_kill9_inside_a_save_keeps_latest_at_the_previous_tag_and_resume_reports
                 os.killpg(proc.pid, signal.SIGKILL)
 
     assert (root / "step00000004" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()  # killed mid-save
-    assert checkpoint.latest_tag(root) == "step00000002"
-    assert checkpoint.incomplete_tags(root) == ["step00000004"]
-    assert ckpt_tool.main(["list", str(run)]) == 0
+    assert store.latest_tag(root) == "step00000002"
+    assert store.incomplete_tags(root) == ["step00000004"]
+    assert cli.main(["ckpt", "list", str(run)]) == 0
     listing = capsys.readouterr().out.splitlines()
     assert listing[0].startswith("step00000002  step 2  2 rank(s)  ZeRO-2  complete latest")
     assert listing[1].startswith("step00000004  INCOMPLETE")
-    from t2i import inference
-    loaded = inference.load(run, ema=False)  # `latest` = the previous complete tag, and it loads
+    from t2i.checkpoint import loading
+    loaded = loading.load(run, ema=False)  # `latest` = the previous complete tag, and it loads
     assert loaded.source.endswith("step00000002 (raw)")
-    weights = checkpoint.load_weights(root, "step00000002", ema=False)
+    weights = store.load_weights(root, "step00000002", ema=False)
     assert all(torch.equal(p.detach(), weights[n]) for n, p in loaded.model.named_parameters())
 
     resumed = run_t2i(*args, "--resume")  # no pause hook now
@@ -163,8 +165,8 @@ def test_kill9_inside_a_save_keeps_latest_at_the_previous_tag_and_resume_reports
     assert warning in resumed.stderr and warning in (run / "train.log").read_text()
     assert f"resumed from {root / 'step00000002'} at step 2" in resumed.stderr
     # The step-4 save was redone from scratch; keep_last=2 then kept the newest two of 2, 4, 6, 8.
-    assert checkpoint.latest_tag(root) == "step00000008" and checkpoint.incomplete_tags(root) == []
-    assert checkpoint.complete_tags(root) == ["step00000006", "step00000008"]
+    assert store.latest_tag(root) == "step00000008" and store.incomplete_tags(root) == []
+    assert store.complete_tags(root) == ["step00000006", "step00000008"]
     train_log = (run / "train.log").read_text()
     assert "train.keep_last=2: deleted step00000002" in train_log
     assert "train.keep_last=2: deleted step00000004" in train_log
@@ -184,18 +186,18 @@ def test_resume_at_another_world_size_keeps_model_optimizer_and_ema(make_shards,
     held = probe(run, 1, tmp_path / "held1.pt")
     assert held["world_size"] == 1
     assert_holds_exactly(held, root, "step00000002")
-    saved_data = [c["data"] for c in checkpoint.read_client_states(root, "step00000002")]
+    saved_data = [c["data"] for c in store.read_client_states(root, "step00000002")]
     epoch = max(w["epoch"] for d in saved_data for w in d["workers"].values())
     assert [(w["epoch"], w["index"]) for w in held["data"][0]["workers"].values()] == [(epoch, 0)]
     assert held["data"][0]["workers"][0]["counts"]["good"] == sum(
         w["counts"]["good"] for d in saved_data for w in d["workers"].values()) == 2 * 2 * 4
-    assert (root / "step00000002" / checkpoint.UNIVERSAL / "zero").is_dir()
+    assert (root / "step00000002" / store.UNIVERSAL / "zero").is_dir()
 
     one = train(shards, runs, "reshard", "--nproc", 1, "--resume", "--stop-at", 4, **opts)
     assert f"was written by 2 rank(s) under ZeRO-{zero_stage}; this run has 1 rank(s) under ZeRO-{zero_stage}" \
         in one.stderr and "universal checkpoint" in one.stderr
     assert "(written by 2 rank(s); resharded)" in (run / "train.log").read_text()
-    assert checkpoint.read_meta(root, "step00000004")["world_size"] == 1
+    assert store.read_meta(root, "step00000004")["world_size"] == 1
 
     # 1 -> 2
     held = probe(run, 2, tmp_path / "held2.pt")
@@ -203,8 +205,8 @@ def test_resume_at_another_world_size_keeps_model_optimizer_and_ema(make_shards,
     assert_holds_exactly(held, root, "step00000004")
 
     train(shards, runs, "reshard", "--nproc", 2, "--resume", **opts)
-    assert checkpoint.latest_tag(root) == "step00000006"
-    assert checkpoint.read_meta(root, "step00000006")["world_size"] == 2
+    assert store.latest_tag(root) == "step00000006"
+    assert store.read_meta(root, "step00000006")["world_size"] == 2
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == [1, 2, 3, 4, 5, 6]
@@ -215,7 +217,8 @@ def test_resume_at_another_world_size_keeps_model_optimizer_and_ema(make_shards,
 def test_zero3_ema_shards_equal_an_ema_of_the_gathered_weights_and_consolidate_exports_it(make_shards, tmp_path):
     from safetensors.torch import load_file
 
-    from t2i import inference
+
+    from t2i.models import build
 
     shards = make_shards(n_shards=4, per_shard=12)
     runs, run = tmp_path / "runs", tmp_path / "runs" / "ema3"
@@ -224,28 +227,28 @@ def test_zero3_ema_shards_equal_an_ema_of_the_gathered_weights_and_consolidate_e
     train(shards, runs, "ema3", "--nproc", 2, **{"deepspeed.zero_stage": 3, "train.steps": n_steps,
                                                   "train.ckpt_every": 1, "train.keep_last": 0,
                                                   "train.ema_decay": decay})
-    assert checkpoint.complete_tags(root) == [checkpoint.tag_for(s) for s in range(1, n_steps + 1)]
+    assert store.complete_tags(root) == [store.tag_for(s) for s in range(1, n_steps + 1)]
 
     # Reference: the EMA formula applied to the full (gathered) weights after every step.
-    cfg = from_dict(checkpoint.read_meta(root, "step00000001")["config"])
-    init = dict(inference.build_for(cfg, *inference.build_frozen(cfg)).named_parameters())
+    cfg = from_dict(store.read_meta(root, "step00000001")["config"])
+    init = dict(build.build_for(cfg, *build.build_frozen(cfg)).named_parameters())
     reference = {n: p.detach().clone() for n, p in init.items()}
     for n_update in range(n_steps):
-        full = checkpoint.load_weights(root, checkpoint.tag_for(n_update + 1), ema=False)
+        full = store.load_weights(root, store.tag_for(n_update + 1), ema=False)
         d = min(decay, (1 + n_update) / (10 + n_update))
         reference = {name: d * r + (1 - d) * full[name] for name, r in reference.items()}
 
-    states = checkpoint.read_client_states(root, "step00000004")
+    states = store.read_client_states(root, "step00000004")
     assert len(states) == 2 and all(s["ema"]["zero3"] and s["ema"]["updates"] == n_steps for s in states)
     shard = states[0]["ema"]["shadow"]["proj_out.weight"]
     assert shard.dim() == 1 and shard.numel() == math.ceil(init["proj_out.weight"].numel() / 2)  # a real shard
-    ema = checkpoint.load_weights(root, "step00000004", ema=True)
+    ema = store.load_weights(root, "step00000004", ema=True)
     worst = max((ema[n] - reference[n]).abs().max().item() for n in reference)
     assert worst <= 1e-6, worst
     assert max((ema[n] - full[n]).abs().max().item() for n in reference) > 100 * 1e-6  # not the raw weights
 
     out = tmp_path / "consolidated"
-    assert ckpt_tool.main(["consolidate", str(run), "--out", str(out), "--weights", "both"]) == 0
+    assert cli.main(["ckpt", "consolidate", str(run), "--out", str(out), "--weights", "both"]) == 0
     exported_ema, exported_raw = load_file(str(out / "ema.safetensors")), load_file(str(out / "raw.safetensors"))
     assert set(exported_ema) == set(reference) and all(torch.equal(exported_ema[n], ema[n]) for n in ema)
     assert max((exported_ema[n] - reference[n]).abs().max().item() for n in reference) <= 1e-6
@@ -267,7 +270,7 @@ def tiny_sd3_folder(root: Path) -> Path:
     )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
 
-    from t2i.text_encoders import CLIP_G_PAD, CLIP_L_PAD, clip_tokenizer
+    from t2i.models.text_encoders import CLIP_G_PAD, CLIP_L_PAD, clip_tokenizer
 
     def clip(hidden, proj, act, eos):
         return CLIPTextModelWithProjection(CLIPTextConfig(
@@ -301,7 +304,8 @@ def tiny_sd3_folder(root: Path) -> Path:
 def test_exported_transformer_predicts_like_the_deepspeed_model_and_runs_in_a_sd3_pipeline(make_shards, tmp_path):
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    from t2i import inference
+    from t2i.checkpoint import loading
+
 
     sd3 = tiny_sd3_folder(tmp_path / "sd3")
     shards = make_shards(n_shards=4, per_shard=12)
@@ -313,21 +317,21 @@ def test_exported_transformer_predicts_like_the_deepspeed_model_and_runs_in_a_sd
     # The 2-rank ZeRO-3 engine holding the final checkpoint, on a fixed input.
     live = probe(run, 2, tmp_path / "live.pt")["prediction"]
     raw_dir, ema_dir = tmp_path / "export-raw", tmp_path / "export-ema"
-    assert ckpt_tool.main(["export", str(run), "--out", str(raw_dir), "--weights", "raw", "--pipeline"]) == 0
-    assert ckpt_tool.main(["export", str(run), "--out", str(ema_dir)]) == 0
+    assert cli.main(["ckpt", "export", str(run), "--out", str(raw_dir), "--weights", "raw", "--pipeline"]) == 0
+    assert cli.main(["ckpt", "export", str(run), "--out", str(ema_dir)]) == 0
 
     exported = SD3Transformer2DModel.from_pretrained(raw_dir / "transformer").eval()
     c = exported.config
     assert (c.in_channels, c.sample_size, c.joint_attention_dim, c.pooled_projection_dim) == (4, 8, 48, 36)
     x, t, cond = fixed_inputs(c.in_channels, c.sample_size, c.joint_attention_dim, c.pooled_projection_dim)
-    rebuilt = inference.load(run, ema=False).model  # the checkpoint's raw weights in a model built by t2i
+    rebuilt = loading.load(run, ema=False).model  # the checkpoint's raw weights in a model built by t2i
     with torch.no_grad():
         ours, theirs = velocity(exported, x, t, cond), velocity(rebuilt, x, t, cond)
     assert ours.abs().mean() > 1e-3
     assert (ours - live).abs().max().item() <= 1e-6
     assert (ours - theirs).abs().max().item() <= 1e-6
 
-    ema = checkpoint.load_weights(run / "checkpoints", "step00000003", ema=True)
+    ema = store.load_weights(run / "checkpoints", "step00000003", ema=True)
     ema_model = SD3Transformer2DModel.from_pretrained(ema_dir / "transformer")
     assert all(torch.equal(p, ema[n]) for n, p in ema_model.named_parameters())
     info = json.loads((ema_dir / "t2i_export.json").read_text())

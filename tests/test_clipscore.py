@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from t2i.clipscore import ClipScorer
-from tools.clipscore import main as clipscore_main
+from t2i.errors import EvalError
+from t2i.eval.clipscore import ClipScorer
+from pipelines.clipscore import main as clipscore_main
 
 TINY_CLIP = {"embed_dim": 16, "quick_gelu": True,
              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
@@ -72,9 +73,9 @@ def test_clipscore_w_scales_and_checks_lengths(tiny_clip):
 
 
 def test_missing_checkpoint_fails_clearly(tiny_clip, tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a local file"):
+    with pytest.raises(EvalError, match="not a local file"):
         ClipScorer(tiny_clip[0], tmp_path / "missing.pt")
-    with pytest.raises(FileNotFoundError, match="not a local file"):
+    with pytest.raises(EvalError, match="not a local file"):
         ClipScorer("ViT-L-14-quickgelu", "openai")          # a tag would download: refused
 
 

@@ -3,7 +3,8 @@
 import pytest
 import yaml
 
-from t2i.config import DEFAULT_CONFIG, Config, ConfigError, from_dict, load_config, save_config, to_dict
+from t2i.config import DEFAULT_CONFIG, Config, from_dict, load_config, save_config, to_dict
+from t2i.errors import ConfigError
 
 
 def test_the_embedded_default_loads_and_is_the_tiny_cpu_setup():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from t2i.data.loader import decode_sample, image_to_tensor
+from t2i.data.decode import decode_sample, image_to_tensor
 
 
 def reference_decode(data: bytes, resolution: int) -> torch.Tensor:

@@ -13,9 +13,9 @@ from PIL import Image
 from test_clipscore import tiny_clip_checkpoint
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
-from t2i.detectors import (
+from t2i.geneval_spec import GENEVAL_COLORS
+from t2i.eval.detectors import (
     COLOR_TEMPLATES,
-    GENEVAL_COLORS,
     MMDET_MEAN,
     MMDET_STD,
     ClipColorClassifier,
@@ -23,7 +23,7 @@ from t2i.detectors import (
     geneval_crop,
     rescale_size,
 )
-from t2i.geneval import Detection
+from t2i.eval.geneval import Detection
 
 CLASSES = ["person", "bicycle", "car", "motorcycle", "airplane"]
 SCALE = (96, 64)                    # long side <= 96, short side 64 (mmdet default: (1333, 800))

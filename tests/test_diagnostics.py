@@ -5,8 +5,8 @@ import torch
 
 from conftest import sample_members, write_tar
 from t2i.config import ValidationConfig
-from t2i.diagnostics import FixedSigmaValidation, SigmaStats, bin_means, gap_summary
-from t2i.inference import build_frozen
+from t2i.train.diagnostics import FixedSigmaValidation, SigmaStats, bin_means, gap_summary
+from t2i.models.build import build_frozen
 from t2i.config import load_config
 
 

@@ -5,8 +5,10 @@ import json
 import pytest
 import torch
 
-from t2i import checkpoint
-from t2i.ema import ShardedEMA, consolidate
+from t2i.checkpoint import store
+from t2i.errors import CheckpointError
+from t2i.io import write_text
+from t2i.checkpoint.ema import ShardedEMA, consolidate
 
 
 def test_ema_follows_the_warmed_up_decay_formula():
@@ -46,21 +48,21 @@ def test_consolidate_rebuilds_zero3_partitions_in_rank_order():
 def test_latest_never_points_to_an_incomplete_tag(tmp_path):
     root = tmp_path / "checkpoints"
     root.mkdir()
-    assert checkpoint.latest_tag(root) is None
+    assert store.latest_tag(root) is None
     (root / "step00000002").mkdir()
     (root / "step00000002" / "meta.json").write_text("{}")
-    checkpoint.atomic_write_text(root / "latest", "step00000002")
+    write_text(root / "latest", "step00000002", fsync=True)
     (root / "step00000004").mkdir()  # a save that died before meta.json
-    assert checkpoint.latest_tag(root) == "step00000002"
-    assert checkpoint.incomplete_tags(root) == ["step00000004"]
-    checkpoint.atomic_write_text(root / "latest", "step00000004")
-    with pytest.raises(checkpoint.CheckpointError, match="not a complete checkpoint"):
-        checkpoint.latest_tag(root)
+    assert store.latest_tag(root) == "step00000002"
+    assert store.incomplete_tags(root) == ["step00000004"]
+    write_text(root / "latest", "step00000004", fsync=True)
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        store.latest_tag(root)
     assert not list(root.glob(".latest*"))  # no temp files left behind
 
 
 def _fake_tag(root, step, complete=True):
-    tag = checkpoint.tag_for(step)
+    tag = store.tag_for(step)
     (root / tag / "t2i").mkdir(parents=True)
     if complete:
         (root / tag / "meta.json").write_text(json.dumps({"step": step, "tag": tag}))
@@ -74,28 +76,28 @@ def test_keep_last_deletes_the_oldest_complete_tags_but_never_latest_or_incomple
         _fake_tag(root, step)
     _fake_tag(root, 12, complete=False)                         # a save in progress / killed
     (root / ".trash-step00000000-1").mkdir()                    # an interrupted earlier delete
-    checkpoint.atomic_write_text(root / "latest", "step00000004")  # e.g. resumed from an older tag
-    assert checkpoint.prune(root, keep_last=0) == []            # 0 keeps all (but clears the trash)
+    write_text(root / "latest", "step00000004", fsync=True)  # e.g. resumed from an older tag
+    assert store.prune(root, keep_last=0) == []            # 0 keeps all (but clears the trash)
     assert not (root / ".trash-step00000000-1").exists()
-    assert checkpoint.complete_tags(root) == ["step00000002", "step00000004", "step00000006", "step00000008",
+    assert store.complete_tags(root) == ["step00000002", "step00000004", "step00000006", "step00000008",
                                               "step00000010"]
-    assert checkpoint.prune(root, keep_last=2) == ["step00000002", "step00000006"]
-    assert checkpoint.complete_tags(root) == ["step00000004", "step00000008", "step00000010"]
-    assert checkpoint.incomplete_tags(root) == ["step00000012"]
-    assert checkpoint.latest_tag(root) == "step00000004"
+    assert store.prune(root, keep_last=2) == ["step00000002", "step00000006"]
+    assert store.complete_tags(root) == ["step00000004", "step00000008", "step00000010"]
+    assert store.incomplete_tags(root) == ["step00000012"]
+    assert store.latest_tag(root) == "step00000004"
     assert not list(root.glob(".trash-*"))
-    assert checkpoint.prune(root, keep_last=2) == []            # nothing more to delete
+    assert store.prune(root, keep_last=2) == []            # nothing more to delete
 
 
 def test_an_incomplete_tag_folder_is_refused_by_name(tmp_path):
     root = tmp_path / "checkpoints"
     root.mkdir()
     _fake_tag(root, 2)
-    checkpoint.atomic_write_text(root / "latest", "step00000002")
+    write_text(root / "latest", "step00000002", fsync=True)
     tag = _fake_tag(root, 4, complete=False)
-    assert checkpoint.resolve(tmp_path) == (root, "step00000002")
-    with pytest.raises(checkpoint.CheckpointError, match="incomplete checkpoint"):
-        checkpoint.resolve(root / tag)
+    assert store.resolve(tmp_path) == (root, "step00000002")
+    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+        store.resolve(root / tag)
 
 
 def test_data_state_for_another_world_size_restarts_the_furthest_epoch_and_keeps_the_total_counts():
@@ -104,7 +106,7 @@ def test_data_state_for_another_world_size_restarts_the_furthest_epoch_and_keeps
                         1: {"epoch": 2, "index": 3, "counts": {"image": 0, "caption": 2, "read": 0, "good": 21}}}},
            {"num_workers": 2, "next_worker": 0,
             "workers": {0: {"epoch": 1, "index": 9, "counts": {"image": 0, "caption": 0, "read": 1, "good": 22}}}}]
-    new0, new2 = (checkpoint.reshard_data_state(old, rank) for rank in (0, 2))
+    new0, new2 = (store.reshard_data_state(old, rank) for rank in (0, 2))
     assert new0["num_workers"] == new2["num_workers"] == 2 and new0["next_worker"] == 0
     assert [(w["epoch"], w["index"]) for w in new0["workers"].values()] == [(2, 0), (2, 0)]
     assert new0["workers"][0]["counts"] == {"caption": 2, "good": 63, "image": 1, "read": 1}
@@ -131,7 +133,7 @@ def test_a_consolidated_ema_loads_into_any_zero3_world_size_and_consolidates_bac
         ema.rank = rank
         ema.load_state_dict({"decay": 0.9, "updates": 7, "zero3": False, "shapes": ema.shapes, "shadow": expected})
         two.append({"ema": ema.state_dict()})
-    state = checkpoint.consolidated_ema_state(two)
+    state = store.consolidated_ema_state(two)
     assert state["updates"] == 7 and not state["zero3"]
     assert all(torch.equal(state["shadow"][n], expected[n]) for n in expected)
     four = []
@@ -151,9 +153,9 @@ def test_a_consolidated_ema_loads_into_any_zero3_world_size_and_consolidates_bac
 
 def test_reseed_derives_the_rng_from_seed_step_and_rank():
     g = torch.Generator()
-    checkpoint.reseed(g, seed=3, step=10, rank=1)
+    store.reseed(g, seed=3, step=10, rank=1)
     a = (torch.rand(2, generator=g), torch.rand(2))
-    checkpoint.reseed(g, seed=3, step=10, rank=1)
+    store.reseed(g, seed=3, step=10, rank=1)
     assert torch.equal(a[0], torch.rand(2, generator=g)) and torch.equal(a[1], torch.rand(2))
-    checkpoint.reseed(g, seed=3, step=10, rank=0)
+    store.reseed(g, seed=3, step=10, rank=0)
     assert not torch.equal(a[0], torch.rand(2, generator=g))

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from t2i.config import load_config
-from t2i.engine import deepspeed_config, lr_at
+from t2i.train.engine import deepspeed_config, lr_at
 
 
 def test_warmup_is_linear_then_cosine_reaches_the_floor():

@@ -1,4 +1,4 @@
-"""FID/KID (t2i/fid.py, tools/fid.py): agreement with clean-fid and with independent formulas, offline, on CPU.
+"""FID/KID (t2i/eval/fid.py, pipelines/fid.py): agreement with clean-fid and with independent formulas, offline, on CPU.
 
 No real Inception weights here: the `inception:PATH` plumbing is proven with a tiny scripted stand-in
 saved as TorchScript (it refuses anything but 299×299 input, like clean-fid's wrapper).
@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import REPO, sample_members, write_tar
-from t2i import fid as fidlib
+from t2i.eval import fid as fidlib
 from t2i.data.shapes import iter_samples
 from t2i.data.writers import write_shapes_shards
-from tools import fid as fid_cli
+from t2i import cli
+from t2i.errors import EvalError
 
 N = 40
 CLEANFID_INCEPTION = "/tmp/inception-2015-12-05.pt"  # clean-fid's hard-coded download target: must stay untouched
@@ -158,21 +159,21 @@ def test_fid_still_works_when_scipy_sqrtm_has_lost_disp(monkeypatch):
 def test_small_sets_warn_and_fewer_than_two_images_fail(data):
     with pytest.warns(fidlib.SmallSampleWarning, match="singular"):
         fidlib.fid(data["fa"], data["fb"])
-    with pytest.raises(fidlib.FIDError, match="at least 2"):
+    with pytest.raises(EvalError, match="at least 2"):
         fidlib.fid(data["fa"][:1], data["fb"])
-    with pytest.raises(fidlib.FIDError, match="at least 2"):
+    with pytest.raises(EvalError, match="at least 2"):
         fidlib.kid(data["fa"][:1], data["fb"])
 
 
 def test_features_of_different_extractors_are_refused(data, tmp_path):
     ref = tmp_path / "ref.npz"
     fidlib.save_reference(ref, data["fa"], {"extractor": data["ex"].name, "spec": data["ex"].spec})
-    with pytest.raises(fidlib.FIDError, match="not comparable"):
+    with pytest.raises(EvalError, match="not comparable"):
         fidlib.load_reference(ref, extractor="inception-clean:0123456789ab")
     other = fidlib.Stats.from_features(data["fb"], {"extractor": "random-conv-v1:seed=1:res=64"})
-    with pytest.raises(fidlib.FIDError, match="cannot compare"):
+    with pytest.raises(EvalError, match="cannot compare"):
         fidlib.fid(other, fidlib.load_reference(ref))
-    with pytest.raises(fidlib.FIDError, match="not comparable"):
+    with pytest.raises(EvalError, match="not comparable"):
         fidlib.score_folder(data["b"], ref, extractor="random-conv:1", progress=False)
 
 
@@ -218,7 +219,7 @@ def test_reference_round_trips_through_npz(data, tmp_path):
     assert loaded.meta["created"] and loaded.extractor == data["ex"].name
     assert sorted(p.name for p in ref.parent.iterdir()) == ["ref.npz"]  # no temp file left behind
     assert quiet_fid(loaded, data["fb"]) == quiet_fid(data["fa"], data["fb"])
-    with pytest.raises(fidlib.FIDError, match="not found"):
+    with pytest.raises(EvalError, match="not found"):
         fidlib.load_reference(tmp_path / "missing.npz")
 
 
@@ -297,7 +298,7 @@ def test_inception_path_loads_a_local_torchscript_file_and_resizes_like_clean_fi
 
 
 def test_missing_inception_file_says_where_to_get_it(tmp_path):
-    with pytest.raises(fidlib.FIDError, match="nvlabs-fi-cdn.nvidia.com.*inception:"):
+    with pytest.raises(EvalError, match="nvlabs-fi-cdn.nvidia.com.*inception:"):
         fidlib.build_extractor(f"inception:{tmp_path / 'nope.pt'}")
 
 
@@ -308,7 +309,7 @@ def test_missing_inception_file_says_where_to_get_it(tmp_path):
 
 RANK_SCRIPT = textwrap.dedent("""
     import sys, numpy as np, torch.distributed as dist
-    from t2i import fid
+    from t2i.eval import fid
     rank, world, port, folder, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     source = fid.ImageSource(folder=folder, max_images=33)
@@ -350,9 +351,9 @@ def test_two_ranks_gather_exactly_the_single_process_features(data, tmp_path):
 
 def test_cli_ref_then_score_writes_the_json_result(data, tmp_path, capsys):
     ref, out = tmp_path / "ref.npz", tmp_path / "res" / "fid.json"
-    assert fid_cli.main(["ref", "--shards", str(data["shards_a"]), "--resolution", "64", "--out", str(ref),
+    assert cli.main(["fid", "ref", "--shards", str(data["shards_a"]), "--resolution", "64", "--out", str(ref),
                          "--no-progress", "--device", "cpu"]) == 0
-    assert fid_cli.main(["score", "--images", str(data["b"]), "--ref", str(ref), "--out", str(out),
+    assert cli.main(["fid", "score", "--images", str(data["b"]), "--ref", str(ref), "--out", str(out),
                          "--no-progress", "--kid-subset-size", "20"]) == 0
     printed = capsys.readouterr().out
     assert "FID" in printed and "KID" in printed and "random-conv-v1:seed=0:res=64" in printed
@@ -366,14 +367,14 @@ def test_cli_ref_then_score_writes_the_json_result(data, tmp_path, capsys):
 
 def test_cli_fails_with_exit_2_and_a_clear_message(data, tmp_path, capsys):
     ref = tmp_path / "ref.npz"
-    assert fid_cli.main(["score", "--images", str(data["b"]), "--ref", str(ref), "--no-progress"]) == 2
+    assert cli.main(["fid", "score", "--images", str(data["b"]), "--ref", str(ref), "--no-progress"]) == 2
     assert "reference statistics not found" in capsys.readouterr().err
-    assert fid_cli.main(["ref", "--folder", str(data["a"]), "--out", str(ref), "--no-progress",
+    assert cli.main(["fid", "ref", "--folder", str(data["a"]), "--out", str(ref), "--no-progress",
                          "--extractor", f"inception:{tmp_path / 'inception-2015-12-05.pt'}"]) == 2
     err = capsys.readouterr().err
     assert "nvlabs-fi-cdn.nvidia.com" in err and "inception:/path/to/inception-2015-12-05.pt" in err
-    assert fid_cli.main(["ref", "--folder", str(data["a"]), "--out", str(ref), "--no-progress"]) == 0
-    assert fid_cli.main(["score", "--images", str(data["b"]), "--ref", str(ref), "--no-progress",
+    assert cli.main(["fid", "ref", "--folder", str(data["a"]), "--out", str(ref), "--no-progress"]) == 0
+    assert cli.main(["fid", "score", "--images", str(data["b"]), "--ref", str(ref), "--no-progress",
                          "--extractor", "random-conv:1"]) == 2
     assert "not comparable" in capsys.readouterr().err
-    assert fid_cli.main(["score", "--images", str(tmp_path / "nowhere"), "--ref", str(ref), "--no-progress"]) == 2
+    assert cli.main(["fid", "score", "--images", str(tmp_path / "nowhere"), "--ref", str(ref), "--no-progress"]) == 2

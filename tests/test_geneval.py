@@ -1,4 +1,4 @@
-"""GenEval's official rules (EVALUATORS.md §1.5–1.6) on hand-built detections with hand-computed results,
+"""GenEval's official rules (docs/design/evaluation.md §1.5–1.6) on hand-built detections with hand-computed results,
 the folder validation, the summary, and the shapes prompt set."""
 
 import itertools
@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from t2i import geneval
-from t2i.geneval import Detection, Options
+from t2i import geneval_spec
+from t2i.eval import geneval
+from t2i.eval.geneval import Detection, Options
+from t2i.errors import EvalError
 
 from conftest import REPO
 
@@ -110,14 +112,14 @@ def test_a_missing_object_is_not_colour_classified_and_all_failures_are_reported
     ((0, 0, 10, 10), (12, 20, 22, 30), {"above"}),                  # dx = −9.8/23.3 = −0.42, dy = −0.77
 ])
 def test_relative_position_matches_hand_computation(box_a, box_b, expected):
-    assert geneval.relations(box_a, box_b) == expected
+    assert geneval_spec.relations(box_a, box_b) == expected
 
 
 def test_relative_position_normalises_by_the_original_offset():
-    dx, dy = geneval.relative_offset((0, 0, 10, 10), (12, 20, 22, 30))
+    dx, dy = geneval_spec.relative_offset((0, 0, 10, 10), (12, 20, 22, 30))
     norm = math.hypot(12, 20)
     assert (dx, dy) == pytest.approx((-(12 - 2) / norm, -(20 - 2) / norm))
-    assert geneval.relative_offset((0, 0, 10, 10), (0, 0, 10, 10)) is None
+    assert geneval_spec.relative_offset((0, 0, 10, 10), (0, 0, 10, 10)) is None
 
 
 def test_position_needs_a_matched_target_and_every_pair_to_hold():
@@ -214,7 +216,7 @@ def test_list_images_follows_the_official_acceptance_rules(tmp_path):
 def test_validation_names_exactly_what_is_missing_from_the_official_set(tmp_path):
     metas = geneval.read_metadata(OFFICIAL)
     assert len(metas) == 553
-    assert {t: sum(m["tag"] == t for m in metas) for t in geneval.TAGS} == {
+    assert {t: sum(m["tag"] == t for m in metas) for t in geneval_spec.TAGS} == {
         "single_object": 80, "two_object": 99, "counting": 80, "colors": 94, "position": 100, "color_attr": 100}
     make_folder(tmp_path, metas, 4, skip={100, 550, 551, 552}, short={7: 3, 8: 0})
     problems = geneval.validate(geneval.list_images(tmp_path), metas, 4)
@@ -236,13 +238,13 @@ def test_validation_reports_wrong_metadata_and_extra_folders(tmp_path):
 
 def test_shapes_prompt_set_has_geneval_structure(tmp_path):
     from t2i.data.shapes import COLORS, SHAPES
-    from t2i.prompts import load_prompts, write_shapes_geneval
+    from t2i.eval.prompts import load_prompts, write_shapes_geneval
 
     path = write_shapes_geneval(tmp_path, per_tag=8)
     entries = load_prompts(str(path))
     tags = [e["tag"] for e in entries]
-    assert tags == sorted(tags, key=geneval.TAGS.index)                       # grouped in GenEval's order
-    counts = {t: tags.count(t) for t in geneval.TAGS}
+    assert tags == sorted(tags, key=geneval_spec.TAGS.index)                       # grouped in GenEval's order
+    counts = {t: tags.count(t) for t in geneval_spec.TAGS}
     assert counts == {"single_object": 3, "two_object": 6, "counting": 8, "colors": 8, "position": 8,
                       "color_attr": 8}
     assert len({e["prompt"] for e in entries}) == len(entries)                 # de-duplicated
@@ -269,7 +271,7 @@ def test_shapes_backend_scores_ground_truth_shards(tmp_path, size, min_accuracy)
     import webdataset as wds
 
     from t2i.data.writers import write_shapes_shards
-    from t2i.shapes_eval import ShapesColorClassifier, ShapesDetector
+    from t2i.eval.shapes_detector import ShapesColorClassifier, ShapesDetector
 
     shards = write_shapes_shards(tmp_path, n=120, samples_per_shard=60, seed=5, size=64, progress=False)
     detector, colors = ShapesDetector(), ShapesColorClassifier()
@@ -297,8 +299,8 @@ SHAPES_ = ["circle", "square", "triangle"]
 
 def test_geneval_cli_scores_a_folder_and_refuses_an_incomplete_one(tmp_path):
     from t2i.data.shapes import make_sample
-    from t2i.prompts import write_prompts
-    from tools.geneval import score
+    from t2i.eval.prompts import write_prompts
+    from pipelines.geneval import score
 
     metas = []
     for p, index in enumerate(itertools.islice(range(100), 6)):
@@ -317,5 +319,5 @@ def test_geneval_cli_scores_a_folder_and_refuses_an_incomplete_one(tmp_path):
     results = [json.loads(line) for line in open(tmp_path / "s" / "geneval" / "results.jsonl")]
     assert [r["correct"] for r in results] == [True, False] * 6
     (tmp_path / "s" / "00003" / "samples" / "0001.png").unlink()
-    with pytest.raises(geneval.GenEvalInputError, match=r"1 prompt folders do not have 2 images: 00003 \(1\)"):
+    with pytest.raises(EvalError, match=r"1 prompt folders do not have 2 images: 00003 \(1\)"):
         score(tmp_path / "s", prompts=str(prompts), images_per_prompt=2, progress=False)

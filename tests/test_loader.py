@@ -10,7 +10,10 @@ from PIL import Image
 
 from conftest import png_bytes, sample_members, write_tar
 from t2i.config import DataConfig
-from t2i.data.loader import DataError, TrainLoader, expand_shards, resize_center_crop, slot_stream
+from t2i.errors import DataError
+from t2i.data.loader import TrainLoader, slot_stream
+from t2i.data.shards import expand_shards
+from t2i.data.decode import resize_center_crop
 
 
 def cfg_for(shards, **kw):

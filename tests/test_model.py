@@ -4,9 +4,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-from t2i.config import ConfigError, ModelConfig, VAEConfig
-from t2i.model import build_model, load_weights, preset_kwargs, velocity
-from t2i.vae import FrozenVAE
+from t2i.config import ModelConfig, VAEConfig
+from t2i.errors import ConfigError
+from t2i.models.mmdit import build_model, load_weights, preset_kwargs, velocity
+from t2i.models.vae import FrozenVAE
 
 TINY = dict(in_channels=3, sample_size=16, joint_attention_dim=64, pooled_projection_dim=64)
 

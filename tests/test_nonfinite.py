@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import REPO, tiny_train_args
-from t2i import checkpoint
+from t2i.checkpoint import store
 
 SCRIPT = """
 import sys
@@ -40,9 +40,9 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(make_shards, tmp_path):
     root = tmp_path / "runs" / "nan" / "checkpoints"
     first = run_poisoned("3", "--stop-at", "3", *args)          # one NaN step, then a checkpoint at the stop
     assert first.returncode == 0, first.stderr[-3000:]
-    before, skipped = (checkpoint.load_weights(root, checkpoint.tag_for(s), ema=False) for s in (2, 3))
+    before, skipped = (store.load_weights(root, store.tag_for(s), ema=False) for s in (2, 3))
     assert all(torch.equal(before[n], skipped[n]) for n in before)           # step 3 did not move the weights
-    assert checkpoint.read_client_states(root, "step00000003")[0]["ema"]["updates"] == 2
+    assert store.read_client_states(root, "step00000003")[0]["ema"]["updates"] == 2
 
     second = run_poisoned("3,4,5", "--resume", *args)           # steps 6, 7, 8 are NaN
     assert second.returncode != 0
@@ -50,7 +50,7 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(make_shards, tmp_path):
     assert "The last good checkpoint is 'step00000005'" in second.stderr
     records = [json.loads(line) for line in (root.parent / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_nonfinite"] for r in records] == [0, 0, 1, 1, 1, 2, 3, 4]
-    assert checkpoint.latest_tag(root) == "step00000005"
-    after = checkpoint.load_weights(root, "step00000005", ema=False)
+    assert store.latest_tag(root) == "step00000005"
+    after = store.load_weights(root, "step00000005", ema=False)
     assert any(not torch.equal(skipped[n], after[n]) for n in before)
     assert all(torch.isfinite(t).all() for t in after.values())

@@ -14,10 +14,13 @@ import torch
 from PIL import Image
 
 from helpers import REPO, run_t2i
-from pipelines import sample
-from t2i import geneval, inference
+from t2i.eval import sample_folder as sample
+from t2i.eval import geneval
+from t2i.checkpoint import loading
+from t2i.models import build
 from t2i.config import load_config
-from t2i.prompts import write_prompts
+from t2i.errors import EvalError
+from t2i.eval.prompts import write_prompts
 
 OVERRIDES = ["data.resolution=16"]
 
@@ -27,8 +30,8 @@ def tiny(tmp_path_factory):
     """A tiny random MMDiT saved as a diffusers transformer folder, and a prompt file."""
     root = tmp_path_factory.mktemp("tiny")
     cfg = load_config(None, OVERRIDES)
-    text, vae = inference.build_frozen(cfg)
-    inference.build_for(cfg, text, vae).save_pretrained(root / "transformer")
+    text, vae = build.build_frozen(cfg)
+    build.build_for(cfg, text, vae).save_pretrained(root / "transformer")
     colors, shapes = ["red", "blue", "green"], ["circle", "square", "triangle"]
     entries = [{"tag": "colors", "include": [{"class": s, "count": 1, "color": c}], "prompt": f"a photo of a {c} {s}"}
                for c in colors for s in shapes]
@@ -43,7 +46,7 @@ def images_of(folder):
 
 def run_in_process(tiny, out, **kw):
     torch.set_num_threads(1)  # torchrun's workers run with OMP_NUM_THREADS=1; same kernels, same sums
-    loaded = inference.load_any(tiny["ckpt"], tiny["cfg"])
+    loaded = loading.load_any(tiny["ckpt"], tiny["cfg"])
     settings = dict(prompts_source=str(tiny["prompts"]), images_per_prompt=3, steps=3, guidance=2.0, seed=7,
                     batch_size=4, progress=False)
     return sample.run(loaded, tiny["entries"], out, **(settings | kw))
@@ -58,7 +61,7 @@ def test_item_seeds_and_batches_do_not_depend_on_the_split():
     assert len(seeds) == 400 and sample.item_seed(7, 1, 2) == sample.item_seed(7, 1, 2) != sample.item_seed(8, 1, 2)
     assert sample.parse_shard("3/16") == (3, 16)
     for bad in ("16/16", "a/b", "3"):
-        with pytest.raises(sample.SampleError, match="shard"):
+        with pytest.raises(EvalError, match="shard"):
             sample.parse_shard(bad)
 
 
@@ -79,7 +82,7 @@ def test_array_shards_equal_one_process_image_for_image(tiny, tmp_path):
 
 def test_other_settings_in_the_same_folder_are_refused(tiny, tmp_path):
     run_in_process(tiny, tmp_path / "s", images_per_prompt=1)
-    with pytest.raises(sample.SampleError, match=r"steps: folder has 3, this run 4"):
+    with pytest.raises(EvalError, match=r"steps: folder has 3, this run 4"):
         run_in_process(tiny, tmp_path / "s", images_per_prompt=1, steps=4)
     again = run_in_process(tiny, tmp_path / "s", images_per_prompt=1)
     assert again == {**again, "images": 0, "skipped": 9}
@@ -124,7 +127,7 @@ def test_a_killed_job_leaves_whole_pngs_and_the_restart_completes_it(tiny, tmp_p
 def test_prompt_sources_text_file_geneval_jsonl_and_shard_captions(tmp_path, tiny):
     from t2i.data.shapes import make_sample
     from t2i.data.writers import write_shapes_shards
-    from t2i.prompts import load_prompts
+    from t2i.eval.prompts import load_prompts
 
     (tmp_path / "p.txt").write_text("a photo of a cat\n\n  a photo of a dog  \n")
     assert load_prompts(str(tmp_path / "p.txt")) == [{"prompt": "a photo of a cat"}, {"prompt": "a photo of a dog"}]

@@ -1,6 +1,6 @@
 """t2i.data.shapes: determinism, ground truth that matches the pixels, GenEval-parsable captions.
 
-The GenEval position rule and the caption parser are written here from EVALUATORS.md §1.1/§1.5,
+The GenEval position rule and the caption parser are written here from docs/design/evaluation.md §1.1/§1.5,
 independently of the generator, so a generator bug cannot hide behind shared code.
 """
 import itertools

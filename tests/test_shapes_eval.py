@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from t2i.data.loader import resize_center_crop
+from t2i.data.decode import resize_center_crop
 from t2i.data.shapes import make_sample
-from t2i.shapes_eval import detect, judge
+from t2i.eval.shapes_detector import detect, judge
 
 
 def test_detector_recovers_the_ground_truth_from_pixels():

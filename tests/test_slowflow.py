@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from t2i.slowflow import markdown, measure, summarise, summary_table, write_report
+from t2i.eval.slowflow import markdown, measure, summarise, summary_table, write_report
 
 
 class Oracle(torch.nn.Module):

@@ -147,14 +147,16 @@ def test_an_array_sampling_job_writes_what_one_process_writes(tmp_path):
     import torch
     from PIL import Image
 
-    from pipelines import sample
-    from t2i import geneval, inference
+    from t2i.eval import sample_folder as sample
+    from t2i.eval import geneval
+    from t2i.checkpoint import loading
+    from t2i.models import build
     from t2i.config import load_config
-    from t2i.prompts import shapes_geneval, write_prompts
+    from t2i.eval.prompts import shapes_geneval, write_prompts
 
     cfg = load_config(None, ["data.resolution=16"])
-    text, vae = inference.build_frozen(cfg)
-    inference.build_for(cfg, text, vae).save_pretrained(tmp_path / "ckpt" / "transformer")
+    text, vae = build.build_frozen(cfg)
+    build.build_for(cfg, text, vae).save_pretrained(tmp_path / "ckpt" / "transformer")
     entries = shapes_geneval(per_tag=2)
     prompts = write_prompts(entries, tmp_path / "prompts.jsonl")
     ckpt = tmp_path / "ckpt" / "transformer"
@@ -165,7 +167,7 @@ def test_an_array_sampling_job_writes_what_one_process_writes(tmp_path):
     assert len(states) == 3
 
     torch.set_num_threads(1)
-    loaded = inference.load_any(ckpt, cfg)
+    loaded = loading.load_any(ckpt, cfg)
     sample.run(loaded, entries, tmp_path / "single", prompts_source=str(prompts), images_per_prompt=2, steps=3,
                guidance=cfg.sample.guidance, seed=5, batch_size=4, progress=False)
 

@@ -8,11 +8,12 @@ import torch
 
 from conftest import sample_members, write_tar
 from helpers import losses, run_t2i, tiny_train_args
-from pipelines.train import compute_loss
+from t2i.train.step import compute_loss
 from t2i import flow
-from t2i.config import ConfigError, load_config
+from t2i.config import load_config
+from t2i.errors import ConfigError
 from t2i.data.loader import TrainLoader
-from t2i.inference import build_for, build_frozen
+from t2i.models.build import build_for, build_frozen
 
 
 def test_mixflow_is_one_key_and_the_stage_is_derived():

@@ -15,7 +15,8 @@ from open_clip.tokenizer import bytes_to_unicode, default_bpe  # noqa: E402
 from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,  # noqa: E402
                           T5EncoderModel, T5Tokenizer)
 
-from t2i.text_encoders import (CLIP_G_PAD, CLIP_L_PAD, TextEncoderConfig, TextEncoders,  # noqa: E402
+from t2i.config import TextEncoderConfig  # noqa: E402
+from t2i.models.text_encoders import (CLIP_G_PAD, CLIP_L_PAD, TextEncoders,  # noqa: E402
                                _tower_from_open_clip_file, clip_tokenizer, encode_clip_tower)
 
 LONG = " ".join(f"a tiny red cube number {i} next to a blue sphere," for i in range(20))  # > 77 tokens

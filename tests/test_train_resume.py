@@ -5,8 +5,8 @@ import glob
 import pytest
 
 from helpers import losses, run_t2i, sample_keys, tiny_train_args
-from t2i.geneval import TAGS
-from t2i.logger import read_records
+from t2i.geneval_spec import TAGS
+from t2i.train.logger import read_records
 
 K = 3  # odd, so a 2-worker loader stops mid round-robin
 

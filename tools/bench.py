@@ -14,7 +14,7 @@ Variants, each in its own process group (so its peak memory is its own), same mo
   ddp          torch DistributedDataParallel + AdamW, the same batch and loss
   bare         a plain PyTorch loop: the model, AdamW, the flow-matching loss written out, no
                distribution; bf16 as diffusers' training examples do it (fp32 weights under autocast)
-Printed: images/s, per-phase ms, peak memory per rank, achieved FLOP/s and MFU (t2i/flops.py has the
+Printed: images/s, per-phase ms, peak memory per rank, achieved FLOP/s and MFU (t2i/models/flops.py has the
 formula), and the ratios t2i/bare (pipeline overhead), zeroK/ddp, mixflow/t2i, cache/t2i.
 --synthetic replaces data and encoders by random latents and text states of the config's shapes
 (SD3: 16 latent channels at 1/8 resolution, 77 + 256 tokens of width 4096, pooled 2048), so
@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from t2i.errors import ConfigError
 
 FULL = ("t2i", "mixflow", "cache")
 MODEL_ONLY = ("zero1", "zero2", "zero3", "ddp", "bare")
@@ -88,9 +90,9 @@ def main(argv=None) -> int:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in ALL]
     if bad:
-        raise ValueError(f"--variants: unknown {bad}; choose from {', '.join(ALL)}")
+        raise ConfigError(f"--variants: unknown {bad}; choose from {', '.join(ALL)}")
     if args.synthetic and any(v in FULL for v in variants):
-        raise ValueError(f"--synthetic measures the model step only; drop {[v for v in variants if v in FULL]}")
+        raise ConfigError(f"--synthetic measures the model step only; drop {[v for v in variants if v in FULL]}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.jsonl"
@@ -157,11 +159,11 @@ def build_cache(args, folder: Path) -> str:
 
 
 def worker(args) -> int:
-    from t2i.cli import _environment
-    _environment()
+    from t2i.runtime import configure_environment
+    configure_environment()
     import torch.distributed as dist
 
-    from t2i import engine as engine_lib
+    from t2i.train import engine as engine_lib
     from t2i.config import load_config
 
     overrides = list(args.overrides)
@@ -205,8 +207,8 @@ def worker(args) -> int:
 def _common(variant, cfg, args, world, micro_batch, flops_per_sample, step_times, phases, device) -> dict:
     import torch
 
-    from t2i.flops import peak_flops
-    from t2i.timing import peak_memory_gb
+    from t2i.models.flops import peak_flops
+    from t2i.train.timing import peak_memory_gb
 
     mean = statistics.fmean(step_times)
     images = micro_batch * cfg.train.grad_accum * world
@@ -228,11 +230,11 @@ def _common(variant, cfg, args, world, micro_batch, flops_per_sample, step_times
 def run_full(variant: str, cfg, args, rank: int, world: int) -> dict:
     """pipelines.train.main itself, with phase timings on; the numbers come from its metrics.jsonl."""
     from pipelines import train
-    from t2i import engine as engine_lib
-    from t2i.config import ConfigError, from_dict, to_dict
-    from t2i.flops import train_flops_per_sample
-    from t2i.model import preset_kwargs
-    from t2i.timing import peak_memory_gb
+    from t2i.train import engine as engine_lib
+    from t2i.config import from_dict, to_dict
+    from t2i.models.flops import train_flops_per_sample
+    from t2i.models.mmdit import preset_kwargs
+    from t2i.train.timing import peak_memory_gb
 
     d = to_dict(cfg)
     run_root = Path(args.out) / "runs"
@@ -252,10 +254,7 @@ def run_full(variant: str, cfg, args, rank: int, world: int) -> dict:
     name = [d["run"]["name"]]
     dist.broadcast_object_list(name, src=0)  # one run folder for all ranks
     d["run"]["name"] = name[0]
-    try:
-        run_cfg = from_dict(d).validate()
-    except ConfigError as e:
-        raise SystemExit(f"t2i bench {variant}: {e}")
+    run_cfg = from_dict(d).validate()
     run_dir = train.main(run_cfg, stop_at=args.warmup + args.steps, save_last=False)
     device = engine_lib.device()
     if rank != 0:  # metrics.jsonl is rank 0's; the other ranks report their peak memory only
@@ -295,12 +294,12 @@ def run_model_only(variant: str, cfg, args, rank: int, world: int) -> dict | Non
 def _model_only_at(variant: str, cfg, args, world: int, micro_batch: int) -> dict:
     import torch
 
-    from pipelines.train import loss_on_latents
-    from t2i import engine as engine_lib
+    from t2i.train.step import loss_on_latents
+    from t2i.train import engine as engine_lib
     from t2i.config import from_dict, to_dict
-    from t2i.flops import train_flops_per_sample
-    from t2i.model import build_model, preset_kwargs, velocity
-    from t2i.timing import Phases, comm_seconds
+    from t2i.models.flops import train_flops_per_sample
+    from t2i.models.mmdit import build_model, preset_kwargs, velocity
+    from t2i.train.timing import Phases, comm_seconds
 
     device = engine_lib.device()
     d = to_dict(cfg)
@@ -377,10 +376,10 @@ def _model_only_at(variant: str, cfg, args, world: int, micro_batch: int) -> dic
 def model_shapes(cfg, text=None, vae=None) -> tuple[dict, int]:
     """(SD3Transformer2DModel shape kwargs, text tokens) of a config: from the given (or built, if tiny
     and cheap) frozen encoders; SD3's (text.preset sd3, or a real-size model.preset) by their known shapes."""
-    from t2i import inference
+    from t2i.models import build
 
     if text is None and cfg.text.preset == "tiny" and cfg.model.preset == "tiny":
-        text, vae = inference.build_frozen(cfg, "cpu")
+        text, vae = build.build_frozen(cfg, "cpu")
     if text is not None:
         size = vae.latent_size(cfg.data.resolution)
         return dict(in_channels=vae.latent_channels, sample_size=size, joint_attention_dim=text.context_dim,
@@ -397,8 +396,8 @@ def fixed_batch(cfg, args, micro_batch: int, device):
     frozen encoders, or random tensors of the SD3 shapes with --synthetic."""
     import torch
 
-    from pipelines.train import encode_batch
-    from t2i import inference
+    from t2i.train.step import encode_batch
+    from t2i.models import build
     from t2i.data.loader import TrainLoader
 
     g = torch.Generator().manual_seed(cfg.run.seed)
@@ -409,7 +408,7 @@ def fixed_batch(cfg, args, micro_batch: int, device):
         cond = {"context": torch.randn(micro_batch, text_tokens, shapes["joint_attention_dim"], generator=g),
                 "pooled": torch.randn(micro_batch, shapes["pooled_projection_dim"], generator=g)}
     else:
-        text, vae = inference.build_frozen(cfg, "cpu")
+        text, vae = build.build_frozen(cfg, "cpu")
         shapes, _ = model_shapes(cfg, text, vae)
         loader = TrainLoader(cfg.data, seed=cfg.run.seed, rank=0, world_size=1, batch_size=micro_batch)
         x, cond = encode_batch(text, vae, next(loader), g, "cpu", torch.float32)

@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from t2i.errors import ConfigError
+
 PREFETCH = 4  # TrainLoader's prefetch_factor
 
 
@@ -255,7 +257,7 @@ def bench(argv=None) -> dict:
     parser.add_argument("--json", default=None, help="write the report here")
     args = parser.parse_args(argv)
 
-    from t2i.data.loader import expand_shards
+    from t2i.data.shards import expand_shards
     if args.synthetic:
         n_shards, per_shard, width, height = (int(v) for v in args.synthetic_shape.lower().split("x"))
         urls = write_synthetic_shards(args.synthetic, n_shards, per_shard, width, height)
@@ -266,7 +268,7 @@ def bench(argv=None) -> dict:
     loaders = tuple(name.strip() for name in args.loaders.split(",") if name.strip())
     unknown = set(loaders) - {"ours", "plain"}
     if unknown:
-        raise ValueError(f"--loaders: unknown {sorted(unknown)}; expected ours, plain")
+        raise ConfigError(f"--loaders: unknown {sorted(unknown)}; expected ours, plain")
     print(f"{len(urls)} shards, resolution {args.resolution}, batch {args.batch_size}, "
           f"{args.seconds:g} s x {args.repeats} per loader and worker count")
     report = run(urls, args.resolution, args.batch_size, workers, args.seconds, args.repeats, loaders,

@@ -1,4 +1,4 @@
-"""Precompute the text encodings and VAE posteriors of every training shard (format: t2i/cache.py).
+"""Precompute the text encodings and VAE posteriors of every training shard (format: t2i/data/cache.py).
 
     t2i cache --config configs/tiny-cpu.yaml --out data/shapes-cache            # then train with
     t2i train data.cache=data/shapes-cache
@@ -39,16 +39,16 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if "RANK" not in os.environ and args.nproc > 1:
-        from t2i.cli import _relaunch, _strip_nproc
-        return _relaunch(args.nproc, ["cache", *_strip_nproc(argv)])
+        from t2i.runtime import relaunch
+        return relaunch(args.nproc, ["cache", *argv])
 
     import torch
     from tqdm import tqdm
 
-    from t2i import cache
+    from t2i.data import cache
     from t2i.config import load_config
-    from t2i.data.loader import expand_shards
-    from t2i.inference import build_frozen
+    from t2i.data.shards import expand_shards
+    from t2i.models.build import build_frozen
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))

@@ -10,14 +10,15 @@
                                      at another world size makes by itself; do it ahead for big models
 
 RUN_OR_TAG is a run folder or its checkpoints/ folder (both mean `latest`) or a tag folder. Single
-process, CPU; DeepSpeed is used only to read its files. Details in t2i/export.py and t2i/checkpoint.py.
+process, CPU; DeepSpeed is used only to read its files. Details in t2i/checkpoint/export.py and t2i/checkpoint/store.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from t2i.errors import CheckpointError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,44 +45,40 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from t2i import checkpoint, export
+    from t2i.checkpoint import export, store
 
-    try:
-        if args.action == "list":
-            return list_tags(Path(args.run))
-        root, tag = checkpoint.resolve(args.ckpt)
-        if args.action == "consolidate":
-            info = export.consolidate(root, tag, Path(args.out), args.weights)
-            print(f"{root / tag} (step {info['step']}): " + ", ".join(
-                f"{k} -> {Path(args.out) / v['file']}" for k, v in info["files"].items()))
-        elif args.action == "export":
-            info = export.export_diffusers(root, tag, Path(args.out), ema=args.weights == "ema",
-                                           pipeline=args.pipeline)
-            print(f"{root / tag} (step {info['step']}, {info['weights']}) -> {args.out}: {info['contents']}")
-        elif args.action == "universal":
-            print(checkpoint.ensure_universal(root, tag, workers=args.workers))
-    except (checkpoint.CheckpointError, export.ExportError) as e:
-        print(f"t2i ckpt {args.action}: {e}", file=sys.stderr)
-        return 2
+    if args.action == "list":
+        return list_tags(Path(args.run))
+    root, tag = store.resolve(args.ckpt)
+    if args.action == "consolidate":
+        info = export.consolidate(root, tag, Path(args.out), args.weights)
+        print(f"{root / tag} (step {info['step']}): " + ", ".join(
+            f"{k} -> {Path(args.out) / v['file']}" for k, v in info["files"].items()))
+    elif args.action == "export":
+        info = export.export_diffusers(root, tag, Path(args.out), ema=args.weights == "ema",
+                                       pipeline=args.pipeline)
+        print(f"{root / tag} (step {info['step']}, {info['weights']}) -> {args.out}: {info['contents']}")
+    elif args.action == "universal":
+        print(store.ensure_universal(root, tag, workers=args.workers))
     return 0
 
 
 def list_tags(path: Path) -> int:
-    from t2i import checkpoint
+    from t2i.checkpoint import store
 
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if not root.is_dir():
-        raise checkpoint.CheckpointError(f"{path}: no checkpoints folder")
+        raise CheckpointError(f"{path}: no checkpoints folder")
     latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
-    for tag in checkpoint.complete_tags(root):
-        meta = checkpoint.read_meta(root, tag)
-        flags = ["latest"] * (tag == latest) + ["universal"] * (root / tag / checkpoint.UNIVERSAL).is_dir()
+    for tag in store.complete_tags(root):
+        meta = store.read_meta(root, tag)
+        flags = ["latest"] * (tag == latest) + ["universal"] * (root / tag / store.UNIVERSAL).is_dir()
         print(f"{tag}  step {meta['step']}  {meta['world_size']} rank(s)  ZeRO-{meta.get('zero_stage', '?')}  "
               f"complete {' '.join(flags)}".rstrip())
-    for tag in checkpoint.incomplete_tags(root):
+    for tag in store.incomplete_tags(root):
         print(f"{tag}  INCOMPLETE (no meta.json: a save that did not finish; ignored by --resume)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from t2i.errors import CheckpointError
+
 SHARDS = {("shapes-toy", "shapes"): dict(n=20000, samples_per_shard=500, size=64, seed=0),
           ("shapes-val", "shapes-val"): dict(n=512, samples_per_shard=256, size=64, seed=1)}
 TRAIN = "data/shapes-toy/shapes-{000000..000039}.tar"
@@ -52,13 +54,13 @@ def ensure_shards() -> None:
 
 
 def finished(run: Path, steps: int) -> bool:
-    from t2i import checkpoint
+    from t2i.checkpoint import store
     root = run / "checkpoints"
     try:
-        tag = checkpoint.latest_tag(root)
-    except checkpoint.CheckpointError:
+        tag = store.latest_tag(root)
+    except CheckpointError:
         return False
-    return tag is not None and checkpoint.read_meta(root, tag)["step"] == steps
+    return tag is not None and store.read_meta(root, tag)["step"] == steps
 
 
 def train(out: Path, name: str, steps: int, overrides: list[str]) -> None:
@@ -78,15 +80,15 @@ def train(out: Path, name: str, steps: int, overrides: list[str]) -> None:
 
 def val_records(n: int) -> list[dict]:
     import webdataset as wds
-    from t2i.data.loader import expand_shards
+    from t2i.data.shards import expand_shards
     ds = wds.WebDataset(expand_shards(VAL), shardshuffle=False)
     return [json.loads(s["json"]) for s in itertools.islice(ds, n)]
 
 
 def shape_accuracy(loaded, records: list[dict], steps: int, seeds: list[int], guidance: float) -> list[float]:
     """Fraction of images judged correct (GenEval rules, exact detector), one value per seed group."""
-    from t2i.sampling import generate
-    from t2i.shapes_eval import detect, judge
+    from t2i.eval.sampling import generate
+    from t2i.eval.shapes_detector import detect, judge
     prompts = [r["caption"] for r in records]
     out = []
     for seed in seeds:
@@ -122,19 +124,23 @@ def main(argv=None) -> None:
                                            "train.warmup_steps=20", f"train.ckpt_every={args.post_steps}",
                                            "train.log_every=50", "validation.every=100", *overrides])
 
-    from t2i import checkpoint, inference
+    from t2i.checkpoint import store
+
+    from t2i.checkpoint import loading
+
+    from t2i.models import build
     from t2i.config import load_config
-    from t2i.diagnostics import FixedSigmaValidation
-    from t2i.slowflow import measure, write_report
+    from t2i.train.diagnostics import FixedSigmaValidation
+    from t2i.eval.slowflow import measure, write_report
 
     cfg = load_config(overrides=[f"validation.shards={VAL}"])
-    text, vae = inference.build_frozen(cfg)
+    text, vae = build.build_frozen(cfg)
     validation = FixedSigmaValidation(cfg.validation, cfg.data, text, vae, torch.device("cpu"))
     results: dict = {"args": vars(args), "pretrain_val": {}, "val": {}, "slowflow": {}, "accuracy": {}}
 
     root = out / "pretrain" / "checkpoints"
-    for tag in sorted(p.name for p in root.iterdir() if checkpoint.is_complete(root, p.name)):
-        loaded = inference.load(root / tag, ema=True, text=text, vae=vae)
+    for tag in sorted(p.name for p in root.iterdir() if store.is_complete(root, p.name)):
+        loaded = loading.load(root / tag, ema=True, text=text, vae=vae)
         results["pretrain_val"][tag] = validation(loaded.model)["val_loss"]
         log(f"pretrain {tag}: val {results['pretrain_val'][tag]:.5f}")
 
@@ -142,7 +148,7 @@ def main(argv=None) -> None:
     seeds = [1000 * (k + 1) for k in range(args.seeds)]
     models = {"base": out / "pretrain", **{name: out / name for name in POST}}
     for label, path in models.items():
-        loaded = inference.load(path, ema=True, text=text, vae=vae)
+        loaded = loading.load(path, ema=True, text=text, vae=vae)
         results["val"][label] = validation(loaded.model)
         prompts = [r["caption"] for r in records][: args.slowflow_images]
         results["slowflow"][label] = {n: measure(loaded.model, text, loaded.latent_shape, prompts, n,
@@ -160,7 +166,7 @@ def main(argv=None) -> None:
 
 
 def report(results: dict) -> str:
-    from t2i.slowflow import summary_table
+    from t2i.eval.slowflow import summary_table
     counts = results["args"]["step_counts"]
     lines = ["### Pretraining: fixed-σ validation loss (EMA) per checkpoint", "",
              "| checkpoint | val loss |", "|---|---:|"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tools/slurm_ci.sh - a real SLURM cluster on localhost (one or several slurmd), for CI and tests.
 #
-# Adapted from ../shared/SLURM_NOTES.md (measured on this machine kind). Used by .ci/run and
+# The SLURM behaviour it exercises is described in docs/design/slurm.md. Used by .ci/run and
 # tests/test_slurm.py; a user with a real cluster never needs it.
 #
 # For Debian 12 (slurm-wlm 22.05) or similar, running as root, no systemd, cgroups ignored.

@@ -18,87 +18,24 @@ No horizontal flips: captions state left/right, and a flip would make them wrong
 
 from __future__ import annotations
 
-import io
-import json
-import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Optional
 
-import braceexpand
-import numpy as np
 import torch
-import webdataset as wds
-from PIL import Image
 
 from t2i.config import DataConfig
+from t2i.data.cache import CacheReader, collate as collate_cached
+from t2i.data.decode import decode_sample, read_caption
+from t2i.data.shards import expand_shards, raw_samples, slot_plan
+from t2i.errors import DataError
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 BAD_REASONS = ("image", "caption", "read", "cache")  # cache: a sample missing from its data.cache file
-
-
-class DataError(RuntimeError):
-    """Too many bad samples, or no shards to read."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Shard lists
-# ----------------------------------------------------------------------------------------------
-
-
-def expand_shards(spec) -> list[str]:
-    """Brace patterns, lists, `::`-joined lists, directories (*.tar), list files, `pipe:` URLs."""
-    items = spec if isinstance(spec, (list, tuple)) else str(spec).split("::")
-    urls: list[str] = []
-    for item in items:
-        item = str(item).strip()
-        if not item:
-            continue
-        if item.startswith("pipe:") or "://" in item:
-            urls += list(braceexpand.braceexpand(item))
-            continue
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(str(p) for p in path.glob("*.tar"))
-            if not found:
-                raise DataError(f"data.shards: directory {item} holds no .tar shards")
-            urls += found
-        elif path.is_file() and path.suffix not in (".tar", ".tgz", ".gz"):
-            lines = [ln.strip() for ln in path.read_text().splitlines()]
-            urls += expand_shards([ln for ln in lines if ln and not ln.startswith("#")])
-        else:
-            urls += list(braceexpand.braceexpand(item))
-    missing = [u for u in urls if not (u.startswith("pipe:") or "://" in u) and not os.path.exists(u)]
-    if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise DataError(f"data.shards: {len(missing)} shard(s) not found: {missing[:3]}{more}")
-    if not urls:
-        raise DataError(f"data.shards={spec!r} names no shards")
-    return urls
-
-
-def slot_plan(urls: list[str], epoch: int, seed: int, slot: int, n_slots: int) -> tuple[list[str], int, int]:
-    """(shards, stride, offset) of one slot in one epoch: keep samples i with i % stride == offset."""
-    order = list(urls)
-    random.Random(f"{seed}-{epoch}").shuffle(order)
-    if len(order) >= n_slots:
-        return order[slot::n_slots], 1, 0
-    return order, n_slots, slot
 
 
 # ----------------------------------------------------------------------------------------------
 # One slot's stream
 # ----------------------------------------------------------------------------------------------
-
-
-def _raw_samples(urls: list[str], counts: dict) -> Iterator[dict]:
-    """Undecoded samples (dict of bytes) from tar shards; read errors are counted, not raised."""
-    def handler(exn):
-        counts["read"] += 1
-        return True
-    for sample in wds.tarfile_samples(({"url": u} for u in urls), handler=handler):
-        yield sample
 
 
 def _shuffled(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
@@ -115,70 +52,6 @@ def _shuffled(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
     yield from buf
 
 
-def decode_sample(raw: dict, resolution: int, rng: random.Random) -> tuple[Optional[dict], Optional[str]]:
-    """(sample, None) or (None, bad reason). Image: short side -> resolution, centre crop, [-1, 1]."""
-    caption = _caption(raw, rng)
-    if not caption:
-        return None, "caption"
-    key = next((k for k in IMAGE_KEYS if k in raw), None)
-    if key is None:
-        return None, "image"
-    try:
-        with Image.open(io.BytesIO(raw[key])) as im:
-            im.load()
-            # convert() of an RGB image is a plain copy: skip it (the same pixels, one copy less)
-            image = resize_center_crop(im if im.mode == "RGB" else im.convert("RGB"), resolution)
-    except Exception:  # any decoder failure is a bad sample, not a crash
-        return None, "image"
-    return {"key": raw["__key__"], "caption": caption, "image": image_to_tensor(image)}, None
-
-
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB image -> contiguous float32 (3, H, W) tensor, x / 127.5 - 1 in float32 (so in [-1, 1]).
-
-    One channel-first copy, then in-place numpy ops: bit for bit the values of
-    `np.asarray(image, np.float32) / 127.5 - 1.0` permuted to CHW, but contiguous, so that collate's
-    torch.stack is a plain copy (a permuted view made it a strided gather), and single-threaded
-    numpy, so no intra-op thread pool is woken per sample.
-    """
-    array = np.asarray(image)
-    out = np.empty((3,) + array.shape[:2], dtype=np.float32)
-    np.copyto(out, array.transpose(2, 0, 1))  # uint8 -> float32 is exact
-    out /= 127.5
-    out -= 1.0
-    return torch.from_numpy(out)
-
-
-def _caption(raw: dict, rng: random.Random) -> Optional[str]:
-    if "txt" in raw:
-        text = raw["txt"].decode("utf-8", errors="replace").strip()
-        if text:
-            return text
-    if "json" in raw:
-        try:
-            meta = json.loads(raw["json"])
-        except ValueError:
-            return None
-        caps = meta.get("caption") or meta.get("captions") if isinstance(meta, dict) else None
-        if isinstance(caps, list):
-            caps = [c for c in caps if isinstance(c, str) and c.strip()]
-            return rng.choice(caps).strip() if caps else None
-        if isinstance(caps, str) and caps.strip():
-            return caps.strip()
-    return None
-
-
-def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    w, h = image.size
-    scale = size / min(w, h)
-    if scale != 1.0:
-        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC,
-                             reducing_gap=None if scale > 1 else 3.0)
-    w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
 def slot_stream(urls: list[str], cfg: DataConfig, seed: int, slot: int, n_slots: int,
                 epoch: int = 0, index: int = 0, counts: Optional[dict] = None) -> Iterator[dict]:
     """Infinite stream of decoded samples for one slot, starting after `index` samples of `epoch`.
@@ -189,21 +62,20 @@ def slot_stream(urls: list[str], cfg: DataConfig, seed: int, slot: int, n_slots:
     counts = dict(counts) if counts else {r: 0 for r in BAD_REASONS}
     counts.setdefault("good", 0)
     reader = None
-    if cfg.cache:  # precomputed encodings (t2i.cache): the tar gives keys, captions and order only
-        from t2i.cache import CacheReader
+    if cfg.cache:  # precomputed encodings (t2i.data.cache): the tar gives keys, captions and order only
         reader = CacheReader(cfg.cache)
     while True:
         shards, stride, offset = slot_plan(urls, epoch, seed, slot, n_slots)
         rng = random.Random(f"{seed}-{epoch}-{slot}")
         reads = {"read": 0}  # read errors of this epoch; those met while replaying are already counted
         read_base, replayed = counts["read"], 0
-        raw = (s for i, s in enumerate(_raw_samples(shards, reads)) if i % stride == offset)
+        raw = (s for i, s in enumerate(raw_samples(shards, reads)) if i % stride == offset)
         position = 0
         yielded_any = False
         for item in _shuffled(raw, cfg.shuffle_buffer, rng):
             position += 1
             if position <= index:  # fast-forward on resume: no decode, but the same RNG draws
-                _caption(item, rng)
+                read_caption(item, rng)
                 replayed = reads["read"]
                 continue
             counts["read"] = read_base + reads["read"] - replayed
@@ -258,8 +130,7 @@ def collate(samples: list[dict]) -> dict:
     batch = {"captions": [s["caption"] for s in samples],
              "keys": [s["key"] for s in samples], "worker": last["worker"], "pos": last["pos"],
              "counts": last["counts"]}
-    if "cache" in last:  # data.cache: stored encodings instead of images (t2i.cache.collate)
-        from t2i.cache import collate as collate_cached
+    if "cache" in last:  # data.cache: stored encodings instead of images (t2i.data.cache.collate)
         batch["cache"] = collate_cached([s["cache"] for s in samples])
     else:  # default_collate stacks straight into shared memory inside a worker: one copy fewer
         batch["images"] = torch.utils.data.default_collate([s["image"] for s in samples])
@@ -279,15 +150,15 @@ class TrainLoader:
 
     def __init__(self, cfg: DataConfig, *, seed: int, rank: int, world_size: int, batch_size: int,
                  state: Optional[dict] = None, cache_identity: Optional[dict] = None):
-        """`cache_identity` (t2i.cache.identity of the frozen encoders): required with data.cache; every
-        shard's cache file must match it (t2i.cache.check_cache), else a CacheError (a DataError)."""
+        """`cache_identity` (t2i.data.cache.identity of the frozen encoders): required with data.cache; every
+        shard's cache file must match it (t2i.data.cache.check_cache), else a CacheError (a DataError)."""
         self.cfg = cfg
         self.urls = expand_shards(cfg.shards)
         if cfg.cache:
-            from t2i.cache import check_cache
+            from t2i.data.cache import check_cache
             if cache_identity is None:
                 raise DataError("data.cache is set but the loader was given no cache_identity "
-                                "(t2i.cache.identity(text, vae, cfg)) to check the cache against")
+                                "(t2i.data.cache.identity(text, vae, cfg)) to check the cache against")
             check_cache(cfg.cache, self.urls, cache_identity)
         n_workers = max(1, cfg.num_workers)
         if state is not None and state["num_workers"] != n_workers:
@@ -333,3 +204,12 @@ class TrainLoader:
             raise DataError(f"{bad} of {seen} samples on this rank were bad ({bad / seen:.1%} > "
                             f"data.max_bad_fraction={self.cfg.max_bad_fraction:.1%}); by reason: "
                             + ", ".join(f"{r}={c[r]}" for r in BAD_REASONS))
+
+
+def bad_counts(loader: TrainLoader, reduce=None) -> dict:
+    """The loader's bad-sample counts by reason, summed over ranks by `reduce` (a tensor -> tensor
+    all-reduce, e.g. t2i.train.engine.sum_over_ranks); reasons with no bad sample are left out."""
+    counts = loader.counts()
+    total = torch.tensor([counts[r] for r in BAD_REASONS], dtype=torch.long)
+    total = reduce(total) if reduce is not None else total
+    return {r: int(n) for r, n in zip(BAD_REASONS, total) if n}

@@ -6,7 +6,7 @@ pixels: a pixel is either `BACKGROUND` or one of `COLORS`, and each shape is one
 Shapes never overlap and keep a gap between them; each side is 22–34 % of the image side
 (14–21 px at the default 64 px, so still 7–10 px after downsampling to 32).
 
-Captions use GenEval's templates, tags and include/exclude clauses (EVALUATORS.md §1.1), with the
+Captions use GenEval's templates, tags and include/exclude clauses (docs/design/evaluation.md §1.1), with the
 shape names standing in for COCO classes. `tag = TAGS[index % 6]`, so the six tags have equal
 shares. The image holds exactly the objects the caption names, nothing else:
 
@@ -37,7 +37,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from t2i.geneval import relative_offset
+from t2i.geneval_spec import POSITION_THRESHOLD, RELATIONS, TAGS, relative_offset
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {  # GenEval colour names; saturated and far apart in RGB
@@ -49,13 +49,10 @@ COLORS = {  # GenEval colour names; saturated and far apart in RGB
     "orange": (245, 130, 20),
 }
 BACKGROUND = (215, 215, 215)
-TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")  # GenEval file order
-RELATIONS = ("left of", "right of", "above", "below")
 COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
 
 MIN_SIZE = 32
 SIDE_FRACTION = (0.22, 0.34)  # shape side as a fraction of the image side
-POSITION_THRESHOLD = 0.1  # GenEval's position_threshold
 POSITION_MARGIN = 0.2  # the stated relation's normalised offset is >= 0.5 + this, the others <= 0.5 - this
 
 
@@ -83,7 +80,7 @@ def _tight_box(mask: np.ndarray, x: int, y: int) -> list[int]:
 
 
 def relative_position(box_a, box_b, threshold: float = POSITION_THRESHOLD) -> tuple[float, float]:
-    """GenEval's normalised offset (dx, dy) of A relative to B (t2i.geneval.relative_offset), (0, 0)
+    """GenEval's normalised offset (dx, dy) of A relative to B (t2i.geneval_spec.relative_offset), (0, 0)
     when the objects overlap too much for any relation."""
     return relative_offset(box_a, box_b, threshold) or (0.0, 0.0)
 

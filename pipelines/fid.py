@@ -1,0 +1,102 @@
+"""FID/KID of generated images against reference statistics, offline (see t2i/eval/fid.py).
+
+    # reference statistics from held-out shards (centre-cropped to 64 as training sees them) or a folder
+    python -m pipelines.fid ref --shards data/shapes-val --resolution 64 --out runs/ref/shapes-val.npz
+    python -m pipelines.fid ref --folder coco/val2014 --resolution 256 --max 30000 \\
+        --extractor inception:/models/inception-2015-12-05.pt --out runs/ref/coco256.npz
+    # score a folder of images (GenEval layout <dir>/<00000>/samples/<0000>.png, or any PNG tree)
+    python -m pipelines.fid score --images runs/toy/geneval --ref runs/ref/shapes-val.npz --out fid.json
+
+`score` uses the reference's extractor unless --extractor is given (a different one is refused) and
+brings images to the reference's resolution unless --resolution is given. Exit status 2 on a missing
+file, an extractor mismatch, a missing Inception file or too few images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from t2i.errors import EvalError
+from t2i.io import write_json
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.fid", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ref = sub.add_parser("ref", help="reference statistics (mu, sigma, features) -> .npz")
+    src = ref.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shards", help="WebDataset shard spec (brace pattern, dir, list file, '::'-joined)")
+    src.add_argument("--folder", help="folder of images (png/jpg/jpeg/webp, recursive)")
+    ref.add_argument("--resolution", type=int, help="short side resize + centre crop (required with --shards)")
+    ref.add_argument("--out", required=True, help="output .npz")
+    ref.add_argument("--max", type=int, help="use only the first N images (files / tar samples)")
+    ref.add_argument("--extractor", default="random-conv", help="random-conv | inception:PATH (default: random-conv)")
+
+    score = sub.add_parser("score", help="FID/KID of a folder of images against a reference .npz")
+    score.add_argument("--images", required=True, help="folder of generated images (recursive)")
+    score.add_argument("--ref", required=True, help="reference .npz from `ref`")
+    score.add_argument("--extractor", help="default: the one recorded in the reference")
+    score.add_argument("--resolution", type=int, help="default: the reference's resolution")
+    score.add_argument("--max", type=int, help="use only the first N images")
+    score.add_argument("--kid-subsets", type=int, default=100)
+    score.add_argument("--kid-subset-size", type=int, default=1000)
+    score.add_argument("--seed", type=int, default=0, help="KID subset sampling seed")
+    score.add_argument("--out", help="write the result as JSON here")
+
+    for p in (ref, score):
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda[:N]")
+        p.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def table(rows: list[tuple[str, object]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.6g}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from t2i.eval import fid as F
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.command == "ref":
+        if args.shards and not args.resolution:
+            raise EvalError("--shards needs --resolution (images are centre-cropped to it as in training)")
+        extractor = F.build_extractor(args.extractor, device)
+        source = F.ImageSource(folder=args.folder, shards=args.shards, resolution=args.resolution,
+                               max_images=args.max)
+        stats = F.make_reference(source, extractor, args.out, args.batch_size, device, not args.no_progress)
+        print(table([("reference", args.out), ("source", stats.meta["source"]), ("images", stats.n),
+                     ("bad", {k: v for k, v in stats.meta["counts"].items() if k != "good"}),
+                     ("resolution", args.resolution or "native"), ("extractor", extractor.name)]))
+        for note in F.sample_notes(stats.n, stats.n, extractor.dim):
+            print(f"note: {note}")
+        return 0
+
+    result = F.score_folder(args.images, args.ref, args.extractor, batch_size=args.batch_size, device=device,
+                            resolution=args.resolution, max_images=args.max, kid_subsets=args.kid_subsets,
+                            kid_subset_size=args.kid_subset_size, seed=args.seed,
+                            progress=not args.no_progress)
+    print(table([("FID", _fmt(result["fid"])), ("KID", _fmt(result["kid"])),
+                 ("images", f"{result['n_images']} (bad {result['bad_images']})"),
+                 ("reference", f"{result['n_reference']} ({result['reference'].get('source')})"),
+                 ("resolution", result["resolution"] or "native"), ("extractor", result["extractor"])]))
+    for note in result["warnings"]:
+        print(f"note: {note}")
+    if args.out:
+        write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Rebuild a trained model (with its text encoders and VAE) from a t2i checkpoint or a diffusers folder,
+for sampling and evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from t2i.checkpoint import store
+from t2i.config import Config, from_dict
+from t2i.models.build import build_for, build_frozen
+from t2i.models.mmdit import is_diffusers_folder, load_weights
+from t2i.models.text_encoders import TextEncoders
+from t2i.models.vae import FrozenVAE
+
+
+@dataclass
+class Loaded:
+    cfg: Config
+    model: torch.nn.Module
+    text: TextEncoders
+    vae: FrozenVAE
+    source: str  # "<checkpoint dir> (ema|raw)"
+
+    @property
+    def latent_shape(self) -> tuple:
+        size = self.vae.latent_size(self.cfg.data.resolution)
+        return (self.vae.latent_channels, size, size)
+
+
+def load(path: str | Path, ema: bool = True, device="cpu", text=None, vae=None) -> Loaded:
+    """A run folder, its checkpoints/ folder (latest) or a tag folder -> model in eval mode."""
+    root, tag = store.resolve(path)
+    cfg = from_dict(store.read_meta(root, tag)["config"])
+    if text is None or vae is None:
+        text, vae = build_frozen(cfg, device)
+    model = build_for(cfg, text, vae)
+    load_weights(model, store.load_weights(root, tag, ema=ema))
+    return Loaded(cfg, model.to(device).eval(), text, vae, f"{root / tag} ({'ema' if ema else 'raw'})")
+
+
+def load_diffusers(folder: str | Path, cfg: Config, device="cpu") -> Loaded:
+    """A diffusers SD3 / SD3.5 pipeline folder (transformer/, vae/, text_encoder*/) or a bare
+    transformer folder; text encoders and VAE come from the pipeline folder when it has them, else
+    from `cfg` (which also gives the resolution)."""
+    import dataclasses
+
+    folder = Path(folder)
+    text_cfg, vae_cfg = cfg.text, cfg.vae
+    if (folder / "text_encoder").is_dir():
+        text_cfg = dataclasses.replace(cfg.text, preset="sd3", sd3_folder=str(folder), clip_l=None, clip_g=None,
+                                       t5=None, clip_context=77, max_t5_tokens=max(cfg.text.max_t5_tokens, 256))
+    if (folder / "vae").is_dir():
+        vae_cfg = dataclasses.replace(cfg.vae, kind="pretrained", path=str(folder))
+    cfg = dataclasses.replace(cfg, text=text_cfg, vae=vae_cfg,
+                              model=dataclasses.replace(cfg.model, pretrained=str(folder)))
+    text, vae = build_frozen(cfg, device)
+    model = build_for(cfg, text, vae)
+    return Loaded(cfg, model.to(device).eval(), text, vae, f"{folder} (diffusers)")
+
+
+def load_any(path: str | Path, cfg: Config, ema: bool = True, device="cpu") -> Loaded:
+    """A t2i checkpoint (run folder, checkpoints/ or tag; EMA or raw weights) or a diffusers folder."""
+    if is_diffusers_folder(str(path)) and not (Path(path) / "meta.json").exists():
+        return load_diffusers(path, cfg, device)
+    return load(path, ema=ema, device=device)

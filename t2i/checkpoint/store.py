@@ -1,0 +1,358 @@
+"""Sharded checkpoints: DeepSpeed's state plus ours, a `latest` pointer written last, retention, and
+resuming at another world size.
+
+    <run>/checkpoints/<tag>/                 DeepSpeed files (model + optimizer shards, per rank)
+    <run>/checkpoints/<tag>/t2i/rankNNNNN.pt per-rank client state: RNG states, data position, EMA shard
+    <run>/checkpoints/<tag>/meta.json        step, world size, resolved config; written after every rank
+                                             has finished, so its presence marks a complete tag
+    <run>/checkpoints/<tag>/universal/       DeepSpeed's universal form of the tag, made on demand (a
+                                             resume at another world size, `t2i ckpt universal`)
+    <run>/checkpoints/latest                 the tag name (DeepSpeed's own format), replaced atomically
+                                             after meta.json; a half-written tag is never `latest`
+
+Integrity. A rank killed at any point of `save` leaves `latest` at the previous complete tag; the
+half-written tag has no meta.json, so `incomplete_tags` reports it and a resume ignores it. Saving a
+step whose folder already exists (left by a killed save, or a complete tag that never became
+`latest`) first discards that folder, so a tag never mixes two saves. Retention (`train.keep_last`)
+runs on rank 0 after `latest` moved: the oldest complete tags beyond N go, never the one `latest`
+names and never an incomplete one. A tag is discarded by renaming it to `.trash-<tag>` (atomic) and
+then deleting it, so a crash mid-delete cannot leave a tag that looks complete but is not.
+
+Another world size. `load` notices that meta.json's world size differs from this run's and then
+(automatically, with a log line):
+
+* model + optimizer: DeepSpeed's universal checkpoint. Rank 0 converts the tag once with
+  `deepspeed.checkpoint.ds_to_universal` (per-parameter fp32 weights, Adam exp_avg / exp_avg_sq and
+  step) into `<tag>/universal/`, and every rank loads it with DeepSpeed's `load_universal`, which
+  re-partitions all of it for the new world. Works for ZeRO-1/2/3 on CPU/gloo and GPU/NCCL. The
+  engine's config switch is set only for that one load, so engine.py needs no universal option.
+* EMA: the per-rank shards are consolidated (t2i.checkpoint.ema.consolidate) and each rank keeps its new slice.
+* data position: the per-(rank, worker) stream positions of the old world do not map onto the new
+  one. Every new stream starts at the beginning of the furthest epoch any old stream had reached
+  (samples already seen in that epoch are seen again; no later sample is skipped); the bad-sample
+  counts are carried over in total.
+* RNG: the generator and the global RNGs are re-seeded from (run.seed, step, rank).
+
+So a resume at another world size continues the same model and optimizer exactly, but its data
+order and noise differ from a run that had kept the world size. The ZeRO stage must stay the one
+the checkpoint was written with (DeepSpeed's universal loader reads that stage's file layout; a
+ZeRO-2 -> ZeRO-3 load fails inside DeepSpeed), so `load` refuses a stage change by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from t2i.errors import CheckpointError
+from t2i.io import atomic_write, fsync_dir, write_text
+
+UNIVERSAL = "universal"  # <tag>/universal: DeepSpeed's universal checkpoint of the tag
+log = logging.getLogger("t2i")
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def reseed(generator: torch.Generator, seed: int, step: int, rank: int) -> int:
+    """Seed `generator` and the global RNGs from (seed, step, rank): a resume at another world size,
+    where the saved per-rank RNG states have no counterpart. Returns the derived seed."""
+    derived = int.from_bytes(hashlib.sha256(f"{seed}-{step}-{rank}".encode()).digest()[:8], "little") >> 1
+    generator.manual_seed(derived)
+    torch.manual_seed(derived)
+    np.random.seed(derived % 2**32)
+    random.seed(derived)
+    return derived
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving, retention
+# ----------------------------------------------------------------------------------------------
+
+
+def save(engine, root: Path, step: int, client: dict, meta: dict, keep_last: int = 0,
+         after_rank_files=None) -> tuple[str, list[str]]:
+    """Collective: every rank calls it. Returns (the tag, the tags retention deleted).
+    `after_rank_files(tag_dir, step, rank)`, if given, runs once this rank's files are written and
+    before the tag is marked complete (the test suite's kill-mid-save hook, t2i.train.faults)."""
+    tag = tag_for(step)
+    rank = dist.get_rank()
+    if _pointer(root) == tag:  # every rank sees the same files, so every rank raises
+        raise CheckpointError(f"refusing to overwrite {root / tag}: it is the complete checkpoint `latest` names")
+    if rank == 0 and (root / tag).exists():
+        _discard(root, tag)  # an earlier attempt at this step (killed mid-save, or never made `latest`)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    own = root / tag / "t2i"
+    own.mkdir(parents=True, exist_ok=True)
+    atomic_write(own / f"rank{rank:05d}.pt", lambda tmp: torch.save(client, tmp), fsync=True)
+    if after_rank_files is not None:
+        after_rank_files(root / tag, step, rank)
+    dist.barrier()
+    deleted = []
+    if rank == 0:
+        write_text(root / tag / "meta.json", json.dumps(dict(meta, step=step, tag=tag), indent=1), fsync=True)
+        write_text(root / "latest", tag, fsync=True)
+        deleted = prune(root, keep_last)
+    dist.barrier()
+    return tag, deleted
+
+
+def prune(root: Path, keep_last: int) -> list[str]:
+    """Delete the oldest complete tags beyond the newest `keep_last` (0 keeps all); never the tag
+    `latest` names, never an incomplete tag. Also clears `.trash-*` left by an interrupted delete.
+    Single process (rank 0). Returns the deleted tags, oldest first."""
+    for leftover in root.glob(".trash-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if keep_last <= 0:
+        return []
+    latest = _pointer(root)
+    tags = complete_tags(root)
+    doomed = [t for t in tags[:-keep_last] if t != latest]
+    for tag in doomed:
+        _discard(root, tag)
+    return doomed
+
+
+def _discard(root: Path, tag: str) -> None:
+    trash = root / f".trash-{tag}-{os.getpid()}"
+    os.replace(root / tag, trash)
+    fsync_dir(root)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def is_complete(root: Path, tag: str) -> bool:
+    return (root / tag / "meta.json").is_file()
+
+
+def _tag_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+
+def incomplete_tags(root: Path) -> list[str]:
+    """Tag folders without meta.json: a save that never finished (or one in progress)."""
+    return sorted(p.name for p in _tag_dirs(root) if not is_complete(root, p.name))
+
+
+def complete_tags(root: Path) -> list[str]:
+    """Complete tags, oldest (lowest step) first."""
+    tags = [p.name for p in _tag_dirs(root) if is_complete(root, p.name)]
+    return sorted(tags, key=lambda t: (read_meta(root, t).get("step", -1), t))
+
+
+def _pointer(root: Path) -> str | None:
+    pointer = root / "latest"
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def latest_tag(root: Path) -> str | None:
+    """The tag `latest` points to, or None when there is no checkpoint yet."""
+    tag = _pointer(root)
+    if tag is None:
+        return None
+    if not is_complete(root, tag):
+        raise CheckpointError(f"{root / 'latest'} points to {tag!r}, which is not a complete checkpoint "
+                              f"(no {root / tag / 'meta.json'})")
+    return tag
+
+
+def resolve(path: str | Path) -> tuple[Path, str]:
+    """(checkpoints root, tag) for a run folder, its checkpoints/ folder (-> latest) or a tag folder."""
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if (p / "meta.json").is_file():
+        return p.parent, p.name
+    if (p / "t2i").is_dir() or any(p.glob("*_optim_states.pt")):
+        raise CheckpointError(f"{path}: incomplete checkpoint (no meta.json: its save did not finish)")
+    tag = latest_tag(p) if p.is_dir() else None
+    if tag is None:
+        raise CheckpointError(f"{path}: not a checkpoint (no checkpoints/latest, latest or meta.json)")
+    return p, tag
+
+
+def read_meta(root: Path, tag: str) -> dict:
+    return json.loads((root / tag / "meta.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading into a training run
+# ----------------------------------------------------------------------------------------------
+
+
+def load(engine, root: Path, tag: str) -> tuple[dict, dict]:
+    """(meta, this rank's client state) after loading DeepSpeed's model and optimizer shards.
+
+    Collective. At the checkpoint's own world size this is DeepSpeed's native load and the client
+    state is this rank's own. At another world size (see the module docstring) the model and optimizer
+    come from DeepSpeed's universal checkpoint and the client state is rebuilt for this rank:
+    {"resharded_from": old world size, "step", "ema" (consolidated, full tensors), "data" (restarted
+    epoch), "rng": None (the caller re-seeds), "skipped_nonfinite"}."""
+    meta = read_meta(root, tag)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    stage = engine.zero_optimization_stage()
+    if meta.get("zero_stage", stage) != stage:  # DeepSpeed's universal load needs the same stage's file names
+        raise CheckpointError(f"{root / tag} was written under ZeRO-{meta['zero_stage']}; this run uses "
+                              f"ZeRO-{stage}. Resume with deepspeed.zero_stage={meta['zero_stage']} (any world "
+                              f"size), or start a new run from its weights with train.init_from")
+    if meta["world_size"] == world:
+        path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {root / tag}")
+        return meta, torch.load(root / tag / "t2i" / f"rank{rank:05d}.pt", weights_only=False)
+
+    log.warning("%s was written by %d rank(s) under ZeRO-%s; this run has %d rank(s) under ZeRO-%d: loading "
+                "model and optimizer through DeepSpeed's universal checkpoint (%s); EMA consolidated and "
+                "re-sliced; data streams restart their epoch; RNG re-seeded from (seed, step, rank)",
+                root / tag, meta["world_size"], meta.get("zero_stage", "?"), world, stage,
+                root / tag / UNIVERSAL)
+    error = None
+    if rank == 0:
+        try:
+            ensure_universal(root, tag)
+        except CheckpointError as e:
+            error = str(e)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise CheckpointError(box[0])
+    _load_universal(engine, root / tag)
+    states = read_client_states(root, tag)
+    if len(states) != meta["world_size"]:
+        raise CheckpointError(f"{root / tag / 't2i'} has {len(states)} rank files; meta.json says "
+                              f"{meta['world_size']} ranks")
+    client = {"resharded_from": meta["world_size"], "step": meta["step"], "rng": None,
+              "ema": consolidated_ema_state(states), "data": reshard_data_state([s["data"] for s in states], rank),
+              "skipped_nonfinite": states[0].get("skipped_nonfinite", 0)}
+    return meta, client
+
+
+def _load_universal(engine, folder: Path) -> None:
+    """engine.load_checkpoint of <folder>/universal with DeepSpeed's `load_universal` switched on for
+    this load only (it is read from the engine's config at load time)."""
+    config = engine._config
+    if not hasattr(config, "load_universal_checkpoint"):
+        raise CheckpointError("this DeepSpeed has no `load_universal_checkpoint` config attribute; "
+                              "resume at the checkpoint's world size instead")
+    previous = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        path, _ = engine.load_checkpoint(str(folder), tag=UNIVERSAL, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False)
+    finally:
+        config.load_universal_checkpoint = previous
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load the universal checkpoint {folder / UNIVERSAL}")
+
+
+def ensure_universal(root: Path, tag: str, workers: int | None = None) -> Path:
+    """<root>/<tag>/universal, converted with deepspeed.checkpoint.ds_to_universal unless already there.
+    Single process. Converted into a temporary folder and renamed, so its presence means complete."""
+    out = root / tag / UNIVERSAL
+    if out.is_dir():
+        return out
+    if not is_complete(root, tag):
+        raise CheckpointError(f"{root / tag} is not a complete checkpoint (no meta.json)")
+    tmp = root / tag / f".{UNIVERSAL}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    workers = workers or max(1, min(8, (os.cpu_count() or 2) // 2))
+    # --inject_missing_state: our engine does not record UNIVERSAL_CHECKPOINT_INFO (no tensor parallelism).
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag),
+           "--output_folder", str(tmp), "--num_extract_workers", str(workers), "--num_merge_workers",
+           str(workers), "--inject_missing_state"]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    (root / tag / "latest_universal").unlink(missing_ok=True)  # its pointer to the temporary folder
+    if proc.returncode != 0 or not (tmp / "zero").is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"ds_to_universal failed on {root / tag} ({proc.returncode}):\n"
+                              f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    os.replace(tmp, out)
+    return out
+
+
+def consolidated_ema_state(states: list[dict]) -> dict:
+    """The EMA of every rank's client state (rank order) as one full-tensor EMA state, which
+    ShardedEMA.load_state_dict takes under any ZeRO stage and world size."""
+    from t2i.checkpoint.ema import consolidate
+
+    shards = [s["ema"] for s in states]
+    first = shards[0]
+    return {"decay": first["decay"], "updates": first["updates"], "zero3": False, "shapes": first["shapes"],
+            "shadow": consolidate(shards)}
+
+
+def reshard_data_state(states: list[dict], rank: int) -> dict:
+    """TrainLoader state for `rank` of a new world from the old world's per-rank states: every logical
+    worker restarts the furthest epoch any old stream had reached, from its first sample; rank 0's
+    worker 0 carries the summed bad-sample counts (so the run's totals continue), the others start at 0."""
+    n_workers = states[0]["num_workers"]
+    streams = [w for s in states for w in s["workers"].values()]
+    epoch = max((w["epoch"] for w in streams), default=0)
+    keys = sorted({k for w in streams for k in w.get("counts", {})})
+    total = {k: sum(w.get("counts", {}).get(k, 0) for w in streams) for k in keys}
+    zeros = {k: 0 for k in keys}
+    workers = {w: {"epoch": epoch, "index": 0, "counts": dict(total if (rank, w) == (0, 0) else zeros)}
+               for w in range(n_workers)}
+    return {"num_workers": n_workers, "next_worker": 0, "workers": workers}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading checkpoints in one process (tools, inference)
+# ----------------------------------------------------------------------------------------------
+
+
+def read_client_states(root: Path, tag: str) -> list[dict]:
+    """Every rank's client state, in rank order (for consolidation tools, single process)."""
+    files = sorted((root / tag / "t2i").glob("rank*.pt"))
+    return [torch.load(f, weights_only=False) for f in files]
+
+
+def load_weights(root: Path, tag: str, ema: bool) -> dict[str, torch.Tensor]:
+    """Full fp32 model weights of a checkpoint, single process: the EMA (from the per-rank shards)
+    or the raw weights (DeepSpeed's zero_to_fp32 over the optimizer's fp32 partitions)."""
+    from t2i.checkpoint.ema import consolidate
+
+    if ema:
+        return consolidate([c["ema"] for c in read_client_states(root, tag)])
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))

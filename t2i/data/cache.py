@@ -1,0 +1,388 @@
+"""Precomputed, shard-aligned caches of text encodings and VAE posteriors (`t2i cache`, `data.cache`).
+
+For every shard ``<name>.tar`` the cache folder holds ``<name>.safetensors`` (written to a temp name,
+then renamed). A few large tensors per file, rows addressed through a JSON index:
+
+    clip        [M, C, wl + wg]   CLIP-L | bigG penultimate states, without the zero padding to d_t5
+    pooled      [M, eL + eG]      pooled CLIP vectors
+    t5          [sum n_i, d_t5]   T5 states of caption i at rows t5_offsets[i]:t5_offsets[i+1]; n_i = the
+                                  real token count (up to and including </s>) under text.t5_padding=zero
+                                  (exact: the rest is 0), the full max_t5_tokens under keep
+    t5_offsets  [M + 1] int64
+    mean, std   [N, c, h, w]      VAE posterior of the image as training decodes it (identity VAE: `image`)
+    index       uint8 JSON        {"samples": {key: [image row, {caption hash: text row}]},
+                                   "bad": {key: "caption" | "image"}}
+
+M counts (sample, caption) pairs: every caption of a json ``captions`` list is encoded, since the
+loader picks one at random. Floats are stored in bf16 unless ``--dtype float32``. The safetensors
+metadata holds the identity JSON (encoders, VAE, resolution, crop rule, t5_padding, store dtype,
+format), ``identity_sha256`` (the hash of that identity WITHOUT store_dtype, which training accepts
+either way), the source shard's size in bytes and its sample count. A file whose hash or shard size
+differs from the current ones is stale and refused (``check_cache``), never silently used.
+
+Training (``encode_batch``) rebuilds exactly what the encoders give: context = [pad_channels(clip);
+pad_tokens(t5)], latents = (mean + std * randn(generator) - shift) * scale with the same generator
+draws as ``latent_dist.sample(generator)``, then the same caption dropout.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import random
+import re
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from t2i.data.decode import decode_sample, read_caption
+from t2i.data.shards import raw_samples
+from t2i.errors import CacheError
+from t2i.models.text_encoders import DTYPES
+
+FORMAT_VERSION = 1
+# Part of the cache identity (hashed): the text is kept verbatim so that existing caches stay valid.
+CROP_RULE = "short side -> resolution (bicubic), centre crop, [-1, 1] (t2i.data.loader.decode_sample)"
+STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+SUFFIX = ".safetensors"
+
+
+# ----------------------------------------------------------------------------------------------
+# Names and identity
+# ----------------------------------------------------------------------------------------------
+
+
+def shard_name(url: str) -> str:
+    """`<name>` of the last `<name>.tar` in a path or `pipe:` command."""
+    found = re.findall(r"([^/\s'\"]+)\.(?:tar|tgz|tar\.gz)\b", url)
+    if not found:
+        raise CacheError(f"data.cache: cannot tell the shard name of {url!r} (no <name>.tar in it)")
+    return found[-1]
+
+
+def cache_path(cache_dir, url: str) -> Path:
+    return Path(cache_dir) / (shard_name(url) + SUFFIX)
+
+
+def caption_hash(caption: str) -> str:
+    return hashlib.sha256(caption.encode("utf-8")).hexdigest()[:16]
+
+
+def all_captions(raw: dict) -> list[str]:
+    """Every caption ``t2i.data.loader._caption`` can pick for this raw sample (the same rules)."""
+    if "txt" in raw:
+        text = raw["txt"].decode("utf-8", errors="replace").strip()
+        if text:
+            return [text]
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"])
+        except ValueError:
+            return []
+        caps = meta.get("caption") or meta.get("captions") if isinstance(meta, dict) else None
+        if isinstance(caps, list):
+            return list(dict.fromkeys(c.strip() for c in caps if isinstance(c, str) and c.strip()))
+        if isinstance(caps, str) and caps.strip():
+            return [caps.strip()]
+    return []
+
+
+def identity(text, vae, cfg) -> dict:
+    """What a cache's contents depend on (without the store dtype). ``cfg`` is the full Config."""
+    vae_id = dict(vae.identity())
+    if vae.kind == "tiny":  # random weights from the run seed (FrozenVAE(cfg.vae, seed=cfg.run.seed))
+        vae_id["seed"] = cfg.run.seed
+    return {"format": FORMAT_VERSION, "text": text.identity(), "vae": vae_id,
+            "resolution": cfg.data.resolution, "crop": CROP_RULE, "t5_padding": cfg.text.t5_padding}
+
+
+def identity_hash(ident: dict) -> str:
+    ident = {k: v for k, v in ident.items() if k != "store_dtype"}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def identity_diff(cached: dict, current: dict) -> list[str]:
+    """'field: cache X, now Y' for every differing field (store_dtype is not compared)."""
+    a, b = _flat(cached), _flat(current)
+    return [f"{k}: cache {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k != "store_dtype" and a.get(k) != b.get(k)]
+
+
+def _local_size(url: str) -> Optional[int]:
+    return None if url.startswith("pipe:") or "://" in url else os.path.getsize(url)
+
+
+def read_meta(path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def problem(path: Path, url: str, ident: dict, store_dtype: Optional[str] = None) -> Optional[str]:
+    """Why the cache file of `url` cannot be used ('missing', or the stale reason), or None.
+    With `store_dtype`, a file stored in another dtype counts as stale too (the tool rewrites it)."""
+    if not path.is_file():
+        return "missing"
+    try:
+        meta = read_meta(path)
+    except Exception as e:  # noqa: BLE001 -- a truncated / foreign file is stale, whatever the error
+        return f"unreadable ({type(e).__name__}: {e})"
+    if meta.get("identity_sha256") != identity_hash(ident):
+        try:
+            diff = identity_diff(json.loads(meta.get("identity", "{}")), ident)
+        except ValueError:
+            diff = []
+        return "identity differs in " + ("; ".join(diff) if diff else "its hash")
+    size = _local_size(url)
+    if size is not None and meta.get("shard_bytes") not in (None, "", str(size)):
+        return f"shard size changed: cache built from {meta['shard_bytes']} bytes, {url} has {size} now"
+    if store_dtype is not None and meta.get("store_dtype") != store_dtype:
+        return f"stored in {meta.get('store_dtype')}, not {store_dtype}"
+    return None
+
+
+def check_unique_names(cache_dir, urls: list[str]) -> None:
+    """One cache file per shard name: two shards called <name>.tar (in different folders) would collide."""
+    names = collections.Counter(shard_name(u) for u in urls)
+    clash = [n for n, c in names.items() if c > 1]
+    if clash:
+        raise CacheError(f"data.cache={cache_dir}: {len(clash)} shard name(s) occur more than once in "
+                         f"data.shards (first: {clash[0]}.tar), so their cache files would collide")
+
+
+def check_cache(cache_dir, urls: list[str], ident: dict) -> None:
+    """Every shard must have a cache file built with the current identity from the same shard, else
+    raise CacheError naming the folder, the counts, the first missing / stale file and why."""
+    check_unique_names(cache_dir, urls)
+    missing, stale = [], []
+    for url in urls:
+        path = cache_path(cache_dir, url)
+        why = problem(path, url, ident)
+        if why == "missing":
+            missing.append(path)
+        elif why:
+            stale.append((path, why))
+    if not missing and not stale:
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of {len(urls)} shard cache file(s) missing (first: {missing[0]})")
+    if stale:
+        parts.append(f"{len(stale)} stale (first: {stale[0][0]}: {stale[0][1]})")
+    raise CacheError(f"data.cache={cache_dir}: " + " and ".join(parts) + "; a stale cache is never used: "
+                     f"rebuild it with `t2i cache --config <this config> --out {cache_dir}` (or unset data.cache)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writer
+# ----------------------------------------------------------------------------------------------
+
+
+class _Encoder:
+    """Batches of images and captions of one shard -> stored-dtype CPU rows."""
+
+    def __init__(self, text, vae, cfg, store: torch.dtype, device):
+        self.text, self.vae, self.cfg, self.store, self.device = text, vae, cfg, store, device
+        self.clip_width = text.clip_l.width + text.clip_g.width
+        self.rows: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
+        self.t5_lengths: list[int] = []
+
+    @torch.no_grad()
+    def images(self, images: list[torch.Tensor]) -> None:
+        x = torch.stack(images).to(self.device)
+        if self.vae.vae is None:
+            self.rows["image"].append(x.to("cpu", self.store))
+            return
+        dist = self.vae.vae.encode(x.to(self.vae.vae.dtype)).latent_dist
+        self.rows["mean"].append(dist.mean.to("cpu", self.store))
+        self.rows["std"].append(dist.std.to("cpu", self.store))
+
+    @torch.no_grad()
+    def captions(self, captions: list[str]) -> None:
+        text, C = self.text, self.text.cfg.clip_context
+        context, pooled = text.encode(captions)
+        if self.cfg.text.t5_padding == "zero":
+            lengths = text.t5_lengths(text.tokenize(captions)["t5"]).tolist()
+        else:
+            lengths = [text.cfg.max_t5_tokens] * len(captions)
+        self.rows["clip"].append(context[:, :C, :self.clip_width].to("cpu", self.store))
+        self.rows["pooled"].append(pooled.to("cpu", self.store))
+        t5 = context[:, C:].to("cpu", self.store)
+        self.rows["t5"] += [t5[i, :n] for i, n in enumerate(lengths)]
+        self.t5_lengths += lengths
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        text, vae, C = self.text, self.vae, self.text.cfg.clip_context
+        side = vae.latent_size(self.cfg.data.resolution)
+        shapes = {"clip": (C, self.clip_width), "pooled": (text.pooled_dim,), "t5": (text.context_dim,)}
+        names = ("image",) if vae.vae is None else ("mean", "std")
+        shapes.update({n: (vae.latent_channels, side, side) for n in names})
+        out = {n: torch.cat(self.rows[n]).contiguous() if self.rows[n] else torch.zeros((0, *shape), dtype=self.store)
+               for n, shape in shapes.items()}
+        out["t5_offsets"] = torch.tensor([0] + self.t5_lengths, dtype=torch.int64).cumsum(0)
+        return out
+
+
+def write_shard(url: str, out_dir, text, vae, cfg, store_dtype: str = "bfloat16", batch_size: int = 32,
+                device="cpu", progress: Optional[Callable[[int], None]] = None) -> Path:
+    """Encode one shard into ``out_dir/<name>.safetensors`` (temp file + atomic rename)."""
+    store = STORE_DTYPES[store_dtype]
+    enc = _Encoder(text, vae, cfg, store, device)
+    index: dict = {"samples": {}, "bad": {}}
+    counts = {"read": 0}
+    images: list = []
+    captions: list = []
+    n_images = n_texts = n_samples = 0
+
+    def flush(force: bool = False):
+        nonlocal images, captions
+        if images and (force or len(images) >= batch_size):
+            enc.images(images)
+            images = []
+        while captions and (force or len(captions) >= batch_size):
+            enc.captions(captions[:batch_size])
+            captions = captions[batch_size:]
+
+    for raw in raw_samples([url], counts):
+        n_samples += 1
+        key = raw["__key__"]
+        sample, reason = decode_sample(raw, cfg.data.resolution, random.Random(0))
+        if sample is None:
+            index["bad"][key] = reason
+        else:
+            rows = {}
+            for caption in all_captions(raw):
+                rows[caption_hash(caption)] = n_texts
+                captions.append(caption)
+                n_texts += 1
+            index["samples"][key] = [n_images, rows]
+            images.append(sample["image"])
+            n_images += 1
+        flush()
+        if progress:
+            progress(1)
+    flush(force=True)
+    tensors = enc.tensors()
+    tensors["index"] = torch.frombuffer(bytearray(json.dumps(index).encode()), dtype=torch.uint8)
+    ident = dict(identity(text, vae, cfg), store_dtype=store_dtype)
+    size = _local_size(url)
+    meta = {"format": str(FORMAT_VERSION), "identity": json.dumps(ident, sort_keys=True),
+            "identity_sha256": identity_hash(ident), "store_dtype": store_dtype, "shard": url,
+            "shard_bytes": "" if size is None else str(size), "samples": str(n_samples),
+            "images": str(n_images), "captions": str(n_texts), "read_errors": str(counts["read"]),
+            "t5_tokens": "trimmed" if cfg.text.t5_padding == "zero" else "full"}
+    out = cache_path(out_dir, url)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; a shared cache is read by other users
+    os.replace(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reader (inside the loader's workers) and the training side
+# ----------------------------------------------------------------------------------------------
+
+
+class ShardCache:
+    """One open cache file: the index in memory, rows read lazily (mmap) by slice."""
+
+    def __init__(self, path: Path):
+        self.file = safe_open(str(path), framework="pt")
+        self.index = json.loads(bytes(self.file.get_tensor("index").numpy()).decode())
+        self.offsets = self.file.get_tensor("t5_offsets").tolist()
+        names = set(self.file.keys())
+        self.image_names = ("image",) if "image" in names else ("mean", "std")
+        self.slices = {n: self.file.get_slice(n) for n in ("clip", "pooled", "t5") + self.image_names}
+
+    def lookup(self, key: str, caption: str) -> tuple[Optional[dict], Optional[str]]:
+        entry = self.index["samples"].get(key)
+        if entry is None:
+            return None, self.index["bad"].get(key, "cache")
+        image_row, rows = entry
+        row = rows.get(caption_hash(caption))
+        if row is None:
+            return None, "cache"
+        s = self.slices
+        out = {n: s[n][image_row:image_row + 1][0] for n in self.image_names}
+        out["clip"] = s["clip"][row:row + 1][0]
+        out["pooled"] = s["pooled"][row:row + 1][0]
+        out["t5"] = s["t5"][self.offsets[row]:self.offsets[row + 1]]
+        return out, None
+
+
+class CacheReader:
+    """Samples from cache files instead of decoded images: ``sample(raw, rng)`` replaces
+    ``decode_sample`` (same caption pick and RNG draws, same bad reasons, plus "cache")."""
+
+    def __init__(self, cache_dir, max_open: int = 8):
+        self.cache_dir, self.max_open = cache_dir, max_open
+        self.open: collections.OrderedDict[str, ShardCache] = collections.OrderedDict()
+
+    def shard(self, url: str) -> ShardCache:
+        if url in self.open:
+            self.open.move_to_end(url)
+        else:
+            self.open[url] = ShardCache(cache_path(self.cache_dir, url))
+            while len(self.open) > self.max_open:
+                self.open.popitem(last=False)
+        return self.open[url]
+
+    def sample(self, raw: dict, rng: random.Random) -> tuple[Optional[dict], Optional[str]]:
+        caption = read_caption(raw, rng)
+        if not caption:
+            return None, "caption"
+        try:
+            cached, reason = self.shard(raw["__url__"]).lookup(raw["__key__"], caption)
+        except Exception:  # noqa: BLE001 -- an unreadable cache file: a bad sample, not a crash
+            return None, "cache"
+        if cached is None:
+            return None, reason
+        return {"key": raw["__key__"], "caption": caption, "cache": cached}, None
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack cached rows; T5 rows are zero-padded to the longest in the batch."""
+    out = {n: torch.stack([c[n] for c in items]) for n in items[0] if n != "t5"}
+    n = max(c["t5"].shape[0] for c in items)
+    out["t5"] = torch.stack([F.pad(c["t5"], (0, 0, 0, n - c["t5"].shape[0])) for c in items])
+    return out
+
+
+def conditioning(text, cached: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context [B, C + T, d_t5], pooled) as ``text.encode`` returns them, before caption dropout."""
+    dtype, device = DTYPES[text.cfg.dtype], text.t5.device
+    clip = cached["clip"].to(device, dtype)
+    t5 = cached["t5"].to(device, dtype)
+    clip = F.pad(clip, (0, text.context_dim - clip.shape[-1]))
+    t5 = F.pad(t5, (0, 0, 0, text.cfg.max_t5_tokens - t5.shape[1]))
+    return torch.cat([clip, t5], dim=-2), cached["pooled"].to(device, dtype)
+
+
+def latents(vae, cached: dict, generator: Optional[torch.Generator], device) -> torch.Tensor:
+    """What ``vae.encode(images, generator)`` returns, from the stored posterior: the same randn draw
+    (shape of the mean, VAE dtype, on the generator's device) as diffusers' latent_dist.sample."""
+    if vae.vae is None:
+        return cached["image"].to(device, torch.float32)
+    dtype = vae.vae.dtype
+    mean, std = cached["mean"].to(device, dtype), cached["std"].to(device, dtype)
+    noise = torch.randn(mean.shape, generator=generator, dtype=dtype,
+                        device=generator.device if generator is not None else device).to(device)
+    return (mean + std * noise - vae.shift_factor) * vae.scaling_factor

@@ -1,0 +1,139 @@
+"""The MMDiT: diffusers' SD3Transformer2DModel, from a size preset or a local diffusers folder.
+
+Presets give the transformer's own shape; the input/output channels and the text widths are
+taken from the VAE and the text encoders so the three always fit together. The model code does
+not know about distribution: DeepSpeed wraps it in t2i/train/engine.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import SD3Transformer2DModel
+
+from t2i.config import ModelConfig
+from t2i.errors import ConfigError
+
+# Shapes of the released checkpoints' transformer/config.json (sample_size is in latent pixels).
+PRESETS: dict[str, dict] = {
+    # CPU-sized: 4 blocks of width 128 over 4x4-pixel patches (64 tokens at 32 px), SD3.5's QK-norm;
+    # its position table is exactly the latent grid (set in preset_kwargs) so neighbours are 1 apart.
+    "tiny": dict(patch_size=4, num_layers=4, attention_head_dim=32, num_attention_heads=4,
+                 caption_projection_dim=128, qk_norm="rms_norm"),
+    "sd3-medium": dict(patch_size=2, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+                       caption_projection_dim=1536, pos_embed_max_size=192),
+    "sd3.5-medium": dict(patch_size=2, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+                         caption_projection_dim=1536, pos_embed_max_size=384, qk_norm="rms_norm",
+                         dual_attention_layers=tuple(range(13))),
+    "sd3.5-large": dict(patch_size=2, num_layers=38, attention_head_dim=64, num_attention_heads=38,
+                        caption_projection_dim=2432, pos_embed_max_size=192, qk_norm="rms_norm"),
+}
+
+
+def preset_kwargs(cfg: ModelConfig, *, in_channels: int, sample_size: int, joint_attention_dim: int,
+                  pooled_projection_dim: int) -> dict:
+    """The SD3Transformer2DModel constructor arguments for a preset plus the config's overrides."""
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"model.preset must be one of {sorted(PRESETS)}, got {cfg.preset!r}")
+    kwargs = dict(PRESETS[cfg.preset], sample_size=sample_size, in_channels=in_channels,
+                  out_channels=in_channels, joint_attention_dim=joint_attention_dim,
+                  pooled_projection_dim=pooled_projection_dim)
+    kwargs.update(cfg.kwargs)
+    kwargs.setdefault("pos_embed_max_size", sample_size // kwargs["patch_size"])
+    return kwargs
+
+
+def build_model(cfg: ModelConfig, *, in_channels: int, sample_size: int, joint_attention_dim: int,
+                pooled_projection_dim: int, seed: int = 0) -> SD3Transformer2DModel:
+    """A randomly initialised preset (deterministic in `seed`) or a local pretrained folder."""
+    if cfg.pretrained:
+        model = load_pretrained(cfg.pretrained)
+        check_compatible(model, in_channels=in_channels, joint_attention_dim=joint_attention_dim,
+                         pooled_projection_dim=pooled_projection_dim)
+    else:
+        kwargs = preset_kwargs(cfg, in_channels=in_channels, sample_size=sample_size,
+                               joint_attention_dim=joint_attention_dim,
+                               pooled_projection_dim=pooled_projection_dim)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = SD3Transformer2DModel(**kwargs)
+            init_from_scratch(model)
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if cfg.compile:
+        compile_blocks(model)
+    return model
+
+
+def compile_blocks(model: SD3Transformer2DModel) -> None:
+    """torch.compile every transformer block in place (torchtitan's recipe): blocks of the same kind
+    share compiled code, so compile time stays that of ~3 blocks (plain, dual-attention, last), and
+    the module tree, its state-dict keys and DeepSpeed's hooks on it are unchanged."""
+    for block in model.transformer_blocks:
+        block.compile()
+
+
+def init_from_scratch(model: SD3Transformer2DModel) -> None:
+    """The DiT / SD3-reference initialisation, which diffusers' constructor does not apply: Xavier-
+    uniform linear layers (the patch projection viewed as one), zero biases, and zero-initialised
+    adaLN modulations and output projection, so every block starts as the identity ("adaLN-Zero")."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    proj = model.pos_embed.proj
+    torch.nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+    torch.nn.init.zeros_(proj.bias)
+    for name, module in model.named_modules():
+        if name.endswith(("norm1.linear", "norm1_context.linear")) or name in ("norm_out.linear", "proj_out"):
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+
+
+def is_diffusers_folder(path: str) -> bool:
+    root = Path(path)
+    return (root / "transformer" / "config.json").is_file() or (root / "config.json").is_file()
+
+
+def load_pretrained(path: str) -> SD3Transformer2DModel:
+    """Load from a diffusers pipeline folder (uses its transformer/) or a transformer folder."""
+    root = Path(path)
+    if (root / "transformer" / "config.json").is_file():
+        root = root / "transformer"
+    if not (root / "config.json").is_file():
+        raise ConfigError(f"model.pretrained={path!r} is not a diffusers folder (no config.json or transformer/)")
+    return SD3Transformer2DModel.from_pretrained(root, local_files_only=True)
+
+
+def check_compatible(model: SD3Transformer2DModel, *, in_channels: int, joint_attention_dim: int,
+                     pooled_projection_dim: int) -> None:
+    got = model.config
+    want = dict(in_channels=in_channels, joint_attention_dim=joint_attention_dim,
+                pooled_projection_dim=pooled_projection_dim)
+    bad = {k: (got[k], v) for k, v in want.items() if got[k] != v}
+    if bad:
+        detail = ", ".join(f"{k}: model has {m}, pipeline needs {n}" for k, (m, n) in bad.items())
+        raise ConfigError(f"model.pretrained does not fit the configured VAE/text encoders ({detail})")
+
+
+def velocity(model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
+    """v̂ = model(x, timestep, text): the one place that knows the SD3 forward signature."""
+    return model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond["context"],
+                 pooled_projections=cond["pooled"], return_dict=False)[0]
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load consolidated weights: every parameter must be present; buffers (e.g. the fixed sin-cos
+    position table) may be absent, they are rebuilt by the constructor."""
+    params = {n for n, _ in model.named_parameters()}
+    missing = sorted(params - set(weights))
+    unexpected = sorted(set(weights) - set(model.state_dict()))
+    if missing or unexpected:
+        raise KeyError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(weights, strict=False)

@@ -1,0 +1,44 @@
+"""Process set-up shared by every command: offline model libraries, DeepSpeed's CPU accelerator on a
+machine without CUDA, and re-launching a command under torchrun with N local ranks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def configure_environment() -> None:
+    """Process-wide settings that must precede the heavy imports (transformers, DeepSpeed)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")           # weights come from local folders only
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated")  # DeepSpeed's calls
+    import torch
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")      # DeepSpeed's CPU accelerator + gloo
+
+
+def under_launcher() -> bool:
+    """True inside torchrun / srun ranks (RANK is set)."""
+    return "RANK" in os.environ
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """Re-run `t2i <argv>` under torchrun with `nproc` local ranks (--nproc removed); its exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "t2i.cli", *strip_nproc(argv)]
+    return subprocess.call(cmd)
+
+
+def strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out

@@ -1,0 +1,84 @@
+"""The training run's checkpoints: when to save, what goes in, how a run continues, and the
+weights a post-training run starts from. The loop calls `save(step, ...)` after every step and
+this class decides (cadence, last step, not in a non-finite streak, not twice for one step); the
+format itself is t2i.checkpoint.store's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from t2i.checkpoint import store
+from t2i.config import Config, to_dict
+from t2i.models.mmdit import is_diffusers_folder, load_pretrained, load_weights
+
+log = logging.getLogger("t2i")
+
+
+class Checkpointer:
+    """Saves and restores engine + EMA + RNG + data position + skip count under <run>/checkpoints."""
+
+    def __init__(self, root: Path, cfg: Config, engine, ema, generator, world: int, save_last: bool = True):
+        self.root, self.cfg, self.engine, self.ema, self.generator = root, cfg, engine, ema, generator
+        self.world, self.save_last = world, save_last
+        self.last_saved: int | None = None
+        self.after_rank_files = None  # a test hook may pause a rank mid-save here (t2i.train.faults)
+
+    def save(self, step: int, loader, skipped: int, *, last_step: bool = False, healthy: bool = True,
+             force: bool = False) -> bool:
+        """Save if due: `force` (a stop signal), the last step (unless save_last is off), or every
+        train.ckpt_every steps while no non-finite streak runs. Never twice for one step. Collective."""
+        due = force or (last_step and self.save_last) or (step % self.cfg.train.ckpt_every == 0 and healthy)
+        if not due or self.last_saved == step:
+            return self.last_saved == step
+        client = {"step": step, "rng": store.rng_state(self.generator), "data": loader.state_dict(),
+                  "ema": self.ema.state_dict(), "skipped_nonfinite": skipped}
+        meta = {"world_size": self.world, "zero_stage": self.cfg.deepspeed.zero_stage, "config": to_dict(self.cfg),
+                "transformer": {k: v for k, v in dict(self.engine.module.config).items() if not k.startswith("_")},
+                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        tag, deleted = store.save(self.engine, self.root, step, client, meta, keep_last=self.cfg.train.keep_last,
+                                  after_rank_files=self.after_rank_files)
+        log.info("saved checkpoint %s", self.root / tag)
+        if deleted:
+            log.info("train.keep_last=%d: deleted %s", self.cfg.train.keep_last, ", ".join(deleted))
+        self.last_saved = step
+        return True
+
+    def restore(self) -> tuple[int, dict, int]:
+        """Load `latest` (at any world size, t2i.checkpoint.store.load) -> (step, data state, skipped count)."""
+        broken = store.incomplete_tags(self.root)
+        tag = store.latest_tag(self.root)
+        if broken:
+            log.warning("incomplete checkpoint folder(s) in %s (a save that did not finish; no meta.json): %s; "
+                        "ignoring them and resuming from latest = %s", self.root, ", ".join(broken), tag)
+        meta, client = store.load(self.engine, self.root, tag)
+        self.ema.load_state_dict(client["ema"])
+        if client.get("resharded_from"):  # per-rank RNG states of another world size: derive fresh ones
+            store.reseed(self.generator, meta["config"]["run"]["seed"], meta["step"], dist.get_rank())
+        else:
+            store.set_rng_state(client["rng"], self.generator)
+        log.info("resumed from %s at step %d%s", self.root / tag, meta["step"],
+                 f" (written by {client['resharded_from']} rank(s); resharded)" if client.get("resharded_from") else "")
+        self.last_saved = meta["step"]
+        return meta["step"], client["data"], client["skipped_nonfinite"]
+
+    def last_good(self) -> str:
+        return f"{store.latest_tag(self.root)!r} in {self.root}"
+
+
+def init_from_parent(model, cfg: Config) -> dict:
+    """Load the parent's weights (train.init_from) into `model`; returns what <run>/parent.json records."""
+    path = cfg.train.init_from
+    if is_diffusers_folder(path):
+        load_weights(model, load_pretrained(path).state_dict())
+        return {"kind": "diffusers", "path": str(Path(path).resolve())}
+    root, tag = store.resolve(path)
+    load_weights(model, store.load_weights(root, tag, ema=cfg.train.init_weights == "ema"))
+    meta = store.read_meta(root, tag)
+    return {"kind": "checkpoint", "path": str((root / tag).resolve()), "run": str(root.parent.resolve()),
+            "tag": tag, "step": meta["step"], "weights": cfg.train.init_weights,
+            "stage": meta["config"]["train"].get("stage", "?")}

@@ -1,0 +1,124 @@
+"""Distributed setup and the DeepSpeed engine: ZeRO stage, precision, AdamW, LR schedule.
+
+Launch with torchrun (or srun -> torchrun). On a machine without CUDA, DeepSpeed runs on its CPU
+accelerator with the gloo backend (`DS_ACCELERATOR=cpu`, set by t2i/cli.py before the import).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+
+import torch
+
+from t2i.config import Config, TrainConfig, deep_merge
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world_size). Works under torchrun/srun and as a plain single process."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python`: a world of one, on a free local port
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if not torch.cuda.is_available():
+        _unlink_shm_segment()
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _unlink_shm_segment() -> None:
+    """DeepSpeed's CPU shared-memory all-reduce creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_
+    <port>_<rank> (69 MB per rank) and never removes it, so every CPU run leaked it until /dev/shm (RAM)
+    filled up. Once every rank has mapped every segment (DeepSpeed's init opens all peers'; the barrier
+    waits for all ranks), the name can go: the mappings stay valid until the processes exit."""
+    torch.distributed.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{torch.distributed.get_rank()}")
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    """The DeepSpeed JSON config generated from ours; `deepspeed.extra` is merged on top."""
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        # Skip (and report through was_step_applied) any step whose gradient norm is not finite.
+        "bf16": {"enabled": cfg.deepspeed.precision == "bf16", "check_grad_overflow": True},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.logging.phase_times:  # time DeepSpeed's collectives (t2i.train.timing.comm_seconds); syncs each op
+        ds["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False, "debug": False}
+    return deep_merge(ds, copy.deepcopy(cfg.deepspeed.extra))
+
+
+def initialize(model: torch.nn.Module, cfg: Config):
+    """(engine, optimizer). The optimizer is torch's AdamW (no JIT build); ZeRO partitions it."""
+    import deepspeed
+
+    t = cfg.train
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
+                                  betas=tuple(t.betas), weight_decay=t.weight_decay)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   config=deepspeed_config(cfg))
+    return engine, optimizer
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Linear warm-up over `warmup_steps`, then constant or cosine decay to lr·min_lr_ratio."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return t.lr
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    floor = t.lr * t.min_lr_ratio
+    return floor + (t.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ----------------------------------------------------------------------------------------------
+# Values over ranks, for the log line
+# ----------------------------------------------------------------------------------------------
+
+
+def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (on the accelerator when the backend is NCCL), returned on the CPU."""
+    value = value.detach().to(device()).clone()
+    torch.distributed.all_reduce(value)
+    return value.cpu()
+
+
+def mean_over_ranks(value: torch.Tensor) -> float:
+    return sum_over_ranks(value.float()).item() / torch.distributed.get_world_size()
+
+
+def grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
