@@ -1,6 +1,6 @@
 """t2i.flow: the σ convention, timestep samplers, MixFlow, losses, Euler/CFG sampling, Slow-Flow projection.
 
-Values are checked against hand-computed numbers, DESIGN.md's test vectors, closed-form CDFs (KS tests
+Values are checked against hand-computed numbers, the worked values of docs/design/flow.md, closed-form CDFs (KS tests
 with fixed seeds, so deterministic) and diffusers' scheduler. Each distribution test also checks that
 a plausible WRONG distribution is rejected, so the tests have the power to fail.
 """

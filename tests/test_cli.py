@@ -1,0 +1,83 @@
+"""The command line's error model (exit 2 for a user error in one line, 1 for a bug with its traceback,
+99 for "checkpointed and stopped") and checkpoints written before the library was regrouped."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import REPO, run_t2i
+from t2i.checkpoint import loading, store
+
+OLD_RUN = REPO / "tests" / "assets" / "pre-layout-run"  # written by t2i at commit 4976b57 (flat t2i/)
+
+# Runs `t2i <argv>` with one pipeline replaced by a function that raises the given exception.
+RAISING = """
+import sys
+import pipelines.sample
+from t2i.cli import main
+from t2i.errors import Preempted
+kind = sys.argv[1]
+def boom(args, cfg):
+    if kind == "bug":
+        raise RuntimeError("an internal invariant broke")
+    raise Preempted(7, 10, saved=True)
+pipelines.sample.main = boom
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def run_raising(kind: str, tmp_path) -> subprocess.CompletedProcess:
+    argv = ["sample", "--ckpt", str(OLD_RUN), "--prompts", "p.txt", "--out", str(tmp_path / "o")]
+    return subprocess.run([sys.executable, "-c", RAISING, kind, *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_user_error_exits_2_with_one_line():
+    proc = run_t2i("config", "train.lr_typo=1", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "train.lr_typo" in proc.stderr and "ConfigError" in proc.stderr
+
+
+def test_a_missing_checkpoint_exits_2_naming_it(tmp_path):
+    proc = run_t2i("ckpt", "list", tmp_path / "nowhere", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "nowhere" in proc.stderr and "CheckpointError" in proc.stderr
+
+
+def test_a_bug_exits_1_with_its_traceback(tmp_path):
+    proc = run_raising("bug", tmp_path)
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "RuntimeError: an internal invariant broke" in proc.stderr
+
+
+def test_a_preempted_run_exits_99(tmp_path):
+    proc = run_raising("preempted", tmp_path)
+    assert proc.returncode == 99, proc.stderr
+    assert "SIGUSR1 received: checkpointed at step 7" in proc.stderr and "--auto-resume" in proc.stderr
+
+
+def test_a_checkpoint_from_before_the_regrouping_loads_with_the_same_predictions():
+    expected = load_file(OLD_RUN / "expected.safetensors")
+    for weights in ("ema", "raw"):
+        model = loading.load(OLD_RUN, ema=weights == "ema").model
+        with torch.no_grad():
+            out = model(hidden_states=expected["x"], encoder_hidden_states=expected["context"],
+                        pooled_projections=expected["pooled"], timestep=expected["timestep"]).sample
+        torch.testing.assert_close(out, expected[weights], rtol=1e-5, atol=1e-7)  # fp32 kernel noise
+    assert store.complete_tags(OLD_RUN / "checkpoints") == ["step00000002"]
+
+
+@pytest.mark.slow
+def test_a_run_from_before_the_regrouping_resumes(make_shards, tmp_path):
+    shards = make_shards(n_shards=2, per_shard=16)
+    runs = tmp_path / "runs"
+    shutil.copytree(OLD_RUN, runs / "old")
+    proc = run_t2i("train", "--config", runs / "old" / "config.yaml", "--resume", f"run.output_dir={runs}",
+                   "run.name=old", f"data.shards={shards[0]}::{shards[1]}", "train.steps=3", "sample.steps=2")
+    assert "resumed from" in proc.stderr + proc.stdout and "at step 2" in proc.stderr + proc.stdout
+    assert store.latest_tag(runs / "old" / "checkpoints") == "step00000003"
