@@ -17,6 +17,7 @@ from ckpt_probe import fixed_inputs
 from helpers import REPO, losses, run_t2i, tiny_train_args
 
 from t2i.checkpoint import store
+from t2i.train import faults
 from t2i.io import write_text
 from t2i.config import from_dict, load_config, to_dict
 from t2i.errors import ConfigError
@@ -130,7 +131,7 @@ def test_kill9_inside_a_save_keeps_latest_at_the_previous_tag_and_resume_reports
     args = ["train", "--nproc", "2", *tiny_train_args(shards, runs, "kill", **{
         "train.steps": 8, "train.ckpt_every": 2, "train.keep_last": 2})]
     # Rank 0 pauses inside the save of step 4, after its DeepSpeed and client files, before meta.json.
-    env = dict(ENV, **{store.PAUSE_ENV: "4:0"})
+    env = dict(ENV, **{faults.PAUSE_ENV: "4:0"})
     marker = root / "step00000004" / ".paused-rank0"
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "t2i.cli", *args], cwd=REPO, env=env, stdout=log,
