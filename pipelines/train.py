@@ -123,7 +123,7 @@ def main(cfg: Config, resume: bool | str = False, stop_at: int | None = None, sa
             metrics["peak_mem_gb"] = peak_memory_gb(device)
         if step % cfg.train.log_every == 0 or step == end:
             metrics.update(sigma_stats.summary(device))
-        if validation and (step % cfg.validation.every == 0 or step == end):
+        if validation and ((cfg.validation.every and step % cfg.validation.every == 0) or step == end):
             metrics.update(validation(engine, dtype))
         logger.step(step, metrics)
         if live_eval.due(step):

@@ -120,6 +120,10 @@ class DataConfig:
     bad_check_after: int = 200      # ... once this many samples have been read on a rank
     cache: Optional[str] = None     # folder written by `t2i cache`: read <shard>.safetensors (text encodings +
                                     # VAE posteriors) instead of decoding images; a stale cache is refused
+    max_caption_bytes: int = 2048   # captions are cut to this many UTF-8 bytes before tokenizing (counted)
+    max_image_pixels: int = 40_000_000  # an image with more pixels (width x height) is a bad sample, not decoded
+    allow_pipe_in_lists: bool = False  # run `pipe:` lines found in a list file of shard names (a file is data:
+                                    # off by default; `pipe:` given directly in the config always runs)
 
 
 @dataclass
@@ -171,7 +175,7 @@ class ValidationConfig:
     """Fixed-σ validation loss on held-out shards: the same samples, noise and σ grid every time, so
     two checkpoints (or a MixFlow and a control run) are directly comparable."""
     shards: Optional[Union[str, list]] = None  # held-out shards; null disables validation
-    every: int = 100                # steps
+    every: int = 100                # steps; 0 = only at the last step
     num_samples: int = 64           # the first N samples of the shards, in file order
     num_sigmas: int = 8             # σ_i = (i + 0.5) / num_sigmas
     seed: int = 1234                # noise
@@ -272,6 +276,16 @@ class Config:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.data.max_bad_fraction}")
         if self.data.resolution < 8:
             raise ConfigError(f"data.resolution must be >= 8, got {self.data.resolution}")
+        _positive(self, "train.lr", "train.timesteps.shift", "train.timesteps.std", "sample.shift")
+        _at_least(self, 0, "train.warmup_steps", "train.weight_decay", "train.grad_clip", "sample.guidance",
+                  "data.num_workers", "validation.every")
+        _at_least(self, 1, "train.max_consecutive_nonfinite", "sample.steps", "data.shuffle_buffer",
+                  "data.bad_check_after", "data.max_caption_bytes", "data.max_image_pixels",
+                  "validation.num_samples", "validation.num_sigmas", "validation.batch_size", "logging.sigma_bins")
+        if not 0.0 <= self.train.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.train.min_lr_ratio}")
+        if not all(0.0 <= b < 1.0 for b in self.train.betas):
+            raise ConfigError(f"train.betas must both be in [0, 1), got {self.train.betas}")
         return self
 
 
@@ -288,6 +302,25 @@ class Config:
         if kind != "auto":
             return kind
         return "mixflow" if self.train.objective == "mixflow" else "logit_normal"
+
+
+def _get(cfg: "Config", key: str):
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _positive(cfg: "Config", *keys: str) -> None:
+    for key in keys:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)!r}")
+
+
+def _at_least(cfg: "Config", low: int, *keys: str) -> None:
+    for key in keys:
+        if not _get(cfg, key) >= low:
+            raise ConfigError(f"{key} must be >= {low}, got {_get(cfg, key)!r}")
 
 
 def _choice(key: str, value: Any, allowed: list) -> None:
