@@ -34,7 +34,8 @@ from t2i.train.diagnostics import FixedSigmaValidation, SigmaStats
 from t2i.train.live_eval import LiveEval
 from t2i.train.logger import RunLogger, log, setup_logging
 from t2i.train.preemption import PreemptionGuard
-from t2i.train.run import finish, prepare_run_dir
+from t2i.train.lock import run_lock
+from t2i.train.run import accept, finish, prepare_run_dir, run_dir_of
 from t2i.train.step import NonFiniteGuard, compute_loss
 from t2i.train.timing import Phases, comm_seconds, peak_memory_gb
 
@@ -45,8 +46,14 @@ def main(cfg: Config, resume: bool | str = False, stop_at: int | None = None, sa
     job does). SIGUSR1 / SIGTERM checkpoint at the next step boundary and raise `Preempted`."""
     guard = PreemptionGuard()  # first: a signal during start-up must not kill the process half-way
     rank, world = engine_lib.init_distributed()
+    with run_lock(run_dir_of(cfg), rank):  # one run per folder; the second start fails at once
+        return train(cfg, guard, rank, world, resume, stop_at, save_last)
+
+
+def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bool | str, stop_at: int | None,
+          save_last: bool) -> Path:
     device = engine_lib.device()
-    run_dir, resume = prepare_run_dir(cfg, rank, resume)
+    run_dir, resume_tag = prepare_run_dir(cfg, rank, resume)
     setup_logging(run_dir, rank)
     log.info("run %s: stage %s, %d rank(s), device %s, ZeRO-%d, %s", run_dir, cfg.stage, world, device.type,
              cfg.deepspeed.zero_stage, cfg.deepspeed.precision)
@@ -57,7 +64,7 @@ def main(cfg: Config, resume: bool | str = False, stop_at: int | None = None, sa
     log.info("MMDiT %s: %.2fM parameters; text context %d x %d, pooled %d; latents %d x %d^2",
              cfg.model.preset, count_parameters(model) / 1e6, text.seq_len, text.context_dim, text.pooled_dim,
              vae.latent_channels, vae.latent_size(cfg.data.resolution))
-    if cfg.train.init_from and not resume:  # post-training: weights from the parent, all else fresh
+    if cfg.train.init_from and not resume_tag:  # post-training: weights from the parent, all else fresh
         parent = init_from_parent(model, cfg)
         if rank == 0:
             write_json(run_dir / "parent.json", parent, indent=1)
@@ -68,7 +75,7 @@ def main(cfg: Config, resume: bool | str = False, stop_at: int | None = None, sa
 
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg, engine, ema, generator, world, save_last)
     faults.install(guard, checkpointer)  # test-suite hooks, only when their variables are set
-    step, data_state, skipped = checkpointer.restore() if resume else (0, None, 0)
+    step, data_state, skipped = checkpointer.restore(resume_tag) if resume_tag else (0, None, 0)
     nonfinite = NonFiniteGuard(cfg.train.max_consecutive_nonfinite, skipped)
 
     cache_identity = cache_lib.identity(text, vae, cfg) if cfg.data.cache else None
@@ -84,6 +91,7 @@ def main(cfg: Config, resume: bool | str = False, stop_at: int | None = None, sa
     validation = FixedSigmaValidation(cfg.validation, cfg.data, text, vae, device) if cfg.validation.shards else None
     if validation and step == 0 and cfg.train.init_from:  # the parent's validation loss, for reference
         logger.validation(0, validation(engine, dtype))
+    accept(cfg, run_dir, rank)  # everything is built: the start is accepted, config.yaml written
     keys_file = open(run_dir / f"sample_keys.rank{rank}.jsonl", "a") if cfg.logging.sample_keys else None
     images_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
     phases = Phases(cfg.logging.phase_times, device, comm=comm_seconds)  # off by default: it syncs the GPU

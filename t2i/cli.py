@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--mixflow-steps", type=int, default=100,
                            help="MixFlow post-training steps after pretraining (0 skips the stage)")
         if name == "train":
-            p.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/latest")
+            p.add_argument("--resume", nargs="?", const=True, default=False, metavar="TAG",
+                           help="continue from <run>/checkpoints/latest, or from TAG (a tag name or folder of "
+                                "this run, e.g. when the newest checkpoint is damaged)")
             p.add_argument("--auto-resume", action="store_true",
                            help="resume when <run>/checkpoints/latest exists, else start (for requeued jobs)")
             p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
@@ -103,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(command=argv[0], rest=argv[1:])
     else:
         args = parser.parse_args(argv)
+        if isinstance(getattr(args, "resume", None), str) and "=" in args.resume:  # `--resume key=value`
+            args.overrides.insert(0, args.resume)
+            args.resume = True
 
     try:
         return run(args, argv)
@@ -134,6 +139,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
     configure_environment()
+    if args.command in ("train", "demo"):
+        from t2i.models.build import check_geometry
+        check_geometry(cfg)  # before torchrun, DeepSpeed or any model starts
     if args.command == "demo":
         from pipelines.demo import main as demo
         return demo(cfg, args.config, args.overrides, nproc=args.nproc, mixflow_steps=args.mixflow_steps)

@@ -388,7 +388,8 @@ def to_dict(cfg: Any) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from t2i.io import write_text
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:

@@ -18,6 +18,8 @@ def configure_environment() -> None:
     import torch
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")      # DeepSpeed's CPU accelerator + gloo
+    from t2i import trust
+    trust.protect_process()                                # every torch.load is weights-only (t2i.trust)
 
 
 def under_launcher() -> bool:

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from t2i import trust
 from t2i.errors import CheckpointError
 from t2i.io import atomic_write, fsync_dir, write_text
 
@@ -187,9 +188,19 @@ def latest_tag(root: Path) -> str | None:
     if tag is None:
         return None
     if not is_complete(root, tag):
-        raise CheckpointError(f"{root / 'latest'} points to {tag!r}, which is not a complete checkpoint "
-                              f"(no {root / tag / 'meta.json'})")
+        what = "is missing" if not (root / tag).exists() else f"is not a complete checkpoint (no {root / tag / 'meta.json'})"
+        raise CheckpointError(f"{root / 'latest'} names {tag!r}, which {what}; {_usable(root)}")
     return tag
+
+
+def _usable(root: Path) -> str:
+    """How to continue from what is there: the complete tags, newest first, and how to pick one."""
+    tags = complete_tags(root)
+    if not tags:
+        return f"{root} holds no complete checkpoint"
+    newest = ", ".join(reversed(tags[-3:]))
+    return (f"complete tags: {newest}{' ...' if len(tags) > 3 else ''}; resume from the newest with "
+            f"--resume {root / tags[-1]}")
 
 
 def resolve(path: str | Path) -> tuple[Path, str]:
@@ -231,12 +242,17 @@ def load(engine, root: Path, tag: str) -> tuple[dict, dict]:
         raise CheckpointError(f"{root / tag} was written under ZeRO-{meta['zero_stage']}; this run uses "
                               f"ZeRO-{stage}. Resume with deepspeed.zero_stage={meta['zero_stage']} (any world "
                               f"size), or start a new run from its weights with train.init_from")
+    _verify(root, tag)  # before DeepSpeed unpickles anything in it
     if meta["world_size"] == world:
-        path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=False)
+        try:
+            path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
+        except Exception as e:  # noqa: BLE001 -- DeepSpeed's errors name no file: say which tag, what else there is
+            raise CheckpointError(f"{root / tag} could not be loaded ({type(e).__name__}: {_first_line(e)}); "
+                                  f"{_other_tags(root, tag)}") from e
         if path is None:
-            raise CheckpointError(f"DeepSpeed could not load {root / tag}")
-        return meta, torch.load(root / tag / "t2i" / f"rank{rank:05d}.pt", weights_only=False)
+            raise CheckpointError(f"DeepSpeed could not load {root / tag}; {_other_tags(root, tag)}")
+        return meta, read_client_state(root, tag, rank)
 
     log.warning("%s was written by %d rank(s) under ZeRO-%s; this run has %d rank(s) under ZeRO-%d: loading "
                 "model and optimizer through DeepSpeed's universal checkpoint (%s); EMA consolidated and "
@@ -290,6 +306,7 @@ def ensure_universal(root: Path, tag: str, workers: int | None = None) -> Path:
         return out
     if not is_complete(root, tag):
         raise CheckpointError(f"{root / tag} is not a complete checkpoint (no meta.json)")
+    _verify(root, tag)  # the converter unpickles every file of the tag
     tmp = root / tag / f".{UNIVERSAL}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     workers = workers or max(1, min(8, (os.cpu_count() or 2) // 2))
@@ -297,7 +314,7 @@ def ensure_universal(root: Path, tag: str, workers: int | None = None) -> Path:
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag),
            "--output_folder", str(tmp), "--num_extract_workers", str(workers), "--num_merge_workers",
            str(workers), "--inject_missing_state"]
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_WEIGHTS_ONLY_LOAD"}  # files verified above
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -341,10 +358,47 @@ def reshard_data_state(states: list[dict], rank: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
+def read_client_state(root: Path, tag: str, rank: int) -> dict:
+    """One rank's client state: verified, then loaded weights-only (t2i.trust)."""
+    path = root / tag / "t2i" / f"rank{rank:05d}.pt"
+    try:
+        return trust.load(path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- a truncated or corrupt file
+        raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {_first_line(e)}); "
+                              f"{_other_tags(root, tag)}") from e
+
+
 def read_client_states(root: Path, tag: str) -> list[dict]:
     """Every rank's client state, in rank order (for consolidation tools, single process)."""
+    _verify(root, tag)
     files = sorted((root / tag / "t2i").glob("rank*.pt"))
-    return [torch.load(f, weights_only=False) for f in files]
+    return [read_client_state(root, tag, int(f.stem.removeprefix("rank"))) for f in files]
+
+
+def _verify(root: Path, tag: str) -> None:
+    """Every pickle of the tag scanned before anything unpickles it (t2i.trust); an unreadable file's
+    error also says which complete tags remain."""
+    try:
+        trust.verify_tree(root / tag)
+    except CheckpointError as e:
+        if trust.UNREADABLE not in str(e):
+            raise
+        raise CheckpointError(f"{e}; {_other_tags(root, tag)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _other_tags(root: Path, tag: str) -> str:
+    others = [t for t in complete_tags(root) if t != tag]
+    if not others:
+        return "no other complete checkpoint is there"
+    return (f"other complete tags: {', '.join(reversed(others[-3:]))}; resume from one with "
+            f"--resume {root / others[-1]}")
 
 
 def load_weights(root: Path, tag: str, ema: bool) -> dict[str, torch.Tensor]:
@@ -352,7 +406,12 @@ def load_weights(root: Path, tag: str, ema: bool) -> dict[str, torch.Tensor]:
     or the raw weights (DeepSpeed's zero_to_fp32 over the optimizer's fp32 partitions)."""
     from t2i.checkpoint.ema import consolidate
 
+    _verify(root, tag)  # every file of the tag, whichever this reader opens
     if ema:
         return consolidate([c["ema"] for c in read_client_states(root, tag)])
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    return dict(get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))
+    try:
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))
+    except Exception as e:  # noqa: BLE001 -- a truncated or corrupt DeepSpeed file
+        raise CheckpointError(f"{root / tag} could not be read ({type(e).__name__}: {_first_line(e)}); "
+                              f"{_other_tags(root, tag)}") from e

@@ -48,13 +48,14 @@ class Checkpointer:
         self.last_saved = step
         return True
 
-    def restore(self) -> tuple[int, dict, int]:
-        """Load `latest` (at any world size, t2i.checkpoint.store.load) -> (step, data state, skipped count)."""
+    def restore(self, tag: str | None = None) -> tuple[int, dict, int]:
+        """Load `tag` (default `latest`; at any world size, t2i.checkpoint.store.load) -> (step, data state,
+        skipped count)."""
         broken = store.incomplete_tags(self.root)
-        tag = store.latest_tag(self.root)
+        tag = tag or store.latest_tag(self.root)
         if broken:
             log.warning("incomplete checkpoint folder(s) in %s (a save that did not finish; no meta.json): %s; "
-                        "ignoring them and resuming from latest = %s", self.root, ", ".join(broken), tag)
+                        "ignoring them and resuming from %s", self.root, ", ".join(broken), tag)
         meta, client = store.load(self.engine, self.root, tag)
         self.ema.load_state_dict(client["ema"])
         if client.get("resharded_from"):  # per-rank RNG states of another world size: derive fresh ones

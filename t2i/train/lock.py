@@ -4,12 +4,15 @@
 {"host", "pid", "started"} of the process that owns the run (rank 0). A second start on the same
 run name fails at once with a one-line error naming the holder. A lock whose holder is a dead
 process on this host (a kill -9, an OOM kill, a node reboot of a single-node job) is stale: it is
-moved aside and taken over. A lock held from another host is respected, since this host cannot tell
-whether that process lives; the message says which file to remove once the user knows it does not.
+moved aside and taken over. A lock written by an earlier run of the same SLURM
+job (a requeue, possibly on another node) is taken over too. A lock held from another host is
+respected, since this host cannot tell whether that process lives; the message says which file to
+remove once the user knows it does not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -31,6 +34,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _stale(other: dict, me: dict) -> bool:
+    """The holder is gone: a dead process on this host, or an earlier run of this same SLURM job (a
+    requeued job keeps its id and Slurm runs one instance of a job at a time, on any node)."""
+    if other.get("host") == me["host"] and not _alive(int(other.get("pid", -1))):
+        return True
+    return bool(me.get("slurm_job")) and other.get("slurm_job") == me["slurm_job"] and (
+        other.get("host") != me["host"] or other.get("pid") != me["pid"])
+
+
 class RunLock:
     """`with RunLock(run_dir):` or acquire() / release(). Owned by one process (rank 0)."""
 
@@ -46,7 +58,8 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "slurm_job": os.environ.get("SLURM_JOB_ID")}
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -55,7 +68,7 @@ class RunLock:
                 if other is None:  # being written this instant, or unreadable: look again
                     time.sleep(0.2)
                     other = self.holder()
-                if other and other.get("host") == me["host"] and not _alive(int(other.get("pid", -1))):
+                if other and _stale(other, me):
                     # stale: its process is gone. Move it aside under a unique name (only one taker wins
                     # the rename), then race for the O_EXCL create like everyone else.
                     try:
@@ -93,3 +106,26 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path, rank: int):
+    """Rank 0 takes the run folder's lock, every rank learns the outcome (a collective), and rank 0
+    releases it when the block ends, however it ends."""
+    import torch.distributed as dist
+
+    lock, error = RunLock(run_dir), None
+    if rank == 0:
+        try:
+            lock.acquire()
+        except ConfigError as e:
+            error = str(e)
+    box = [error]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise ConfigError(box[0])
+    try:
+        yield lock
+    finally:
+        lock.release()

@@ -14,27 +14,59 @@ from t2i.errors import ConfigError
 log = logging.getLogger("t2i")
 
 
-def prepare_run_dir(cfg: Config, rank: int, resume: bool | str) -> tuple[Path, bool]:
-    """(<output_dir>/<name> with the resolved config, whether to resume). Never silently reuses a run's
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.run.output_dir) / cfg.run.name
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    """A run trained at least one step here (metrics recorded) or left a checkpoint."""
+    metrics = run_dir / "metrics.jsonl"
+    return (metrics.is_file() and metrics.stat().st_size > 0) or store.latest_tag(run_dir / "checkpoints") is not None
+
+
+def prepare_run_dir(cfg: Config, rank: int, resume: bool | str) -> tuple[Path, str | None]:
+    """(<output_dir>/<name>, the checkpoint tag to resume from or None). Never silently reuses a run's
     folder, except with resume="auto", which resumes from `latest` or starts over when there is none
-    (a job killed before its first checkpoint)."""
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    (a job killed before its first checkpoint). `resume` may also name a tag of this run (or its
+    folder): a resume from an older checkpoint than `latest`. Writes nothing (see `accept`)."""
+    run_dir = run_dir_of(cfg)
     ckpt_root = run_dir / "checkpoints"
-    auto = resume == "auto"
-    if auto:
-        resume = store.latest_tag(ckpt_root) is not None
-        log.info("auto-resume: %s", f"continuing from {ckpt_root / store.latest_tag(ckpt_root)}"
-                 if resume else "no checkpoint yet, starting")
-    if resume and store.latest_tag(ckpt_root) is None:
-        raise ConfigError(f"--resume: no checkpoint in {ckpt_root} (no 'latest' file)")
-    if not resume and not auto and (run_dir / "metrics.jsonl").exists():
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or set run.name")
-    dist.barrier()
+    if resume == "auto":
+        tag = store.latest_tag(ckpt_root)
+        log.info("auto-resume: %s", f"continuing from {ckpt_root / tag}" if tag else "no checkpoint yet, starting")
+    elif isinstance(resume, str):
+        tag = _named_tag(ckpt_root, resume)
+    elif resume:
+        tag = store.latest_tag(ckpt_root)
+        if tag is None:
+            raise ConfigError(f"--resume: no checkpoint in {ckpt_root} (no 'latest' file)")
+    else:
+        tag = None
+        if holds_a_run(run_dir):
+            raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or set run.name")
+    return run_dir, tag
+
+
+def _named_tag(ckpt_root: Path, spec: str) -> str:
+    """--resume TAG: a tag name of this run, or the path of one of its tag folders."""
+    path = Path(spec)
+    tag = path.name if path.exists() else spec
+    if path.exists() and path.resolve().parent != ckpt_root.resolve():
+        raise ConfigError(f"--resume {spec}: not a checkpoint of {ckpt_root.parent}; to start from another "
+                          f"run's weights use train.init_from={spec}")
+    if not store.is_complete(ckpt_root, tag):
+        tags = store.complete_tags(ckpt_root)
+        raise ConfigError(f"--resume {spec}: {ckpt_root / tag} is not a complete checkpoint; complete tags: "
+                          f"{', '.join(reversed(tags)) or 'none'}")
+    return tag
+
+
+def accept(cfg: Config, run_dir: Path, rank: int) -> None:
+    """The start is accepted (everything was built): write the resolved config into the run folder."""
     if rank == 0:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     dist.barrier()
-    return run_dir, bool(resume)
 
 
 def finish(cfg: Config, run_dir: Path, text, vae, ckpt_root: Path, device) -> None:
