@@ -107,7 +107,7 @@ def save(engine, root: Path, step: int, client: dict, meta: dict, keep_last: int
     before the tag is marked complete (the test suite's kill-mid-save hook, t2i.train.faults)."""
     tag = tag_for(step)
     rank = dist.get_rank()
-    if _pointer(root) == tag:  # every rank sees the same files, so every rank raises
+    if latest_pointer(root) == tag:  # every rank sees the same files, so every rank raises
         raise CheckpointError(f"refusing to overwrite {root / tag}: it is the complete checkpoint `latest` names")
     if rank == 0 and (root / tag).exists():
         _discard(root, tag)  # an earlier attempt at this step (killed mid-save, or never made `latest`)
@@ -136,7 +136,7 @@ def prune(root: Path, keep_last: int) -> list[str]:
         shutil.rmtree(leftover, ignore_errors=True)
     if keep_last <= 0:
         return []
-    latest = _pointer(root)
+    latest = latest_pointer(root)
     tags = complete_tags(root)
     doomed = [t for t in tags[:-keep_last] if t != latest]
     for tag in doomed:
@@ -177,20 +177,32 @@ def complete_tags(root: Path) -> list[str]:
     return sorted(tags, key=lambda t: (read_meta(root, t).get("step", -1), t))
 
 
-def _pointer(root: Path) -> str | None:
+def latest_pointer(root: Path) -> str | None:
+    """The tag name `latest` holds (complete or not), or None."""
     pointer = root / "latest"
     return pointer.read_text().strip() if pointer.is_file() else None
 
 
 def latest_tag(root: Path) -> str | None:
     """The tag `latest` points to, or None when there is no checkpoint yet."""
-    tag = _pointer(root)
+    tag = latest_pointer(root)
     if tag is None:
         return None
     if not is_complete(root, tag):
         what = "is missing" if not (root / tag).exists() else f"is not a complete checkpoint (no {root / tag / 'meta.json'})"
         raise CheckpointError(f"{root / 'latest'} names {tag!r}, which {what}; {_usable(root)}")
     return tag
+
+
+def point_latest(root: Path, tag: str) -> list[str]:
+    """Make `latest` name the complete `tag` (a resume from an older tag); returns the newer complete
+    tags it abandons (a later save at their step replaces them). Single process (rank 0)."""
+    if not is_complete(root, tag):
+        raise CheckpointError(f"{root / tag} is not a complete checkpoint; {_usable(root)}")
+    step = read_meta(root, tag)["step"]
+    newer = [t for t in complete_tags(root) if read_meta(root, t)["step"] > step]
+    write_text(root / "latest", tag, fsync=True)
+    return newer
 
 
 def _usable(root: Path) -> str:
