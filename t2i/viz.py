@@ -13,6 +13,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+from t2i.io import atomic_write  # noqa: E402
+
 
 def to_pil(image: torch.Tensor) -> Image.Image:
     """[3, H, W] in [−1, 1] -> RGB PIL image."""
@@ -32,9 +34,7 @@ def save_grid(images: torch.Tensor, labels: list[str], path: Path, cols: int = 4
         sheet.paste(to_pil(img).resize((cell, cell), Image.NEAREST), (x, y))
         lines = textwrap.wrap(label, width=cell // 6)[:3]
         draw.multiline_text((x + 3, y + cell + 2), "\n".join(lines), fill="black", font=font, spacing=1)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return Path(path)
+    return atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
 
 
 def plot_loss(records: list[dict], path: Path, title: str = "training loss") -> Path:
@@ -53,6 +53,6 @@ def plot_loss(records: list[dict], path: Path, title: str = "training loss") -> 
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return Path(path)

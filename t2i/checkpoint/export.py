@@ -31,6 +31,7 @@ import torch
 from t2i.checkpoint import store
 from t2i.config import Config, from_dict, save_config
 from t2i.errors import CheckpointError
+from t2i.io import atomic_write, write_json
 
 PIPELINE_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 
@@ -45,8 +46,8 @@ def provenance(root: Path, tag: str) -> dict:
 def save_safetensors(weights: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
     from safetensors.torch import save_file
 
-    save_file({n: t.detach().float().contiguous() for n, t in weights.items()}, str(path),
-              metadata={k: str(v) for k, v in metadata.items()})
+    tensors = {n: t.detach().float().contiguous() for n, t in weights.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()}))
 
 
 def consolidate(root: Path, tag: str, out: Path, weights: str = "both") -> dict:
@@ -65,7 +66,7 @@ def consolidate(root: Path, tag: str, out: Path, weights: str = "both") -> dict:
     if weights != "raw":
         ema = store.read_client_states(root, tag)[0]["ema"]
         info["ema"] = {"decay": ema["decay"], "updates": ema["updates"]}
-    (out / "consolidated.json").write_text(json.dumps(info, indent=1))
+    write_json(out / "consolidated.json", info, indent=1)
     return info
 
 
@@ -106,7 +107,7 @@ def export_diffusers(root: Path, tag: str, out: Path, ema: bool = True, pipeline
                             f"(text.preset={cfg.text.preset}) and VAE (vae.kind={cfg.vae.kind}) are rebuilt by "
                             "t2i from config.yaml" + ("" if pipeline_capable(cfg) else
                                                       "; they are not diffusers components, so no pipeline"))
-    (out / "t2i_export.json").write_text(json.dumps(info, indent=1))
+    write_json(out / "t2i_export.json", info, indent=1)
     return info
 
 
@@ -157,7 +158,7 @@ def write_pipeline_parts(cfg: Config, out: Path) -> None:
     index.update({"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": diffusers.__version__,
                   "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
                   "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]})
-    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    write_json(out / "model_index.json", index)
 
 
 def _tokenizer_class(folder: Path) -> str:
