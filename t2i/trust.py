@@ -55,11 +55,17 @@ def safe_globals() -> list:
     return [g for g in (_resolve(n) for n in ALLOWED) if g is not None]
 
 
-def protect_process() -> None:
-    """Every torch.load in this process becomes weights-only with t2i's allowlist (unless trusted)."""
+def allow_globals() -> None:
+    """Register ALLOWED with torch's weights-only unpickler for this process (idempotent). Not torch's
+    `safe_globals` context manager: its exit removes the globals again, also for everyone else."""
     import torch
 
     torch.serialization.add_safe_globals(safe_globals())
+
+
+def protect_process() -> None:
+    """Every torch.load in this process becomes weights-only with t2i's allowlist (unless trusted)."""
+    allow_globals()
     if not trusted():
         os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
 
@@ -113,5 +119,5 @@ def load(path: str | Path, map_location="cpu"):
     verify_file(path)
     if trusted():
         return torch.load(path, map_location=map_location, weights_only=False)
-    with torch.serialization.safe_globals(safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
+    allow_globals()
+    return torch.load(path, map_location=map_location, weights_only=True)

@@ -31,8 +31,8 @@ def plant(run, kind: str, marker) -> str:
     path = {"client": tag_dir / "t2i" / "rank00000.pt", "ema": tag_dir / "t2i" / "rank00000.pt",
             "model": tag_dir / "mp_rank_00_model_states.pt",
             "optimizer": tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt"}[kind]
-    with torch.serialization.safe_globals(trust.safe_globals()):
-        state = torch.load(path, weights_only=True)
+    trust.allow_globals()
+    state = torch.load(path, weights_only=True)
     if kind == "ema":
         state["ema"]["shadow"] = Planted(marker)
     else:
