@@ -8,7 +8,14 @@
 
 Without --prompts the shapes-domain GenEval set is written to <out>/prompts and used. Per checkpoint
 <out>/<label>/ holds the samples (GenEval layout, resumable) and geneval/ results; <out>/report.md,
-report.json and grid.png compare them. Every number carries the settings it came from.
+report.json and grid.png compare them (each written atomically). Every number carries the settings
+it came from.
+
+FID reference: --fid-ref is used as it is; --fid-shards builds <out>/fid_ref.npz (or the given
+--fid-ref path when it does not exist yet) at the sampling resolution. Its meta records the source,
+--fid-max, the extractor and the resolution: when they no longer match the arguments, the default
+<out>/fid_ref.npz is rebuilt and a user-given --fid-ref is refused. A reference made at another
+resolution than the samples' is refused unless --allow-resolution-mismatch.
 """
 
 from __future__ import annotations
@@ -44,7 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                    "--fid-shards into <out>/fid_ref.npz")
     p.add_argument("--fid-shards", default=None, help="shards (or an image folder) for the reference statistics")
     p.add_argument("--fid-max", type=int, default=None, help="at most this many reference images")
-    p.add_argument("--fid-extractor", default="random-conv", help="random-conv | inception:<local .pt file>")
+    p.add_argument("--fid-extractor", default=None, help="random-conv | inception:<local .pt file> (default: "
+                                                         "random-conv for --fid-shards, else the reference's)")
+    p.add_argument("--allow-resolution-mismatch", action="store_true",
+                   help="score FID against a reference made at another resolution than the samples")
+    p.add_argument("--custom-tags", action="store_true",
+                   help="accept prompt tags outside GenEval's six (reported separately, never in the overall)")
     p.add_argument("--clip", default=None, metavar="FILE", help="open_clip weights for the CLIP score")
     p.add_argument("--clip-model", default="ViT-L-14-quickgelu")
 
@@ -56,13 +68,61 @@ def _label_path(spec: str) -> tuple[str, str]:
     return label, path
 
 
-def grid(folders: dict[str, Path], out: Path, per_row: int = 8) -> Path:
-    """Rows = checkpoints, columns = the first image of `per_row` prompts spread over the set."""
+def check_fid_arguments(args) -> None:
+    """The FID flags on their own, before anything is sampled."""
+    from t2i.eval import fid
+
+    if args.fid_max is not None and args.fid_max < 1:
+        raise EvalError(f"--fid-max must be >= 1, got {args.fid_max}")
+    if args.fid_max is not None and not args.fid_shards:
+        raise EvalError("--fid-max only applies when the reference is built from --fid-shards")
+    if args.fid_ref and not args.fid_shards:
+        meta = fid.load_reference(args.fid_ref).meta  # missing / unreadable: refused now
+        if args.resolution is not None:
+            fid.check_resolution(meta, args.resolution, f"--fid-ref {args.fid_ref}", args.allow_resolution_mismatch)
+
+
+def fid_reference(args, out: Path, resolution: int, device, barrier, rank: int = 0) -> Path:
+    """The FID reference to score against: --fid-ref as it is, or built from --fid-shards at `resolution`.
+
+    An existing reference whose recorded provenance (source, --fid-max, extractor, resolution) differs
+    from the arguments is rebuilt when it is the default <out>/fid_ref.npz, and refused when the user
+    named it with --fid-ref (it may be shared; it is never overwritten)."""
+    from t2i.eval import fid
+
+    ref = Path(args.fid_ref or out / "fid_ref.npz")
+    if not args.fid_shards:
+        return ref
+    src = Path(args.fid_shards)
+    is_folder = src.is_dir() and not any(src.glob("*.tar"))
+    source = fid.ImageSource(folder=str(src) if is_folder else None, shards=None if is_folder else args.fid_shards,
+                             resolution=resolution, max_images=args.fid_max)
+    extractor = fid.build_extractor(args.fid_extractor or "random-conv", device)
+    build = not ref.exists()
+    if not build:
+        diffs = fid.reference_differences(fid.load_reference(ref).meta, fid.reference_provenance(source, extractor))
+        if diffs and args.fid_ref:
+            raise EvalError(f"--fid-ref {ref} was built from other inputs than --fid-shards/--fid-max/--fid-extractor "
+                            f"and the sampling resolution ask for: {'; '.join(diffs)}. Pass a new --fid-ref path "
+                            f"to build one there, or drop --fid-shards to score against {ref} as it is")
+        if diffs:
+            build = True
+            if rank == 0:
+                print(f"[eval] rebuilding {ref}: {'; '.join(diffs)}", flush=True)
+    barrier()  # every rank has looked before any writes it (identical contents, atomic renames)
+    if build:
+        fid.make_reference(source, extractor, ref, device=device, progress=rank == 0)
+    return ref
+
+
+def grid(folders: dict[str, Path], out: Path, per_row: int = 8) -> Path | None:
+    """Rows = checkpoints, columns = the first image of `per_row` prompts spread over the set; written
+    atomically (None when no image can be read)."""
     import numpy as np
     import torch
-    from PIL import Image
 
     from t2i.eval import geneval
+    from t2i.io import atomic_write
     from t2i.viz import save_grid
 
     images, labels = [], []
@@ -73,10 +133,24 @@ def grid(folders: dict[str, Path], out: Path, per_row: int = 8) -> Path:
         for k in picks:
             meta, files = found[k]
             if files:
-                arr = torch.from_numpy(np.array(Image.open(files[0]).convert("RGB"))).float()
+                try:
+                    arr = torch.from_numpy(np.array(geneval.load_image(files[0]))).float()
+                except geneval.BadImage:
+                    continue  # named by the GenEval step
                 images.append(arr.permute(2, 0, 1) / 127.5 - 1)
                 labels.append(f"{label}: {meta['prompt']}")
-    return save_grid(torch.stack(images), labels, out, cols=per_row)
+    if not images:
+        return None
+
+    def write(tmp: Path) -> None:
+        png = tmp.with_name(tmp.name + ".png")  # PIL picks the format from the suffix
+        try:
+            save_grid(torch.stack(images), labels, png, cols=per_row)
+            os.replace(png, tmp)
+        finally:
+            png.unlink(missing_ok=True)
+
+    return atomic_write(out, write)
 
 
 def markdown(report: dict) -> str:
@@ -91,7 +165,8 @@ def markdown(report: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for label, r in rows.items():
         g = r.get("geneval", {})
-        cells = [label, f"{g.get('overall', float('nan')):.4f}"]
+        overall = g.get("overall")
+        cells = [label, "n/a" if overall is None else f"{overall:.4f}"]
         cells += [f"{g['tags'][t]['score']:.3f}" if t in g.get("tags", {}) else "" for t in tags]
         if has_fid:
             cells += [f"{r['fid']['fid']:.4f}", f"{r['fid']['kid']:.5f}"] if "fid" in r else ["", ""]
@@ -105,8 +180,21 @@ def markdown(report: dict) -> str:
              f"- prompts: {s['prompts']} ({s['num_prompts']} prompts)",
              f"- GenEval: detector {s.get('detector')}, colours {s.get('color_classifier')}; overall = mean of "
              f"the tag scores"]
+    for label, r in rows.items():
+        custom = r.get("geneval", {}).get("custom_tags") or {}
+        if custom:
+            cells = ", ".join(f"{t} {v['score']:.3f} ({v['correct']}/{v['images']})"
+                              for t, v in sorted(custom["tags"].items()))
+            notes.append(f"- {label}: custom tags, NOT in the GenEval score: {cells}")
+        skipped = r.get("geneval", {}).get("skipped_images") or []
+        if skipped:
+            notes.append(f"- {label}: {len(skipped)} unreadable or oversized images skipped by GenEval")
     if has_fid:
         notes.append(f"- FID/KID: extractor {s.get('fid_extractor')}, reference {s.get('fid_reference')}")
+        for label, r in rows.items():
+            for w in r.get("fid", {}).get("warnings", []):
+                if w.startswith("resolution mismatch"):
+                    notes.append(f"- {label}: {w}")
     if has_clip:
         notes.append(f"- CLIP score: {s.get('clip')} (100 x max(cos, 0))")
     return "\n".join(["# Evaluation", "", *lines, "", *notes, "", "![samples](grid.png)", ""])
@@ -116,10 +204,11 @@ def main(args, cfg) -> int:
     import torch
 
     from t2i.checkpoint import loading
-    from t2i.eval import geneval_folder, sample_folder
-    from t2i.eval.prompts import load_prompts, write_shapes_geneval
+    from t2i.eval import geneval, geneval_folder, sample_folder
+    from t2i.eval.prompts import write_shapes_geneval
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    check_fid_arguments(args)  # before any sampling: a wrong reference fails in seconds, not after hours
     if world > 1:
         import torch.distributed as dist
         dist.init_process_group("gloo")
@@ -131,11 +220,12 @@ def main(args, cfg) -> int:
         if rank == 0 and not Path(prompts).exists():
             write_shapes_geneval(out / "prompts", per_tag=args.per_tag)
         barrier()
-    entries = load_prompts(prompts)
+    entries = geneval_folder.load_prompt_set(prompts, None, "--prompts")
+    geneval.check_tags(entries, args.custom_tags)  # a misspelled tag fails before sampling, not after
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
 
     report: dict = {"checkpoints": {}, "settings": {}}
-    folders = {}
+    folders, resolutions = {}, {}
     for spec in args.ckpt:
         label, path = _label_path(spec)
         t0 = time.time()
@@ -157,9 +247,12 @@ def main(args, cfg) -> int:
             stats["images_per_s"] = stats["images"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
         row = {"checkpoint": path, "weights": loaded_kind, "sampling": {**stats, "seconds": round(time.time() - t0, 2)}}
         row["geneval"] = geneval_folder.score(folders[label], detector=args.detector, color=args.color,
-                                              object_names=args.object_names, device=device, progress=rank == 0)
+                                              object_names=args.object_names, device=device, progress=rank == 0,
+                                              custom_tags=args.custom_tags)
+        resolutions[label] = kw["resolution"]
         if rank == 0:
-            print(f"[eval] {label}: GenEval {row['geneval']['overall']:.4f} "
+            overall = row["geneval"]["overall"]
+            print(f"[eval] {label}: GenEval {'n/a' if overall is None else f'{overall:.4f}'} "
                   f"({stats['images']} new images, {stats['images_per_s']:.2f} img/s)", flush=True)
         report["checkpoints"][label] = row
         weights = sorted({r["weights"] for r in report["checkpoints"].values()})
@@ -168,20 +261,18 @@ def main(args, cfg) -> int:
                               "color_classifier": row["geneval"].get("color_classifier")}
     if args.fid_ref or args.fid_shards:  # every rank extracts its share of the features
         from t2i.eval import fid
-        ref = Path(args.fid_ref or out / "fid_ref.npz")
-        build = not ref.exists()
-        barrier()  # every rank has looked before any writes it (identical contents, atomic renames)
-        if build:
-            src = Path(args.fid_shards)
-            is_folder = src.is_dir() and not any(src.glob("*.tar"))
-            source = fid.ImageSource(folder=str(src) if is_folder else None,
-                                     shards=None if is_folder else args.fid_shards,
-                                     resolution=report["settings"]["resolution"], max_images=args.fid_max)
-            fid.make_reference(source, fid.build_extractor(args.fid_extractor, device), ref, device=device)
+        ref = fid_reference(args, out, report["settings"]["resolution"], device, barrier, rank)
+        meta = fid.load_reference(ref).meta
         for label, folder in folders.items():
-            report["checkpoints"][label]["fid"] = fid.score_folder(folder, ref, device=device)
+            notes = fid.check_resolution(meta, resolutions[label], f"the FID reference {ref}",
+                                         args.allow_resolution_mismatch)
+            result = fid.score_folder(folder, ref, args.fid_extractor, device=device, progress=rank == 0)
+            result["warnings"] = notes + result["warnings"]
+            report["checkpoints"][label]["fid"] = result
         report["settings"].update(fid_extractor=report["checkpoints"][label]["fid"]["extractor"],
-                                  fid_reference=f"{ref} ({report['checkpoints'][label]['fid']['n_reference']} images)")
+                                  fid_reference=f"{ref} ({report['checkpoints'][label]['fid']['n_reference']} images)",
+                                  fid_reference_meta={k: meta.get(k) for k in ("source", "max_images", "resolution",
+                                                                               "extractor", "n", "created")})
     if rank != 0:
         return 0
     if args.clip:
@@ -190,7 +281,8 @@ def main(args, cfg) -> int:
             report["checkpoints"][label]["clipscore"] = clip_folder(folder, args.clip_model, args.clip, device=device)
         report["settings"]["clip"] = f"{args.clip_model} ({args.clip})"
 
-    grid(folders, out / "grid.png")
+    if grid(folders, out / "grid.png") is None:
+        print("[eval] no readable sample image: grid.png not written", flush=True)
     write_json(out / "report.json", report)
     write_text(out / "report.md", markdown(report))
     print(markdown(report))

@@ -8,8 +8,9 @@
     python -m pipelines.fid score --images runs/toy/geneval --ref runs/ref/shapes-val.npz --out fid.json
 
 `score` uses the reference's extractor unless --extractor is given (a different one is refused) and
-brings images to the reference's resolution unless --resolution is given. Exit status 2 on a missing
-file, an extractor mismatch, a missing Inception file or too few images.
+brings images to the reference's resolution unless --resolution is given; a --resolution other than
+the reference's is refused, naming both, unless --allow-resolution-mismatch. Exit status 2 on a
+missing file, an extractor or resolution mismatch, a missing Inception file or too few images.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     score.add_argument("--kid-subset-size", type=int, default=1000)
     score.add_argument("--seed", type=int, default=0, help="KID subset sampling seed")
     score.add_argument("--out", help="write the result as JSON here")
+    score.add_argument("--allow-resolution-mismatch", action="store_true",
+                       help="score at a --resolution other than the reference's (noted in the result's warnings)")
 
     for p in (ref, score):
         p.add_argument("--batch-size", type=int, default=64)
@@ -69,6 +72,9 @@ def main(argv=None) -> int:
     from t2i.eval import fid as F
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    for flag, value in (("--max", args.max), ("--resolution", args.resolution), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise EvalError(f"{flag} must be >= 1, got {value}")
     if args.command == "ref":
         if args.shards and not args.resolution:
             raise EvalError("--shards needs --resolution (images are centre-cropped to it as in training)")
@@ -86,7 +92,8 @@ def main(argv=None) -> int:
     result = F.score_folder(args.images, args.ref, args.extractor, batch_size=args.batch_size, device=device,
                             resolution=args.resolution, max_images=args.max, kid_subsets=args.kid_subsets,
                             kid_subset_size=args.kid_subset_size, seed=args.seed,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress,
+                            allow_resolution_mismatch=args.allow_resolution_mismatch)
     print(table([("FID", _fmt(result["fid"])), ("KID", _fmt(result["kid"])),
                  ("images", f"{result['n_images']} (bad {result['bad_images']})"),
                  ("reference", f"{result['n_reference']} ({result['reference'].get('source')})"),

@@ -10,6 +10,11 @@ Writes <folder>/geneval/results.jsonl (one record per image, the official fields
 summary.md (per-tag scores, the overall mean of the six tags, and the settings behind them). The
 folder is validated first against the prompt set (from --prompts, else the folder's manifest): every
 missing prompt folder and short prompt is listed, and scoring stops unless --allow-incomplete.
+Unreadable (truncated, not an image) and oversized (> --max-pixels, read from the header before
+decoding) images are named one per line; scoring stops unless --allow-incomplete, which skips them
+and lists them in the summary. Tags outside GenEval's six (e.g. a misspelled "couting") are refused
+unless --custom-tags: then they are scored into custom_results.jsonl and a separate "custom_tags"
+section of the summary, never into results.jsonl or the overall score.
 Under torchrun the images are split over ranks and the records gathered on rank 0.
 """
 
@@ -34,14 +39,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--color", default=None, help="shapes | clip:<local open_clip ViT-L-14 file>")
     p.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE",
                    help="threshold, counting_threshold, max_objects, max_overlap, position_threshold")
-    p.add_argument("--allow-incomplete", action="store_true", help="score what is there (the gaps are reported)")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="score what is there: missing prompts/images and unreadable or oversized images are "
+                        "skipped and reported")
+    p.add_argument("--custom-tags", action="store_true",
+                   help="accept tags outside GenEval's six; they are scored and reported separately (summary "
+                        "'custom_tags', custom_results.jsonl), never in the overall score")
+    p.add_argument("--max-pixels", type=int, default=geneval.MAX_PIXELS,
+                   help=f"refuse images over this many pixels, from the header (default {geneval.MAX_PIXELS})")
     p.add_argument("--out", default=None, help="default: <folder>/geneval")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
     a = p.parse_args(argv)
     summary = score(a.folder, prompts=a.prompts, images_per_prompt=a.images_per_prompt, detector=a.detector,
                     color=a.color, object_names=a.object_names, options=parse_options(a.options),
-                    allow_incomplete=a.allow_incomplete, device=a.device, batch_size=a.batch_size, out=a.out)
+                    allow_incomplete=a.allow_incomplete, device=a.device, batch_size=a.batch_size, out=a.out,
+                    custom_tags=a.custom_tags, max_pixels=a.max_pixels)
     if summary:
         print(geneval.summary_table(summary))
         print(f"\nresults: {Path(a.out or Path(a.folder) / 'geneval') / 'results.jsonl'}")

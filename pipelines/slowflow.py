@@ -17,10 +17,29 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from t2i.errors import EvalError
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """The non-blank lines of a --prompts text file; EvalError naming the file when it is missing,
+    unreadable or has no prompt."""
+    p = Path(path)
+    if not p.is_file():
+        what = "is a directory, not a file" if p.is_dir() else "not found"
+        raise EvalError(f"--prompts {path}: {what} (expected a text file, one prompt per line)")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalError(f"--prompts {path}: cannot be read as text ({e})") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise EvalError(f"--prompts {path}: holds no prompt (expected one prompt per line)")
+    return lines
+
 
 def prompts_from(args, cfg) -> list[str]:
     if args.prompts:
-        lines = [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
+        lines = read_prompt_file(args.prompts)
     else:  # captions of the held-out shards (or the training shards) of the first checkpoint
         from t2i.config import DataConfig
         from t2i.data.shards import expand_shards
@@ -47,6 +66,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.prompts:
+        read_prompt_file(args.prompts)  # before any checkpoint is loaded
+    if args.n < 1 or any(n < 1 for n in args.steps):
+        raise EvalError(f"--n and --steps must be >= 1, got --n {args.n} --steps {' '.join(map(str, args.steps))}")
 
     from t2i.checkpoint import loading
     from t2i.eval.slowflow import measure, summary_table, write_report

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from t2i.errors import ConfigError
+from t2i.io import write_json, write_jsonl, write_text
 
 FULL = ("t2i", "mixflow", "cache")
 MODEL_ONLY = ("zero1", "zero2", "zero3", "ddp", "bare")
@@ -110,11 +111,19 @@ def main(argv=None) -> int:
             print(f"[bench] {group} failed with exit code {rc}", file=sys.stderr, flush=True)
     results = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
     report = summarize(results, args)
-    (out / "bench.json").write_text(json.dumps(report, indent=1))
-    (out / "bench.md").write_text(report["markdown"])
+    write_json(out / "bench.json", report, indent=1)  # atomically: a killed bench leaves the old report or the new
+    write_text(out / "bench.md", report["markdown"])
     print(report["markdown"])
     print(f"[bench] wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 0 if results else 1
+
+
+def append_result(path, record: dict) -> None:
+    """Add one run's record to results.jsonl: the whole file is rewritten atomically (a few lines), so a
+    worker killed mid-write never leaves a torn last line for the summary to choke on."""
+    path = Path(path)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    write_jsonl(path, [*rows, record])
 
 
 def _flags(choice: str) -> list[bool]:
@@ -195,8 +204,7 @@ def worker(args) -> int:
         dist.all_gather_object(gathered, result)
         if rank == 0 and result is not None:
             merged = dict(gathered[0], peak_mem_gb_per_rank=[g["peak_mem_gb"] for g in gathered])
-            with open(args.results, "a") as f:
-                f.write(json.dumps(merged) + "\n")
+            append_result(args.results, merged)
             print(f"[bench] {variant}: {merged['images_per_s']:.2f} images/s, micro-batch {merged['micro_batch']}, "
                   f"peak {max(merged['peak_mem_gb_per_rank']):.1f} GB"
                   + (f", MFU {100 * merged['mfu']:.1f} %" if merged.get("mfu") else ""), flush=True)

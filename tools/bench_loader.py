@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from t2i.errors import ConfigError
+from t2i.io import atomic_write, write_json
 
 PREFETCH = 4  # TrainLoader's prefetch_factor
 
@@ -70,15 +71,20 @@ def write_synthetic_shards(out_dir, n_shards: int = 4, per_shard: int = 250, wid
     if stamp.exists() and json.loads(stamp.read_text()) == spec and all(Path(p).exists() for p in paths):
         return paths
     words = ["red", "green", "blue", "soft", "bright", "misty", "evening", "morning", "field", "sky"]
-    for s, path in enumerate(paths):
+    stamp.unlink(missing_ok=True)  # the stamp is written last, once every shard is complete
+
+    def write_shard(tmp: Path, s: int) -> None:
         rng = np.random.default_rng([seed, s])
-        with wds.TarWriter(path, mtime=0) as sink:
+        with open(tmp, "wb") as f, wds.TarWriter(f, mtime=0) as sink:
             for i in range(per_shard):
                 buf = io.BytesIO()
                 smooth_image(rng, width, height).save(buf, format="JPEG", quality=quality)
                 caption = "a photo of a " + " ".join(rng.choice(words, 3))
                 sink.write({"__key__": f"b{s}_{i:05d}", "jpg": buf.getvalue(), "txt": caption})
-    stamp.write_text(json.dumps(spec) + "\n")
+
+    for s, path in enumerate(paths):
+        atomic_write(path, lambda tmp, s=s: write_shard(tmp, s))
+    write_json(stamp, spec, indent=None)
     return paths
 
 
@@ -275,7 +281,7 @@ def bench(argv=None) -> dict:
                  args.warmup_batches)
     print(table(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
     return report
 
 

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from t2i.errors import EvalError
-from t2i.eval.geneval import list_images
+from t2i.eval.geneval import BadImage, bad_images, list_images, load_image
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -118,12 +118,19 @@ def score_folder(images: str | Path, model: str, pretrained: str | Path, device:
     items = geneval_samples(images)
     if not items:
         raise EvalError(f"no <digits>/samples/<digits>.png images under {images}")
+    bad = bad_images([path for _, _, path in items])  # before the model is loaded
+    if bad:
+        raise EvalError(f"{len(bad)} of {len(items)} images in {images} cannot be scored:\n  "
+                        + "\n  ".join(f"{b['file']}: {b['reason']}" for b in bad) + "\n(re-sample them)")
     scorer = ClipScorer(model, pretrained, device, batch_size)
     scores = []
     with tqdm(total=len(items), desc=scorer.name, unit="img", disable=not progress) as bar:
         for i in range(0, len(items), batch_size):
             chunk = items[i:i + batch_size]
-            pics = [ImageOps.exif_transpose(Image.open(path)).convert("RGB") for _, _, path in chunk]
+            try:
+                pics = [load_image(path) for _, _, path in chunk]  # EXIF-transposed RGB, pixel cap
+            except BadImage as e:
+                raise EvalError(f"cannot score an image of {images}: {e} (re-sample it)") from None
             scores.extend(scorer.score(pics, [prompt for _, prompt, _ in chunk]).tolist())
             bar.update(len(chunk))
 

@@ -45,10 +45,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from t2i.errors import EvalError
+from t2i.io import atomic_write
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 REF_FORMAT = "t2i-fid-ref/1"
+MAX_PIXELS = 40_000_000  # larger images (by their header) are skipped and counted as bad, never decoded
 
 
 class SmallSampleWarning(UserWarning):
@@ -238,6 +240,16 @@ class ImageSource:
             return f"folder:{os.path.abspath(self.folder)}"
         return f"shards:{self.shards if isinstance(self.shards, str) else '::'.join(map(str, self.shards))}"
 
+    def identity(self) -> str:
+        """What the source resolves to, independent of how it was spelled: the folder's absolute path,
+        or a digest of the expanded shard list (absolute paths) and its length."""
+        if self.folder is not None:
+            return f"folder:{os.path.abspath(self.folder)}"
+        from t2i.data.shards import expand_shards
+
+        urls = [u if (u.startswith("pipe:") or "://" in u) else os.path.abspath(u) for u in expand_shards(self.shards)]
+        return f"shards:{len(urls)}:{hashlib.sha256(chr(10).join(urls).encode()).hexdigest()[:16]}"
+
     def files(self) -> list[Path]:
         files = sorted(p for p in Path(self.folder).rglob("*") if p.suffix.lower() in FOLDER_EXTENSIONS and p.is_file())
         return files[: self.max_images]
@@ -274,6 +286,8 @@ class ImageSource:
             else:
                 opened = Image.open(entry)
             with opened as im:
+                if im.size[0] * im.size[1] > MAX_PIXELS:  # from the header: never decoded
+                    return None
                 im.load()
                 image = im.convert("RGB")
             if self.resolution is not None:
@@ -417,12 +431,12 @@ def save_reference(path: str | Path, feats: np.ndarray, meta: dict) -> Stats:
     stats.meta = {"format": REF_FORMAT, **meta, "n": len(feats), "dim": int(np.shape(feats)[1]),
                   "created": meta.get("created") or datetime.datetime.now(datetime.timezone.utc).isoformat(
                       timespec="seconds")}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
-        np.savez(f, mu=stats.mu, sigma=stats.sigma, feats=stats.feats, meta=np.array(json.dumps(stats.meta)))
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+            np.savez(f, mu=stats.mu, sigma=stats.sigma, feats=stats.feats, meta=np.array(json.dumps(stats.meta)))
+
+    atomic_write(path, write)  # a unique temp name per writer, renamed over `path`
     return stats
 
 
@@ -431,14 +445,64 @@ def load_reference(path: str | Path, extractor: Extractor | str | None = None) -
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"reference statistics not found: {path} (make them with `python -m pipelines.fid ref ...`)")
-    with np.load(path, allow_pickle=False) as data:
-        if "meta" not in data.files:
-            raise EvalError(f"{path} has no meta (not written by t2i.eval.fid.save_reference), so its extractor is unknown")
-        stats = Stats(data["mu"], data["sigma"], data["feats"] if "feats" in data.files else None,
-                      json.loads(str(data["meta"])))
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "meta" not in data.files:
+                raise EvalError(f"{path} has no meta (not written by t2i.eval.fid.save_reference), so its extractor "
+                                f"is unknown")
+            stats = Stats(data["mu"], data["sigma"], data["feats"] if "feats" in data.files else None,
+                          json.loads(str(data["meta"])))
+    except EvalError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise EvalError(f"{path} is not a readable reference .npz ({type(exc).__name__}: {exc}); rebuild it with "
+                        f"`t2i fid ref`") from None
     if extractor is not None:
         check_extractor(stats, extractor, where=str(path))
     return stats
+
+
+def reference_provenance(source: ImageSource, extractor: Extractor | str) -> dict:
+    """What a reference is built from, as recorded in its meta and compared by `reference_differences`."""
+    return {"source": source.describe(), "source_id": source.identity(), "max_images": source.max_images,
+            "resolution": source.resolution,
+            "extractor": extractor if isinstance(extractor, str) else extractor.name}
+
+
+def reference_differences(meta: dict, wanted: dict) -> list[str]:
+    """'field: recorded X, requested Y' for each provenance field of `wanted` (see `reference_provenance`)
+    that the reference's meta contradicts. The source is compared by `source_id` when both have one
+    (so `data/x` and `/abs/data/x` are the same source), else by its spelling."""
+    diffs = []
+    if meta.get("source_id") and wanted.get("source_id"):
+        same = meta["source_id"] == wanted["source_id"]
+    else:
+        same = meta.get("source") == wanted.get("source")
+    if not same:
+        diffs.append(f"source: recorded {meta.get('source')!r}, requested {wanted.get('source')!r}")
+    for key, label in (("max_images", "max images"), ("resolution", "resolution"), ("extractor", "extractor")):
+        if meta.get(key) != wanted.get(key):
+            diffs.append(f"{label}: recorded {meta.get(key)!r}, requested {wanted.get(key)!r}")
+    return diffs
+
+
+def _res(r) -> str:
+    return "native size (not cropped)" if r is None else f"{r} px"
+
+
+def check_resolution(meta: dict, resolution: int | None, where: str = "reference", allow: bool = False,
+                     flag: str = "--allow-resolution-mismatch") -> list[str]:
+    """Refuse (EvalError) images brought to `resolution` against a reference made at another one, naming
+    both; with `allow`, return the mismatch as a warning note instead. [] when they agree."""
+    ref_res = meta.get("resolution")
+    if resolution == ref_res:
+        return []
+    message = (f"images at {_res(resolution)} but {where} was made at {_res(ref_res)}: the crop and scale differ, "
+               f"so FID would measure the resolution, not the model")
+    if not allow:
+        raise EvalError(f"{message}; score at the reference's resolution, rebuild the reference at {_res(resolution)}, "
+                        f"or pass {flag}")
+    return [f"resolution mismatch allowed ({flag}): {message}"]
 
 
 def check_extractor(stats: Stats, extractor: Extractor | str, where: str = "reference") -> None:
@@ -546,22 +610,27 @@ def make_reference(source: ImageSource, extractor: Extractor, out: str | Path, b
     feats = compute_features(source, extractor, batch_size, device, progress, desc="reference")
     if len(feats) < 2:
         raise EvalError(f"{source.describe()} gave {len(feats)} usable images (bad: {source.counts}); need >= 2")
-    meta = {"extractor": extractor.name, "spec": extractor.spec, "source": source.describe(),
-            "resolution": source.resolution, "max_images": source.max_images, "counts": dict(source.counts)}
+    meta = {**reference_provenance(source, extractor), "spec": extractor.spec, "counts": dict(source.counts)}
     return save_reference(out, feats, meta)
 
 
 def score_folder(images_dir: str | Path, reference_path: str | Path,
                  extractor: Extractor | str | None = None, batch_size: int = 64, device=None,
                  resolution: int | None = None, max_images: int | None = None, kid_subsets: int = 100,
-                 kid_subset_size: int = 1000, seed: int = 0, progress: bool = True) -> dict:
+                 kid_subset_size: int = 1000, seed: int = 0, progress: bool = True,
+                 allow_resolution_mismatch: bool = False) -> dict:
     """FID/KID of the images under `images_dir` (recursive) against a saved reference.
 
     `extractor` defaults to the one recorded in the reference ("spec"); a different one is refused.
     `resolution` defaults to the reference's, so both sides are centre-cropped to the same size before
-    the extractor's own resize (pass it explicitly to override).
+    the extractor's own resize; another resolution is refused unless `allow_resolution_mismatch`
+    (then the mismatch is in "warnings").
     """
+    if max_images is not None and max_images < 1:
+        raise EvalError(f"--max must be >= 1, got {max_images}")
     ref = load_reference(reference_path)
+    mismatch = [] if resolution is None else check_resolution(ref.meta, resolution, f"reference {reference_path}",
+                                                              allow_resolution_mismatch)
     if extractor is None:
         extractor = ref.meta.get("spec")
         if extractor is None:
@@ -581,7 +650,7 @@ def score_folder(images_dir: str | Path, reference_path: str | Path,
     kid_value = None
     if ref.feats is not None:
         kid_value = kid(feats, ref.feats, num_subsets=kid_subsets, max_subset_size=kid_subset_size, seed=seed)
-    notes = sample_notes(len(feats), ref.n, extractor.dim)
+    notes = mismatch + sample_notes(len(feats), ref.n, extractor.dim)
     if ref.feats is None:
         notes.append("reference holds no features: KID not computed")
     if extractor.name.startswith("random-conv"):

@@ -6,8 +6,11 @@ detectors and colour classifiers.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol
@@ -15,8 +18,8 @@ from typing import Optional, Protocol
 import numpy as np
 from PIL import Image, ImageOps
 
-from t2i.geneval_spec import POSITION_THRESHOLD, TAGS, relations
 from t2i.errors import EvalError
+from t2i.geneval_spec import POSITION_THRESHOLD, TAGS, relations
 from t2i.io import write_jsonl
 
 
@@ -150,8 +153,13 @@ def judge(kept: dict[str, list[Detection]], metadata: dict, classify_colors=None
 
 def evaluate_image(image: Image.Image, detections: list[Detection], metadata: dict, class_names: list[str],
                    color_classifier: Optional[ColorClassifier] = None, opts: Options = DEFAULTS,
-                   filename: str = "") -> dict:
-    """One official results.jsonl record: filename, tag, prompt, correct, reason, metadata, details."""
+                   filename: str = "", custom_tags: bool = False) -> dict:
+    """One official results.jsonl record: filename, tag, prompt, correct, reason, metadata, details.
+
+    A tag outside GenEval's six is refused unless `custom_tags`: such an image is judged with the
+    include/exclude rules and the plain `threshold` (only `counting` uses the counting threshold), and
+    `summarize` reports it under "custom_tags", never in the overall score."""
+    check_tags([metadata], custom_tags)
     kept = keep_objects(detections, class_names, metadata["tag"], opts)
 
     def classify(objects, name):
@@ -170,34 +178,103 @@ def evaluate_image(image: Image.Image, detections: list[Detection], metadata: di
 # ----------------------------------------------------------------------------------------------
 
 
-def summarize(records: list[dict]) -> dict:
-    """Per-tag score = mean `correct` over that tag's images; overall = mean of the tag scores (the
-    GenEval score). Also the official side numbers: % correct images and % correct prompts (a prompt
-    is correct when any of its images is; prompts are grouped by their metadata string)."""
-    if not records:
-        raise ValueError("no results to summarise")
+def check_tags(metas: list[dict], custom_tags: bool = False, names: list[str] | None = None) -> list[str]:
+    """The sorted custom (non-GenEval) tags among `metas`; refused (EvalError) unless `custom_tags`.
+
+    Every prompt needs a string "tag". The error names each unknown tag (with the closest valid one),
+    how many prompts carry it and the first of them (`names[i]` labels metas[i], e.g. its folder)."""
+    untagged = [i for i, m in enumerate(metas) if not isinstance(m.get("tag"), str) or not m.get("tag")]
+    if untagged:
+        i = untagged[0]
+        where = names[i] if names else f"prompt {i}"
+        raise EvalError(f"{len(untagged)} prompt(s) have no GenEval tag (first: {where}, {metas[i].get('prompt')!r}); "
+                        f"every metadata line needs \"tag\": one of {', '.join(TAGS)}")
+    custom: dict[str, list[int]] = {}
+    for i, m in enumerate(metas):
+        if m["tag"] not in TAGS:
+            custom.setdefault(m["tag"], []).append(i)
+    if custom and not custom_tags:
+        parts = []
+        for tag, idx in sorted(custom.items()):
+            close = difflib.get_close_matches(tag, TAGS, n=1)
+            where = names[idx[0]] if names else f"prompt {idx[0]}"
+            parts.append(f"{tag!r} ({len(idx)} prompt(s), first {where}"
+                         + (f"; did you mean {close[0]!r}?" if close else "") + ")")
+        raise EvalError(f"unknown GenEval tag(s): {', '.join(parts)}; the valid tags are {', '.join(TAGS)} "
+                        f"(fix the metadata, or pass --custom-tags to score other tags separately, outside the "
+                        f"overall score)")
+    return sorted(custom)
+
+
+def _tag_scores(records: list[dict]) -> dict:
     by_tag: dict[str, list[bool]] = {}
-    by_prompt: dict[str, bool] = {}
     for r in records:
         by_tag.setdefault(r["tag"], []).append(bool(r["correct"]))
+    return {t: {"score": sum(v) / len(v), "correct": sum(v), "images": len(v)} for t, v in by_tag.items()}
+
+
+def _side_numbers(records: list[dict]) -> dict:
+    by_prompt: dict[str, bool] = {}
+    for r in records:
         by_prompt[r["metadata"]] = by_prompt.get(r["metadata"], False) or bool(r["correct"])
-    tags = {t: {"score": sum(v) / len(v), "correct": sum(v), "images": len(v)} for t, v in by_tag.items()}
-    return {"overall": sum(t["score"] for t in tags.values()) / len(tags), "tags": tags,
-            "images": len(records), "prompts": len(by_prompt),
-            "correct_images": sum(bool(r["correct"]) for r in records) / len(records),
-            "correct_prompts": sum(by_prompt.values()) / len(by_prompt)}
+    return {"images": len(records), "prompts": len(by_prompt),
+            "correct_images": sum(bool(r["correct"]) for r in records) / len(records) if records else None,
+            "correct_prompts": sum(by_prompt.values()) / len(by_prompt) if by_prompt else None}
+
+
+CUSTOM_NOTE = ("custom tags are not GenEval tags: judged with the include/exclude rules and the plain threshold, "
+               "reported separately and never part of the overall score")
+
+
+def summarize(records: list[dict], custom_tags: bool = False) -> dict:
+    """Per-tag score = mean `correct` over that tag's images; overall = mean of the tag scores (the
+    GenEval score). Also the official side numbers: % correct images and % correct prompts (a prompt
+    is correct when any of its images is; prompts are grouped by their metadata string).
+
+    Only GenEval's six tags enter "tags", "overall" and the side numbers. Records of other tags are
+    refused (EvalError) unless `custom_tags`; then they are summarised in "custom_tags" ({"tags", "images",
+    "prompts", "correct_images", "correct_prompts", "note"}) and "overall" is None when no official tag
+    is present. "custom_tags" is {} when there are none."""
+    if not records:
+        raise EvalError("no results to summarise (no scorable images)")
+    check_tags([{"tag": r["tag"], "prompt": r.get("prompt")} for r in records], custom_tags,
+               names=[r.get("filename") or f"record {i}" for i, r in enumerate(records)])
+    official = [r for r in records if r["tag"] in TAGS]
+    custom = [r for r in records if r["tag"] not in TAGS]
+    tags = _tag_scores(official)
+    summary = {"overall": sum(t["score"] for t in tags.values()) / len(tags) if tags else None, "tags": tags,
+               **_side_numbers(official), "custom_tags": {}}
+    if custom:
+        summary["custom_tags"] = {"tags": _tag_scores(custom), **_side_numbers(custom), "note": CUSTOM_NOTE}
+    return summary
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
 
 
 def summary_table(summary: dict) -> str:
-    """Markdown: the overall score and one row per tag, in GenEval's tag order."""
+    """Markdown: the overall score and one row per tag, in GenEval's tag order; custom tags (if any) in a
+    separate table below, outside the overall."""
     order = [t for t in TAGS if t in summary["tags"]] + [t for t in summary["tags"] if t not in TAGS]
     lines = ["| tag | score | correct / images |", "|---|---:|---:|"]
     for t in order:
         s = summary["tags"][t]
         lines.append(f"| {t} | {s['score']:.4f} | {s['correct']} / {s['images']} |")
-    lines.append(f"| **overall (mean of tags)** | **{summary['overall']:.4f}** | |")
+    lines.append(f"| **overall (mean of tags)** | **{_fmt(summary['overall'], '.4f')}** | |")
     lines.append(f"\n{summary['images']} images, {summary['prompts']} prompts; correct images "
-                 f"{summary['correct_images']:.2%}, correct prompts {summary['correct_prompts']:.2%}")
+                 f"{_fmt(summary['correct_images'], '.2%')}, correct prompts {_fmt(summary['correct_prompts'], '.2%')}")
+    custom = summary.get("custom_tags") or {}
+    if custom:
+        lines += ["", "Custom tags (not GenEval tags; NOT part of the overall score):", "",
+                  "| custom tag | score | correct / images |", "|---|---:|---:|"]
+        for t, s in sorted(custom["tags"].items()):
+            lines.append(f"| {t} | {s['score']:.4f} | {s['correct']} / {s['images']} |")
+        lines.append(f"\n{custom['images']} images, {custom['prompts']} prompts; {custom['note']}")
+    skipped = summary.get("skipped_images") or []
+    if skipped:
+        lines.append(f"\n{len(skipped)} unreadable or oversized images skipped (--allow-incomplete): "
+                     + ", ".join(s["file"] for s in skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
     return "\n".join(lines)
 
 
@@ -208,8 +285,25 @@ def summary_table(summary: dict) -> str:
 
 def read_metadata(path: str | Path) -> list[dict]:
     """A GenEval metadata jsonl (one prompt's metadata per line) -> list of dicts."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"GenEval metadata file not found: {path}")
+    out = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                out.append(_json_line(line, f"{path}:{n}"))
+    return out
+
+
+def _json_line(text: str, where: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(value, dict) or not isinstance(value.get("prompt"), str):
+        raise EvalError(f"{where}: expected a JSON object with a \"prompt\" string, got {text.strip()[:80]!r}")
+    return value
 
 
 def list_images(folder: str | Path) -> dict[int, tuple[dict, list[Path]]]:
@@ -223,12 +317,85 @@ def list_images(folder: str | Path) -> dict[int, tuple[dict, list[Path]]]:
         meta_path = sub / "metadata.jsonl"
         if not meta_path.exists():
             raise EvalError(f"{meta_path} is missing (every prompt folder needs its metadata)")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        try:
+            text = meta_path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise EvalError(f"{meta_path} cannot be read ({e})") from None
+        meta = _json_line(text, str(meta_path))
         samples = sub / "samples"
         images = sorted(p for p in samples.iterdir() if p.is_file() and re.match(r"\d+\.png", p.name)) \
             if samples.is_dir() else []
         out[int(sub.name)] = (meta, images)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Unreadable and oversized images
+# ----------------------------------------------------------------------------------------------
+
+
+MAX_PIXELS = 40_000_000  # width x height cap, checked from the header before decoding (--max-pixels)
+
+
+class BadImage(Exception):
+    """An image that cannot be scored: unreadable (truncated, not an image) or over the pixel cap."""
+
+
+def _open_checked(path: Path, max_pixels: int) -> Image.Image:
+    """Image.open (header only) + the pixel cap; PIL's own decompression-bomb error counts as oversized."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise BadImage(f"oversized ({e})") from None
+        except Exception as e:  # noqa: BLE001 - any failure to read the header means: not an image
+            raise BadImage(f"unreadable ({type(e).__name__}: {e})") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise BadImage(f"oversized: {w}x{h} = {w * h} pixels, over the {max_pixels}-pixel cap (--max-pixels)")
+    return im
+
+
+def check_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> str | None:
+    """None if `path` looks scorable, else why not: the header and the pixel cap, then PIL's `verify`
+    (chunk structure and CRCs, which catches a truncated PNG) without decoding the pixels."""
+    try:
+        im = _open_checked(Path(path), max_pixels)
+    except BadImage as e:
+        return str(e)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im.verify()
+    except Exception as e:  # noqa: BLE001
+        return f"unreadable ({type(e).__name__}: {e})"
+    finally:
+        im.close()
+    return None
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The EXIF-transposed RGB image, decoded only after the header passed the pixel cap; BadImage if not."""
+    im = _open_checked(Path(path), max_pixels)
+    try:
+        with im:
+            im.load()
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except BadImage:
+        raise
+    except Exception as e:  # noqa: BLE001 - a decoder failure is a bad image, named by the caller
+        raise BadImage(f"unreadable ({type(e).__name__}: {e})") from None
+
+
+def bad_images(paths: list[Path], max_pixels: int = MAX_PIXELS) -> list[dict]:
+    """[{"file", "reason"}] for every path `check_image` refuses, in order."""
+    out = []
+    for path in paths:
+        reason = check_image(path, max_pixels)
+        if reason is not None:
+            out.append({"file": str(path), "reason": reason})
     return out
 
 
@@ -281,27 +448,41 @@ def validate(found: dict[int, tuple[dict, list[Path]]], expected: Optional[list[
 
 def score_folder(folder: str | Path, detector: Detector, color_classifier: Optional[ColorClassifier] = None,
                  opts: Options = DEFAULTS, batch_size: int = 8, rank: int = 0, world: int = 1,
-                 progress: bool = True) -> list[dict]:
+                 progress: bool = True, custom_tags: bool = False, max_pixels: int = MAX_PIXELS,
+                 skip: Iterable = (), bad: list | None = None) -> list[dict]:
     """results.jsonl records for this rank's share (every `world`-th image) of the folder's images,
-    in file order. Per-image results do not depend on the split; merge the shares and summarise once."""
+    in file order. Per-image results do not depend on the split; merge the shares and summarise once.
+
+    Images in `skip` (paths) are left out. An image that fails to decode (or is over `max_pixels`) is
+    appended to `bad` as {"file", "reason"} and left out; without a `bad` list it is an EvalError."""
     from tqdm import tqdm
 
-    jobs = [(img, meta) for _, (meta, imgs) in sorted(list_images(folder).items()) for img in imgs][rank::world]
+    skip = {str(p) for p in skip}
+    jobs = [(img, meta) for _, (meta, imgs) in sorted(list_images(folder).items()) for img in imgs
+            if str(img) not in skip][rank::world]
     records = []
     bar = tqdm(total=len(jobs), desc="geneval", unit="img", disable=not progress or rank != 0, dynamic_ncols=True)
     for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
-        images = [ImageOps.exif_transpose(Image.open(p)).convert("RGB") for p, _ in chunk]
-        for (path, meta), image, dets in zip(chunk, images, detector(images), strict=True):
+        chunk, images = [], []
+        for path, meta in jobs[start:start + batch_size]:
+            try:
+                images.append(load_image(path, max_pixels))
+            except BadImage as e:
+                if bad is None:
+                    raise EvalError(f"{path}: {e} (re-sample it, or pass --allow-incomplete to skip it)") from None
+                bad.append({"file": str(path), "reason": str(e)})
+                continue
+            chunk.append((path, meta))
+        for (path, meta), image, dets in zip(chunk, images, detector(images) if images else [], strict=True):
             records.append(evaluate_image(image, dets, meta, detector.class_names, color_classifier, opts,
-                                          filename=str(path)))
-        bar.update(len(chunk))
+                                          filename=str(path), custom_tags=custom_tags))
+        bar.update(len(jobs[start:start + batch_size]))
     bar.close()
     return records
 
 
 def write_results(records: list[dict], path: str | Path) -> Path:
-    """results.jsonl: the official fields, one image per line, sorted by filename."""
+    """results.jsonl: the official fields, one image per line, sorted by filename (atomically)."""
     return write_jsonl(path, sorted(records, key=lambda r: r["filename"]))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -26,28 +27,67 @@ def parse_options(pairs: list[str]) -> geneval.Options:
         key, _, value = pair.partition("=")
         if key not in names:
             raise EvalError(f"--options {key}: unknown; valid keys: {', '.join(names)}")
-        values[key] = int(value) if key == "max_objects" else float(value)
+        try:
+            values[key] = int(value) if key == "max_objects" else float(value)
+        except ValueError:
+            raise EvalError(f"--options {pair}: expected {key}=<{'integer' if key == 'max_objects' else 'number'}>")\
+                from None
     return geneval.Options(**values)
+
+
+def load_prompt_set(source: str, limit: int | None, what: str) -> list[dict]:
+    """load_prompts with its input errors as EvalError (a missing file, an entry without a prompt)."""
+    path = Path(source)
+    if path.suffix in (".jsonl", ".txt") and not path.is_file():
+        raise EvalError(f"{what}: prompt file not found: {source}")
+    try:
+        return load_prompts(source, limit=limit)
+    except EvalError:
+        raise  # already names the file
+    except (ValueError, FileNotFoundError) as e:  # json.JSONDecodeError is a ValueError
+        raise EvalError(f"{what}: {source}: {e}") from None
 
 
 def expected_prompts(folder: Path, prompts: str | None) -> tuple[list[dict] | None, int | None, dict]:
     """(prompt set, images per prompt, sampling settings) from --prompts or the folder's manifest."""
     manifest = folder / "manifest.json"
-    settings = json.loads(manifest.read_text()) if manifest.exists() else {}
+    try:
+        settings = json.loads(manifest.read_text()) if manifest.exists() else {}
+    except (OSError, ValueError) as e:
+        raise EvalError(f"{manifest} cannot be read ({e}); re-run t2i sample, or delete it and pass --prompts") \
+            from None
     source = prompts or settings.get("prompts")
     if not source:
         return None, settings.get("images_per_prompt"), settings
     limit = None if prompts else settings.get("num_prompts")  # t2i sample --limit N took the first N
-    return load_prompts(source, limit=limit), settings.get("images_per_prompt"), settings
+    what = "--prompts" if prompts else f"{manifest} 'prompts'"
+    return load_prompt_set(source, limit, what), settings.get("images_per_prompt"), settings
+
+
+def _gather(obj, world: int) -> list:
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    gathered = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def score(folder: str | Path, *, prompts: str | None = None, images_per_prompt: int | None = None,
           detector: str | None = None, color: str | None = None, object_names: str | None = None,
           options: geneval.Options = geneval.DEFAULTS, allow_incomplete: bool = False, device: str = "cpu",
-          batch_size: int = 8, out: str | Path | None = None, progress: bool = True) -> dict:
-    """Validate, score and summarise a GenEval-layout folder; returns the summary (rank 0)."""
+          batch_size: int = 8, out: str | Path | None = None, progress: bool = True,
+          custom_tags: bool = False, max_pixels: int = geneval.MAX_PIXELS) -> dict:
+    """Validate, score and summarise a GenEval-layout folder; returns the summary (rank 0).
+
+    Refused (EvalError) before any scoring: an incomplete folder, tags outside GenEval's six (unless
+    `custom_tags`: then scored into summary["custom_tags"] and custom_results.jsonl, never into "overall"
+    or results.jsonl), and unreadable or oversized (> `max_pixels`) images. With `allow_incomplete`,
+    gaps and bad images are skipped, each bad image named on stderr, and all listed in the summary."""
     folder = Path(folder)
     out = Path(out) if out else folder / "geneval"
+    if max_pixels < 1:
+        raise EvalError(f"--max-pixels must be >= 1, got {max_pixels}")
     expected, n_images, settings = expected_prompts(folder, prompts)
     found = geneval.list_images(folder)
     problems = geneval.validate(found, expected, images_per_prompt or n_images)
@@ -55,13 +95,23 @@ def score(folder: str | Path, *, prompts: str | None = None, images_per_prompt: 
         raise EvalError(f"{folder} is incomplete:\n  " + "\n  ".join(problems)
                                         + "\n(finish sampling, or pass --allow-incomplete to score what is there)")
     metas = [m for m, _ in found.values()]
+    custom = geneval.check_tags(metas, custom_tags, names=[f"{i:05d}/metadata.jsonl" for i in found])
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    # Every rank checks every header (cheap, no decoding), so all ranks take the same decision.
+    bad = geneval.bad_images([p for _, imgs in found.values() for p in imgs], max_pixels)
+    if bad and not allow_incomplete:
+        raise EvalError(_bad_message(folder, bad, sum(len(i) for _, i in found.values())))
     classes = {c["class"] for m in metas for c in m.get("include", []) + m.get("exclude", [])}
     if detector is None:
         if not classes <= set(SHAPES):
             raise EvalError("these prompts name classes outside the shapes domain; pass "
                              "--detector mask2former:<local folder> (and --color clip:<file>)")
         detector = "shapes"
-    names = Path(object_names).read_text().split("\n") if object_names else None
+    names = None
+    if object_names:
+        if not Path(object_names).is_file():
+            raise EvalError(f"--object-names: file not found: {object_names}")
+        names = Path(object_names).read_text().split("\n")
     det = build_detector(detector, device=device, class_names=[n for n in names if n] if names else None)
     unknown = classes - set(det.class_names)
     if unknown:
@@ -72,27 +122,43 @@ def score(folder: str | Path, *, prompts: str | None = None, images_per_prompt: 
     if clf is None and any("color" in c for m in metas for c in m.get("include", [])):
         raise EvalError("these prompts ask for colours; pass --color clip:<local ViT-L-14 file> (or shapes)")
 
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     t0 = time.time()
+    late_bad: list[dict] = []  # passed the header check but failed to decode
     records = geneval.score_folder(folder, det, clf, options, batch_size=batch_size, rank=rank, world=world,
-                                   progress=progress)
+                                   progress=progress, custom_tags=custom_tags, max_pixels=max_pixels,
+                                   skip=[b["file"] for b in bad], bad=late_bad)
     if world > 1:
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-        gathered = [None] * world
-        dist.all_gather_object(gathered, records)
-        records = [r for part in gathered for r in part]
+        gathered = _gather((records, late_bad), world)
+        records = [r for part, _ in gathered for r in part]
+        late_bad = [b for _, part in gathered for b in part]
         if rank != 0:
             return {}
-    summary = geneval.summarize(records)
+    if late_bad and not allow_incomplete:
+        raise EvalError(_bad_message(folder, late_bad, sum(len(i) for _, i in found.values())))
+    bad = sorted(bad + late_bad, key=lambda b: b["file"])
+    for b in bad:  # one line each, on stderr: the run goes on without them
+        print(f"geneval: skipped {b['file']}: {b['reason']}", file=sys.stderr, flush=True)
+    if bad:
+        problems = [*problems, f"{len(bad)} unreadable or oversized images skipped"]
+    summary = geneval.summarize(records, custom_tags=custom_tags)
     summary.update(detector=det.name, color_classifier=clf.name if clf else None, options=asdict(options),
                    sampling={k: settings[k] for k in ("checkpoint", "weights", "steps", "guidance", "shift",
                                                      "resolution", "seed", "images_per_prompt") if k in settings},
                    prompt_set=prompts or settings.get("prompts"), folder=str(folder), problems=problems,
-                   seconds=round(time.time() - t0, 2))
-    geneval.write_results(records, out / "results.jsonl")
+                   skipped_images=bad, max_pixels=max_pixels, seconds=round(time.time() - t0, 2))
+    official = [r for r in records if r["tag"] in geneval.TAGS]
+    geneval.write_results(official, out / "results.jsonl")
+    if custom:
+        geneval.write_results([r for r in records if r["tag"] not in geneval.TAGS], out / "custom_results.jsonl")
+    else:
+        (out / "custom_results.jsonl").unlink(missing_ok=True)  # not a leftover of an earlier --custom-tags run
     write_json(out / "summary.json", summary)
     write_text(out / "summary.md", f"# GenEval: {folder}\n\ndetector {det.name}, colours "
                                    f"{summary['color_classifier']}\n\n{geneval.summary_table(summary)}\n")
     return summary
+
+
+def _bad_message(folder: Path, bad: list[dict], total: int) -> str:
+    lines = [f"{b['file']}: {b['reason']}" for b in bad]
+    return (f"{len(bad)} of {total} images in {folder} cannot be scored:\n  " + "\n  ".join(lines)
+            + "\n(re-sample them, or pass --allow-incomplete to skip them; they are counted in the summary)")

@@ -8,13 +8,13 @@ fewer steps; MixFlow post-training should pull σ̂ toward σ.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from t2i import flow
 from t2i.eval.sampling import initial_noise, sample_batch
+from t2i.io import atomic_write, write_json, write_text
 
 
 @torch.no_grad()
@@ -104,14 +104,17 @@ def plot(results: dict, path: Path) -> Path:
     axes[1][0].set_ylabel("σ̂ − σ  (> 0: slower than its step)")
     axes[0][0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:  # atomically; the format is given, as the temp name's suffix is not .png
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
     return Path(path)
 
 
 def write_report(results: dict, out: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "slowflow.json").write_text(json.dumps(results, indent=1))
-    (out / "slowflow.md").write_text("Mean σ̂ − σ over the inner steps:\n\n" + summary_table(results) + "\n\n"
-                                     + markdown(results))
+    """slowflow.json, slowflow.md and slowflow.png in `out`, each written atomically (t2i.io)."""
+    out = Path(out)
+    write_json(out / "slowflow.json", results, indent=1)
+    write_text(out / "slowflow.md", "Mean σ̂ − σ over the inner steps:\n\n" + summary_table(results) + "\n\n"
+               + markdown(results))
     return {"json": out / "slowflow.json", "md": out / "slowflow.md", "png": plot(results, out / "slowflow.png")}
