@@ -107,3 +107,35 @@ def test_tool_scores_a_geneval_folder(tiny_clip, tmp_path, capsys):
     assert entry["prompt"] == PROMPTS[1] and list(entry["scores"]) == ["0000.png", "0001.png"]
     np.testing.assert_allclose(list(entry["scores"].values()), expected["00001"], rtol=1e-5)
     assert "n 4" in capsys.readouterr().out
+
+
+def test_a_clip_file_with_a_planted_pickle_runs_no_code(tiny_clip, tmp_path):
+    import os
+    import zipfile
+
+    from t2i.errors import T2IError
+
+    marker = tmp_path / "ran"
+
+    class Planted:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    name, good = tiny_clip
+    state = torch.load(good, weights_only=True)
+    state["extra"] = Planted()
+    planted = tmp_path / "planted.pt"
+    torch.save(state, planted)
+    with pytest.raises(T2IError, match="posix.system"):
+        ClipScorer(name, planted)
+    # a member named like TorchScript's constants.pkl no longer switches to an unsafe load
+    disguised = tmp_path / "disguised.pt"
+    with zipfile.ZipFile(planted) as src, zipfile.ZipFile(disguised, "w") as dst:
+        for item in src.infolist():
+            dst.writestr(item, src.read(item))
+        root = src.namelist()[0].split("/")[0]
+        dst.writestr(f"{root}/constants.pkl", b"")
+        dst.writestr(f"{root}/code/__torch__.py", b"")
+    with pytest.raises(T2IError):
+        ClipScorer(name, disguised)
+    assert not marker.exists()

@@ -12,8 +12,9 @@ GenEval colour classifier and torchmetrics' default) use model name "ViT-L-14-qu
 trained with QuickGELU; open_clip's plain "ViT-L-14" uses GELU and only switches for the "openai"
 tag) and the file open_clip itself fetches for `pretrained="openai"`: `open_clip_pytorch_model.bin`
 (or `open_clip_model.safetensors`) from huggingface.co/timm/vit_large_patch14_clip_224.openai.
-OpenAI's original TorchScript `ViT-L-14.pt` is also accepted (loaded with weights_only=False, as it
-is a TorchScript archive; not tested here against the real file).
+OpenAI's original TorchScript `ViT-L-14.pt` is also accepted (read with torch.jit.load, which rebuilds
+TorchScript and tensors only; not tested here against the real file). No file is ever unpickled with
+Python objects (t2i.trust).
 """
 
 from __future__ import annotations
@@ -33,19 +34,46 @@ from t2i.eval.geneval import BadImage, bad_images, list_images, load_image
 
 
 def _is_torchscript(path: Path) -> bool:
-    """TorchScript archives are zips with a `<root>/constants.pkl` member (OpenAI's CLIP .pt files)."""
+    """TorchScript archives are zips with `<root>/constants.pkl` and `<root>/code/` (OpenAI's CLIP .pt)."""
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as zf:
-        return any(name.endswith("/constants.pkl") for name in zf.namelist())
+        names = zf.namelist()
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def _state_dict(path: Path) -> dict:
+    """The weights of a local CLIP file without running any code from it: safetensors; a state dict
+    pickle scanned and loaded weights-only (t2i.trust); or a TorchScript archive through
+    torch.jit.load, whose unpickler rebuilds only TorchScript and tensor types, never Python objects."""
+    from t2i import trust
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    if _is_torchscript(path):
+        try:
+            scripted = torch.jit.load(str(path), map_location="cpu")
+        except Exception as e:  # noqa: BLE001 -- a zip that only looks like TorchScript
+            raise EvalError(f"{path}: not a loadable TorchScript archive ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        state = scripted.state_dict()
+        for key in ("input_resolution", "context_length", "vocab_size"):
+            state.pop(key, None)
+        return state
+    state = trust.load(path)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise EvalError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def load_open_clip(model_name: str, pretrained: str | Path, device: str | torch.device = "cpu"
                    ) -> tuple[torch.nn.Module, Callable, Callable]:
     """(model in eval mode, eval image transform, tokenizer) for an open_clip model name (built-in or
-    registered with `open_clip.add_model_config`) and a LOCAL checkpoint file. The tokenizer is
-    `open_clip.get_tokenizer(model_name)`: the bundled BPE SimpleTokenizer for OpenAI-style models
-    (offline); a model config naming an HF tokenizer would need it in the local HF cache."""
+    registered with `open_clip.add_model_config`) and a LOCAL checkpoint file, loaded strictly. The
+    tokenizer is `open_clip.get_tokenizer(model_name)`: the bundled BPE SimpleTokenizer for OpenAI-style
+    models (offline); a model config naming an HF tokenizer would need it in the local HF cache."""
     import open_clip
 
     path = Path(pretrained) if pretrained is not None else None
@@ -54,9 +82,12 @@ def load_open_clip(model_name: str, pretrained: str | Path, device: str | torch.
             f"open_clip checkpoint {pretrained!r} is not a local file; weights are never downloaded here. "
             "For OpenAI ViT-L/14 use model 'ViT-L-14-quickgelu' with open_clip_pytorch_model.bin from "
             "huggingface.co/timm/vit_large_patch14_clip_224.openai")
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=str(path), device=device, weights_only=not _is_torchscript(path))
-    return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, device="cpu")
+    try:
+        model.load_state_dict(_state_dict(path), strict=True)
+    except RuntimeError as e:  # keys or shapes of another model
+        raise EvalError(f"{path} does not fit open_clip model {model_name!r}: {str(e).splitlines()[0][:300]}") from None
+    return model.to(device).eval(), preprocess, open_clip.get_tokenizer(model_name)
 
 
 class ClipScorer:
