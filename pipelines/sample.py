@@ -30,7 +30,7 @@ from t2i.eval.sample_folder import run
 
 def main(args, cfg) -> int:
     """`t2i sample` (see t2i/cli.py for the arguments)."""
-    entries = load_prompts(args.prompts, limit=args.limit)
+    entries = load_prompts(args.prompts, limit=args.limit, max_caption_bytes=cfg.data.max_caption_bytes)
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     loaded = loading.load_any(args.ckpt, cfg, ema=not args.raw, device=device)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from t2i.checkpoint.ema import ShardedEMA
 from t2i.config import Config
 from t2i.data import cache as cache_lib
-from t2i.data.loader import TrainLoader, bad_counts
+from t2i.data.loader import TrainLoader, bad_counts, note_counts
 from t2i.errors import Preempted
 from t2i.io import write_json
 from t2i.models.build import build_for, build_frozen
@@ -126,6 +126,7 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
                    "images_per_s": images_per_step / (time.perf_counter() - t0),
                    "grad_norm": engine_lib.grad_norm(engine), "skipped_nonfinite": nonfinite.skipped,
                    "bad": bad_counts(loader, engine_lib.sum_over_ranks),
+                   "notes": note_counts(loader, engine_lib.sum_over_ranks),
                    "elapsed_s": time.perf_counter() - t_loop, **phases.collect()}
         if phases.enabled:
             metrics["peak_mem_gb"] = peak_memory_gb(device)

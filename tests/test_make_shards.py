@@ -13,6 +13,7 @@ from PIL import Image
 
 from t2i.data.shapes import make_sample
 from t2i.data.writers import sanitize_key, write_folder_shards, write_shapes_shards
+from t2i.errors import DataError
 from tools.make_shards import main
 
 N, PER_SHARD = 25, 10
@@ -90,7 +91,8 @@ def test_rewriting_gives_byte_identical_shards_and_manifest(shapes_dir, tmp_path
 
 def test_existing_shards_are_refused_unless_overwrite_and_then_stale_ones_go(tmp_path):
     write_shapes_shards(tmp_path, 12, samples_per_shard=4, progress=False)  # 3 shards
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(DataError, match=r"^--out .* already holds 3 shard\(s\) \(shapes-000000.tar, \.\.\.\); "
+                                        r"pass --overwrite"):
         write_shapes_shards(tmp_path, 4, samples_per_shard=4, progress=False)
     paths = write_shapes_shards(tmp_path, 4, samples_per_shard=4, progress=False, overwrite=True)
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["shapes-000000.tar"] == [Path(p).name for p in paths]
@@ -153,7 +155,7 @@ def test_folder_shards_copy_bytes_and_count_skips(image_folder, tmp_path):
         assert json.loads(fields["json"]) == {"width": w, "height": h, "source": source}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"] == {"images_found": 6, "written": 5, "skipped_no_caption": 1,
-                                  "unreadable_image": 1, "renamed_keys": 0}
+                                  "unreadable_image": 1, "renamed_keys": 0, "caption_invalid_utf8": 0}
     assert [s["samples"] for s in manifest["shards"]] == [2, 2, 1]
     # webdataset groups the members into the same five samples (the corrupt one decodes later, in the loader)
     raw = list(wds.WebDataset(paths, shardshuffle=False, empty_check=False))

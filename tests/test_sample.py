@@ -137,5 +137,5 @@ def test_prompt_sources_text_file_geneval_jsonl_and_shard_captions(tmp_path, tin
     assert len(from_shards) == 7 and from_shards[2]["tag"] == "counting" and "exclude" in from_shards[2]
     assert [e["prompt"] for e in from_shards] == [make_sample(i, 0, 32)[1] for i in range(7)]
     assert len(load_prompts(str(shards[0]))) == 5
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(EvalError, match="missing.jsonl"):
         load_prompts(str(tmp_path / "missing.jsonl"))

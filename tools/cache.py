@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
     cfg = load_config(args.config, args.overrides)
-    urls = expand_shards(cfg.data.shards)
+    urls = expand_shards(cfg.data.shards, allow_pipe_in_lists=cfg.data.allow_pipe_in_lists)
     cache.check_unique_names(args.out, urls)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,10 @@
     python -m tools.make_shards folder --src path/to/images --out data/mine --per-shard 1000
 
 `folder` reads images (jpg/jpeg/png/webp, recursively) with same-name `.txt` captions; images
-without a caption are skipped and counted. Both write `<out>/manifest.json`. See t2i/data/writers.py.
+without a caption are skipped and counted. Both write `<out>/manifest.json` (with per-shard sample
+counts, which the loader checks shards against). Each shard is written under a temporary name and
+renamed when complete. An --out that already holds shards is refused unless --overwrite. Input
+problems raise t2i.errors.DataError (one line from `t2i make-shards`). See t2i/data/writers.py.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     folder.add_argument("--prefix", default="images", help="shard file-name prefix")
 
     for p in (shapes, folder):
-        p.add_argument("--overwrite", action="store_true", help="replace existing <prefix>-*.tar shards in --out")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace the <prefix>-*.tar shards and manifest.json already in --out "
+                            "(without it, an --out holding shards is refused)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 

@@ -14,10 +14,13 @@ then renamed). A few large tensors per file, rows addressed through a JSON index
                                    "bad": {key: "caption" | "image"}}
 
 M counts (sample, caption) pairs: every caption of a json ``captions`` list is encoded, since the
-loader picks one at random. Floats are stored in bf16 unless ``--dtype float32``. The safetensors
-metadata holds the identity JSON (encoders, VAE, resolution, crop rule, t5_padding, store dtype,
-format), ``identity_sha256`` (the hash of that identity WITHOUT store_dtype, which training accepts
-either way), the source shard's size in bytes and its sample count. A file whose hash or shard size
+loader picks one at random. Captions go through the loader's rule (t2i.data.decode.clean_caption:
+invalid UTF-8 -> U+FFFD, cut to data.max_caption_bytes), so the hashes training looks up match.
+Floats are stored in bf16 unless ``--dtype float32``. The safetensors metadata holds the identity
+JSON (encoders, VAE, resolution, crop rule, t5_padding, store dtype, format, and data.max_caption_bytes
+/ data.max_image_pixels when not at their defaults), ``identity_sha256`` (the hash of that identity
+WITHOUT store_dtype, which training accepts either way), the source shard's size in bytes and its
+sample count (and its read / short-shard events and caption notes). A file whose hash or shard size
 differs from the current ones is stale and refused (``check_cache``), never silently used.
 
 Training (``encode_batch``) rebuilds exactly what the encoders give: context = [pad_channels(clip);
@@ -41,8 +44,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from t2i.data.decode import decode_sample, read_caption
-from t2i.data.shards import raw_samples
+from t2i.data.decode import MAX_CAPTION_BYTES, MAX_IMAGE_PIXELS, caption_candidates, decode_sample, read_caption
+from t2i.data.shards import manifest_counts, raw_samples
 from t2i.errors import CacheError
 from t2i.models.text_encoders import DTYPES
 
@@ -74,23 +77,17 @@ def caption_hash(caption: str) -> str:
     return hashlib.sha256(caption.encode("utf-8")).hexdigest()[:16]
 
 
-def all_captions(raw: dict) -> list[str]:
-    """Every caption ``t2i.data.loader._caption`` can pick for this raw sample (the same rules)."""
-    if "txt" in raw:
-        text = raw["txt"].decode("utf-8", errors="replace").strip()
-        if text:
-            return [text]
-    if "json" in raw:
-        try:
-            meta = json.loads(raw["json"])
-        except ValueError:
-            return []
-        caps = meta.get("caption") or meta.get("captions") if isinstance(meta, dict) else None
-        if isinstance(caps, list):
-            return list(dict.fromkeys(c.strip() for c in caps if isinstance(c, str) and c.strip()))
-        if isinstance(caps, str) and caps.strip():
-            return [caps.strip()]
-    return []
+def all_captions(raw: dict, max_bytes: Optional[int] = MAX_CAPTION_BYTES, counts: Optional[dict] = None) -> list[str]:
+    """Every caption ``t2i.data.decode.read_caption`` can pick for this raw sample (the same rules, the
+    same data.max_caption_bytes cut); the caption notes of each distinct one are added to `counts`."""
+    out: dict[str, dict] = {}
+    for text, notes in caption_candidates(raw, max_bytes)[1]:
+        out.setdefault(text, notes)
+    if counts is not None:
+        for notes in out.values():
+            for k, n in notes.items():
+                counts[k] = counts.get(k, 0) + n
+    return list(out)
 
 
 def identity(text, vae, cfg) -> dict:
@@ -98,8 +95,15 @@ def identity(text, vae, cfg) -> dict:
     vae_id = dict(vae.identity())
     if vae.kind == "tiny":  # random weights from the run seed (FrozenVAE(cfg.vae, seed=cfg.run.seed))
         vae_id["seed"] = cfg.run.seed
-    return {"format": FORMAT_VERSION, "text": text.identity(), "vae": vae_id,
-            "resolution": cfg.data.resolution, "crop": CROP_RULE, "t5_padding": cfg.text.t5_padding}
+    ident = {"format": FORMAT_VERSION, "text": text.identity(), "vae": vae_id,
+             "resolution": cfg.data.resolution, "crop": CROP_RULE, "t5_padding": cfg.text.t5_padding}
+    # The caption cut and pixel cap decide which caption rows and bad samples a cache holds; at their
+    # defaults they are left out, so that caches written before these keys existed stay valid.
+    for key, default in (("max_caption_bytes", MAX_CAPTION_BYTES), ("max_image_pixels", MAX_IMAGE_PIXELS)):
+        value = getattr(cfg.data, key, default)
+        if value != default:
+            ident[key] = value
+    return ident
 
 
 def identity_hash(ident: dict) -> str:
@@ -244,7 +248,9 @@ def write_shard(url: str, out_dir, text, vae, cfg, store_dtype: str = "bfloat16"
     store = STORE_DTYPES[store_dtype]
     enc = _Encoder(text, vae, cfg, store, device)
     index: dict = {"samples": {}, "bad": {}}
-    counts = {"read": 0}
+    counts = {"read": 0, "short_shard": 0, "caption_truncated": 0, "caption_invalid_utf8": 0}
+    max_bytes = getattr(cfg.data, "max_caption_bytes", MAX_CAPTION_BYTES)
+    max_pixels = getattr(cfg.data, "max_image_pixels", MAX_IMAGE_PIXELS)
     images: list = []
     captions: list = []
     n_images = n_texts = n_samples = 0
@@ -258,15 +264,16 @@ def write_shard(url: str, out_dir, text, vae, cfg, store_dtype: str = "bfloat16"
             enc.captions(captions[:batch_size])
             captions = captions[batch_size:]
 
-    for raw in raw_samples([url], counts):
+    for raw in raw_samples([url], counts, manifest_counts([url])):
         n_samples += 1
         key = raw["__key__"]
-        sample, reason = decode_sample(raw, cfg.data.resolution, random.Random(0))
+        sample, reason = decode_sample(raw, cfg.data.resolution, random.Random(0), max_caption_bytes=max_bytes,
+                                       max_pixels=max_pixels)
         if sample is None:
             index["bad"][key] = reason
         else:
             rows = {}
-            for caption in all_captions(raw):
+            for caption in all_captions(raw, max_bytes, counts):
                 rows[caption_hash(caption)] = n_texts
                 captions.append(caption)
                 n_texts += 1
@@ -285,6 +292,8 @@ def write_shard(url: str, out_dir, text, vae, cfg, store_dtype: str = "bfloat16"
             "identity_sha256": identity_hash(ident), "store_dtype": store_dtype, "shard": url,
             "shard_bytes": "" if size is None else str(size), "samples": str(n_samples),
             "images": str(n_images), "captions": str(n_texts), "read_errors": str(counts["read"]),
+            "short_shard": str(counts["short_shard"]), "captions_truncated": str(counts["caption_truncated"]),
+            "captions_invalid_utf8": str(counts["caption_invalid_utf8"]),
             "t5_tokens": "trimmed" if cfg.text.t5_padding == "zero" else "full"}
     out = cache_path(out_dir, url)
     tmp = out.with_name(out.name + ".tmp")
@@ -332,8 +341,8 @@ class CacheReader:
     """Samples from cache files instead of decoded images: ``sample(raw, rng)`` replaces
     ``decode_sample`` (same caption pick and RNG draws, same bad reasons, plus "cache")."""
 
-    def __init__(self, cache_dir, max_open: int = 8):
-        self.cache_dir, self.max_open = cache_dir, max_open
+    def __init__(self, cache_dir, max_open: int = 8, max_caption_bytes: Optional[int] = MAX_CAPTION_BYTES):
+        self.cache_dir, self.max_open, self.max_caption_bytes = cache_dir, max_open, max_caption_bytes
         self.open: collections.OrderedDict[str, ShardCache] = collections.OrderedDict()
 
     def shard(self, url: str) -> ShardCache:
@@ -345,8 +354,9 @@ class CacheReader:
                 self.open.popitem(last=False)
         return self.open[url]
 
-    def sample(self, raw: dict, rng: random.Random) -> tuple[Optional[dict], Optional[str]]:
-        caption = read_caption(raw, rng)
+    def sample(self, raw: dict, rng: random.Random, counts: Optional[dict] = None
+               ) -> tuple[Optional[dict], Optional[str]]:
+        caption = read_caption(raw, rng, max_bytes=self.max_caption_bytes, counts=counts)
         if not caption:
             return None, "caption"
         try:

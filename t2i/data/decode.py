@@ -1,6 +1,14 @@
 """One raw sample -> (image tensor, caption): decode, resize the short side, centre-crop, [-1, 1].
 
 No horizontal flips: captions state left/right, and a flip would make them wrong.
+
+Captions go through `clean_caption`, the one rule for training, caching (t2i.data.cache) and sampling
+prompts (t2i.eval.prompts): invalid UTF-8 (and lone surrogates from JSON escapes) becomes U+FFFD
+(counted as "caption_invalid_utf8"), then the text is cut to `data.max_caption_bytes` UTF-8 bytes at a
+character boundary (counted as "caption_truncated"), before any tokenizer sees it. Neither makes a
+sample bad. Images with more than `data.max_image_pixels` pixels (read from the header; PIL opens
+lazily) are bad ("image") without being decoded; so are images PIL itself refuses as decompression
+bombs (its DecompressionBombError, or its warning when warnings are errors).
 """
 
 from __future__ import annotations
@@ -8,25 +16,37 @@ from __future__ import annotations
 import io
 import json
 import random
-from typing import Optional
+import re
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
+from t2i.config import DataConfig
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+CAPTION_NOTES = ("caption_truncated", "caption_invalid_utf8")  # counted, but not bad samples
+MAX_CAPTION_BYTES = DataConfig.max_caption_bytes  # the config defaults
+MAX_IMAGE_PIXELS = DataConfig.max_image_pixels
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def decode_sample(raw: dict, resolution: int, rng: random.Random) -> tuple[Optional[dict], Optional[str]]:
-    """(sample, None) or (None, bad reason). Image: short side -> resolution, centre crop, [-1, 1]."""
-    caption = read_caption(raw, rng)
+def decode_sample(raw: dict, resolution: int, rng: random.Random, *, max_caption_bytes: int = MAX_CAPTION_BYTES,
+                  max_pixels: int = MAX_IMAGE_PIXELS, counts: Optional[dict] = None
+                  ) -> tuple[Optional[dict], Optional[str]]:
+    """(sample, None) or (None, bad reason). Image: short side -> resolution, centre crop, [-1, 1].
+    Caption notes (CAPTION_NOTES) are added to `counts` when given."""
+    caption = read_caption(raw, rng, max_bytes=max_caption_bytes, counts=counts)
     if not caption:
         return None, "caption"
     key = next((k for k in IMAGE_KEYS if k in raw), None)
     if key is None:
         return None, "image"
     try:
-        with Image.open(io.BytesIO(raw[key])) as im:
+        with Image.open(io.BytesIO(raw[key])) as im:  # header only: PIL decodes in load()
+            if too_large(im.size, max_pixels):
+                return None, "image"
             im.load()
             # convert() of an RGB image is a plain copy: skip it (the same pixels, one copy less)
             image = resize_center_crop(im if im.mode == "RGB" else im.convert("RGB"), resolution)
@@ -51,23 +71,79 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def read_caption(raw: dict, rng: random.Random) -> Optional[str]:
-    if "txt" in raw:
-        text = raw["txt"].decode("utf-8", errors="replace").strip()
-        if text:
-            return text
-    if "json" in raw:
+def too_large(size: tuple[int, int], max_pixels: int) -> bool:
+    """More pixels than `max_pixels` (data.max_image_pixels), or than PIL's own decompression-bomb limit
+    (Image.MAX_IMAGE_PIXELS; PIL warns on open and would decode it)."""
+    pixels = size[0] * size[1]
+    return pixels > max_pixels or bool(Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS)
+
+
+def clean_caption(text: Union[bytes, str], max_bytes: Optional[int] = MAX_CAPTION_BYTES,
+                  counts: Optional[dict] = None) -> str:
+    """The one caption rule (training, cache, sampling prompts): UTF-8 bytes or str -> stripped str with
+    invalid UTF-8 / lone surrogates replaced by U+FFFD ("caption_invalid_utf8" += 1), then cut to at
+    most `max_bytes` UTF-8 bytes at a character boundary ("caption_truncated" += 1; None: no cut)."""
+    if isinstance(text, (bytes, bytearray)):
         try:
-            meta = json.loads(raw["json"])
-        except ValueError:
-            return None
-        caps = meta.get("caption") or meta.get("captions") if isinstance(meta, dict) else None
-        if isinstance(caps, list):
-            caps = [c for c in caps if isinstance(c, str) and c.strip()]
-            return rng.choice(caps).strip() if caps else None
-        if isinstance(caps, str) and caps.strip():
-            return caps.strip()
-    return None
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            text = text.decode("utf-8", errors="replace")
+            _note(counts, "caption_invalid_utf8")
+    elif _SURROGATE.search(text):
+        text = _SURROGATE.sub("\ufffd", text)
+        _note(counts, "caption_invalid_utf8")
+    text = text.strip()
+    if max_bytes is not None and len(text) > max_bytes // 4:  # (a str of n chars has at most 4n bytes)
+        encoded = text.encode("utf-8")
+        if len(encoded) > max_bytes:
+            text = encoded[:max_bytes].decode("utf-8", errors="ignore").rstrip()  # drops a cut character
+            _note(counts, "caption_truncated")
+    return text
+
+
+def _note(counts: Optional[dict], key: str) -> None:
+    if counts is not None:
+        counts[key] = counts.get(key, 0) + 1
+
+
+def caption_candidates(raw: dict, max_bytes: Optional[int] = MAX_CAPTION_BYTES) -> tuple[bool, list[tuple[str, dict]]]:
+    """(picked at random?, [(caption, its notes)]): the `txt` caption if it is not empty, else the json's
+    "caption" string or "captions" list (one is picked at random), every one through `clean_caption`."""
+    if "txt" in raw:
+        notes: dict = {}
+        text = clean_caption(raw["txt"], max_bytes, notes)
+        if text:
+            return False, [(text, notes)]
+    if "json" not in raw:
+        return False, []
+    blob: dict = {}
+    try:
+        meta = json.loads(clean_caption(raw["json"], None, blob).lstrip("\ufeff"))  # (json.loads(bytes) skips a BOM)
+    except ValueError:
+        return False, []
+    field = meta.get("caption") or meta.get("captions") if isinstance(meta, dict) else None
+    out = []
+    for c in field if isinstance(field, list) else [field]:
+        if isinstance(c, str):
+            notes = dict(blob)
+            text = clean_caption(c, max_bytes, notes)
+            if text:
+                out.append((text, notes))
+    return isinstance(field, list), out
+
+
+def read_caption(raw: dict, rng: random.Random, *, max_bytes: Optional[int] = MAX_CAPTION_BYTES,
+                 counts: Optional[dict] = None) -> Optional[str]:
+    """The caption of a raw sample (see caption_candidates; a list draws one choice from `rng`), or None.
+    The notes of the caption returned are added to `counts` when given."""
+    at_random, candidates = caption_candidates(raw, max_bytes)
+    if not candidates:
+        return None
+    text, notes = rng.choice(candidates) if at_random else candidates[0]
+    if counts is not None:
+        for k, n in notes.items():
+            counts[k] = counts.get(k, 0) + n
+    return text
 
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:

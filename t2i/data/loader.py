@@ -10,14 +10,22 @@ opens). What webdataset does not give us, and is written here:
   (no image decode) up to the position, so the next sample is the next unseen one.
 * **Splitting.** With at least as many shards as slots, slots take disjoint shards; with fewer,
   every slot reads all shards and keeps every n-th sample (so 2 ranks still work on 1 shard).
-* **Bad samples** (undecodable image, missing caption, unreadable/truncated tar member) are
-  skipped and counted per reason; counts ride along with the batches and are checkpointed.
+* **Bad samples** are skipped and counted once per reason (BAD_REASONS): "image" (undecodable, or
+  over data.max_image_pixels), "caption" (none), "read" (a shard the reader failed on: cut inside a
+  member, corrupt), "short_shard" (a shard that ends early without error: no end-of-archive marker,
+  or fewer samples than its make-shards manifest.json lists; see t2i.data.shards), "cache" (missing
+  from data.cache). A shard event is counted by the one slot that owns the sample index where it
+  happened, so a shard read by several slots (fewer shards than slots) still counts once.
+  Captions cut to data.max_caption_bytes or with invalid UTF-8 are counted too (CAPTION_NOTES) but
+  are not bad. Counts ride along with the batches and are checkpointed; a checkpoint whose counts
+  lack a key (written before it existed) resumes with that key at 0.
 
 No horizontal flips: captions state left/right, and a flip would make them wrong.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -26,11 +34,15 @@ import torch
 
 from t2i.config import DataConfig
 from t2i.data.cache import CacheReader, collate as collate_cached
-from t2i.data.decode import decode_sample, read_caption
-from t2i.data.shards import expand_shards, raw_samples, slot_plan
+from t2i.data.decode import CAPTION_NOTES, decode_sample, read_caption
+from t2i.data.shards import SHARD_EVENTS, expand_shards, manifest_counts, read_shards, slot_plan
 from t2i.errors import DataError
 
-BAD_REASONS = ("image", "caption", "read", "cache")  # cache: a sample missing from its data.cache file
+log = logging.getLogger(__name__)
+
+# cache: a sample missing from its data.cache file; read / short_shard: t2i.data.shards SHARD_EVENTS
+BAD_REASONS = ("image", "caption", "read", "cache", "short_shard")
+COUNT_KEYS = BAD_REASONS + CAPTION_NOTES + ("good",)  # CAPTION_NOTES are counted, but not bad
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,35 +64,57 @@ def _shuffled(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
     yield from buf
 
 
+def _slot_share(items: Iterator[dict], stride: int, offset: int, events: dict, slot: str) -> Iterator[dict]:
+    """The samples i (over the epoch's shards) with i % stride == offset; a shard event (read /
+    short_shard) is counted in `events` and logged only by the slot that owns the index it happened at."""
+    i = 0
+    for item in items:
+        reason = item.get("__event__")
+        if reason is not None:
+            if i % stride == offset:
+                events[reason] += 1
+                log.warning("%s (counted as bad '%s' by slot %s)", item["__detail__"], reason, slot)
+            continue
+        if i % stride == offset:
+            yield item
+        i += 1
+
+
 def slot_stream(urls: list[str], cfg: DataConfig, seed: int, slot: int, n_slots: int,
-                epoch: int = 0, index: int = 0, counts: Optional[dict] = None) -> Iterator[dict]:
+                epoch: int = 0, index: int = 0, counts: Optional[dict] = None,
+                expected: Optional[dict] = None) -> Iterator[dict]:
     """Infinite stream of decoded samples for one slot, starting after `index` samples of `epoch`.
 
-    Each sample carries `pos` = (epoch, samples yielded so far in the epoch) and the cumulative bad
-    counts, so whoever consumes it can checkpoint exactly where the stream stands.
+    Each sample carries `pos` = (epoch, samples yielded so far in the epoch) and the cumulative counts
+    (COUNT_KEYS), so whoever consumes it can checkpoint exactly where the stream stands. `expected`:
+    {url: samples} from the shards' manifests (default: read with t2i.data.shards.manifest_counts).
     """
-    counts = dict(counts) if counts else {r: 0 for r in BAD_REASONS}
-    counts.setdefault("good", 0)
+    counts = {k: 0 for k in COUNT_KEYS} | dict(counts or {})  # an older checkpoint may lack new keys
+    expected = manifest_counts(urls) if expected is None else expected
     reader = None
     if cfg.cache:  # precomputed encodings (t2i.data.cache): the tar gives keys, captions and order only
-        reader = CacheReader(cfg.cache)
+        reader = CacheReader(cfg.cache, max_caption_bytes=cfg.max_caption_bytes)
     while True:
         shards, stride, offset = slot_plan(urls, epoch, seed, slot, n_slots)
         rng = random.Random(f"{seed}-{epoch}-{slot}")
-        reads = {"read": 0}  # read errors of this epoch; those met while replaying are already counted
-        read_base, replayed = counts["read"], 0
-        raw = (s for i, s in enumerate(raw_samples(shards, reads)) if i % stride == offset)
+        # Shard events are met while reading ahead of the shuffle buffer: those met while replaying to
+        # `index` are already in the checkpointed counts, so counts = base + events - replayed.
+        events = {k: 0 for k in SHARD_EVENTS}
+        base, replayed = {k: counts[k] for k in SHARD_EVENTS}, dict(events)
+        raw = _slot_share(read_shards(shards, expected), stride, offset, events, f"{slot}/{n_slots}")
         position = 0
         yielded_any = False
         for item in _shuffled(raw, cfg.shuffle_buffer, rng):
             position += 1
             if position <= index:  # fast-forward on resume: no decode, but the same RNG draws
-                read_caption(item, rng)
-                replayed = reads["read"]
+                read_caption(item, rng, max_bytes=cfg.max_caption_bytes)
+                replayed = dict(events)
                 continue
-            counts["read"] = read_base + reads["read"] - replayed
-            sample, reason = (reader.sample(item, rng) if reader is not None
-                              else decode_sample(item, cfg.resolution, rng))
+            for k in SHARD_EVENTS:
+                counts[k] = base[k] + events[k] - replayed[k]
+            sample, reason = (reader.sample(item, rng, counts) if reader is not None
+                              else decode_sample(item, cfg.resolution, rng, max_caption_bytes=cfg.max_caption_bytes,
+                                                 max_pixels=cfg.max_image_pixels, counts=counts))
             if sample is None:
                 counts[reason] = counts.get(reason, 0) + 1
                 continue
@@ -89,7 +123,8 @@ def slot_stream(urls: list[str], cfg: DataConfig, seed: int, slot: int, n_slots:
             sample["pos"] = (epoch, position)
             sample["counts"] = dict(counts)
             yield sample
-        counts["read"] = read_base + reads["read"] - replayed
+        for k in SHARD_EVENTS:
+            counts[k] = base[k] + events[k] - replayed[k]
         if not yielded_any and index == 0:
             raise DataError(f"slot {slot}/{n_slots} read no usable sample in epoch {epoch} from {len(shards)} "
                             f"shard(s); bad counts so far: {counts}")
@@ -106,9 +141,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
     resumed loader continues the round-robin order of the interrupted one."""
 
     def __init__(self, urls: list[str], cfg: DataConfig, seed: int, rank: int, world_size: int,
-                 workers: dict, first_worker: int):
+                 workers: dict, first_worker: int, expected: Optional[dict] = None):
         super().__init__()
-        self.urls, self.cfg, self.seed = urls, cfg, seed
+        self.urls, self.cfg, self.seed, self.expected = urls, cfg, seed, expected
         self.rank, self.world_size = rank, world_size
         self.workers, self.first_worker = workers, first_worker
 
@@ -119,7 +154,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         state = self.workers.get(logical, {})
         stream = slot_stream(self.urls, self.cfg, self.seed, slot=self.rank * n_workers + logical,
                              n_slots=self.world_size * n_workers, epoch=state.get("epoch", 0),
-                             index=state.get("index", 0), counts=state.get("counts"))
+                             index=state.get("index", 0), counts=state.get("counts"), expected=self.expected)
         for sample in stream:
             sample["worker"] = logical
             yield sample
@@ -153,7 +188,8 @@ class TrainLoader:
         """`cache_identity` (t2i.data.cache.identity of the frozen encoders): required with data.cache; every
         shard's cache file must match it (t2i.data.cache.check_cache), else a CacheError (a DataError)."""
         self.cfg = cfg
-        self.urls = expand_shards(cfg.shards)
+        self.urls = expand_shards(cfg.shards, allow_pipe_in_lists=cfg.allow_pipe_in_lists)
+        self.expected = manifest_counts(self.urls)  # per-shard sample counts of make-shards manifests
         if cfg.cache:
             from t2i.data.cache import check_cache
             if cache_identity is None:
@@ -166,7 +202,7 @@ class TrainLoader:
                             f"resuming with {cfg.num_workers} would change the sample order")
         self.state = LoaderState(n_workers, 0, {}) if state is None else LoaderState(**state)
         self.dataset = ShardDataset(self.urls, cfg, seed, rank, world_size, dict(self.state.workers),
-                                    self.state.next_worker)
+                                    self.state.next_worker, self.expected)
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=batch_size, num_workers=cfg.num_workers, collate_fn=collate,
             persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
@@ -190,7 +226,7 @@ class TrainLoader:
                 "workers": {k: dict(v) for k, v in self.state.workers.items()}}
 
     def counts(self) -> dict:
-        total = {r: 0 for r in BAD_REASONS + ("good",)}
+        total = {r: 0 for r in COUNT_KEYS}
         for w in self.state.workers.values():
             for r, n in w["counts"].items():
                 total[r] = total.get(r, 0) + n
@@ -213,3 +249,12 @@ def bad_counts(loader: TrainLoader, reduce=None) -> dict:
     total = torch.tensor([counts[r] for r in BAD_REASONS], dtype=torch.long)
     total = reduce(total) if reduce is not None else total
     return {r: int(n) for r, n in zip(BAD_REASONS, total) if n}
+
+
+def note_counts(loader: TrainLoader, reduce=None) -> dict:
+    """Like bad_counts for the caption notes (CAPTION_NOTES: captions cut to data.max_caption_bytes,
+    invalid UTF-8 replaced): counted, but not bad samples."""
+    counts = loader.counts()
+    total = torch.tensor([counts[r] for r in CAPTION_NOTES], dtype=torch.long)
+    total = reduce(total) if reduce is not None else total
+    return {r: int(n) for r, n in zip(CAPTION_NOTES, total) if n}

@@ -247,7 +247,8 @@ class ImageSource:
             return f"folder:{os.path.abspath(self.folder)}"
         from t2i.data.shards import expand_shards
 
-        urls = [u if (u.startswith("pipe:") or "://" in u) else os.path.abspath(u) for u in expand_shards(self.shards)]
+        urls = [u if (u.startswith("pipe:") or "://" in u) else os.path.abspath(u)
+                for u in expand_shards(self.shards, key="--shards")]
         return f"shards:{len(urls)}:{hashlib.sha256(chr(10).join(urls).encode()).hexdigest()[:16]}"
 
     def files(self) -> list[Path]:
@@ -258,16 +259,10 @@ class ImageSource:
         if self.folder is not None:
             yield from self.files()
             return
-        import webdataset as wds
+        from t2i.data.shards import expand_shards, manifest_counts, raw_samples
 
-        from t2i.data.shards import expand_shards
-
-        def count_read_error(exn):
-            self.counts["read"] += 1
-            return True
-
-        urls = expand_shards(self.shards)
-        samples = wds.tarfile_samples(({"url": u} for u in urls), handler=count_read_error)
+        urls = expand_shards(self.shards, key="--shards")
+        samples = raw_samples(urls, self.counts, manifest_counts(urls))  # a damaged shard counts once
         for i, sample in enumerate(samples):
             if self.max_images is not None and i >= self.max_images:
                 break

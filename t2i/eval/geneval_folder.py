@@ -41,7 +41,7 @@ def load_prompt_set(source: str, limit: int | None, what: str) -> list[dict]:
     if path.suffix in (".jsonl", ".txt") and not path.is_file():
         raise EvalError(f"{what}: prompt file not found: {source}")
     try:
-        return load_prompts(source, limit=limit)
+        return load_prompts(source, limit=limit, what=what)
     except EvalError:
         raise  # already names the file
     except (ValueError, FileNotFoundError) as e:  # json.JSONDecodeError is a ValueError

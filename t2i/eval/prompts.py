@@ -8,52 +8,114 @@ A prompt set is a list of metadata dicts, each with at least "prompt"; GenEval s
   *.txt            one prompt per line (blank lines skipped)
   shards           anything t2i.data.loader.expand_shards accepts (brace pattern, dir, list): the
                    captions in file order, with the GenEval clauses when the sample's json has them
+
+Prompts get the training caption rule (invalid UTF-8 -> U+FFFD, cut to data.max_caption_bytes);
+input problems are EvalErrors naming the flag (`--prompts`), file and line.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+from t2i.errors import DataError, EvalError
+
+log = logging.getLogger(__name__)
 
 GENEVAL_KEYS = ("tag", "include", "exclude", "prompt")  # key order of the official file
 
 
-def load_prompts(source: str, limit: int | None = None) -> list[dict]:
-    """Prompt metadata from a GenEval jsonl, a text file or shards; the first `limit` if given."""
+def load_prompts(source: str, limit: int | None = None, *, max_caption_bytes: int | None = None,
+                 counts: dict | None = None, what: str = "--prompts") -> list[dict]:
+    """Prompt metadata from a GenEval jsonl, a text file or shards; the first `limit` if given.
+
+    Prompts go through the training caption rule (t2i.data.decode.clean_caption): invalid UTF-8 ->
+    U+FFFD, cut to `max_caption_bytes` UTF-8 bytes (default: data.max_caption_bytes's default), both
+    counted in `counts` (caption_invalid_utf8, caption_truncated) and logged. Every input problem
+    (a missing file, a line that is not JSON, an entry without a prompt, unreadable shards) is an
+    EvalError naming `what` (the flag or key that gave `source`) and the file / line.
+    """
+    from t2i.data.decode import CAPTION_NOTES, MAX_CAPTION_BYTES
+
+    max_bytes = MAX_CAPTION_BYTES if max_caption_bytes is None else max_caption_bytes
+    notes = {k: 0 for k in CAPTION_NOTES}
     path = Path(source)
-    if path.suffix == ".jsonl":
-        if not path.exists():
-            raise FileNotFoundError(f"prompt file not found: {source}")
-        with open(path) as f:
-            out = [json.loads(line) for line in f if line.strip()]
-    elif path.suffix == ".txt" and path.exists():
-        out = [{"prompt": line.strip()} for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix in (".jsonl", ".txt") and not path.is_dir():
+        if not path.is_file():
+            raise EvalError(f"{what}: prompt file not found: {source}")
+        out = (_from_jsonl if path.suffix == ".jsonl" else _from_text)(path, max_bytes, notes, what)
     else:
-        out = _from_shards(source, limit)
+        out = _from_shards(source, limit, max_bytes, notes, what)
     for i, m in enumerate(out):
         if not isinstance(m, dict) or not isinstance(m.get("prompt"), str):
-            raise ValueError(f"{source}: entry {i} has no 'prompt' string: {m!r}")
+            raise EvalError(f"{what}: {source}: entry {i} has no 'prompt' string: {m!r}")
+    if any(notes.values()):
+        log.warning("%s %s: %d prompt(s) with invalid UTF-8 (replaced by U+FFFD), %d cut to %d bytes "
+                    "(data.max_caption_bytes)", what, source, notes["caption_invalid_utf8"],
+                    notes["caption_truncated"], max_bytes)
+    if counts is not None:
+        for k, n in notes.items():
+            counts[k] = counts.get(k, 0) + n
     return out[:limit] if limit else out
 
 
-def _from_shards(spec: str, limit: int | None) -> list[dict]:
-    import webdataset as wds
-
-    from t2i.data.shards import expand_shards
+def _from_text(path: Path, max_bytes: int, notes: dict, what: str) -> list[dict]:
+    """One prompt per line (blank lines skipped); read as bytes so invalid UTF-8 is replaced, not fatal."""
+    from t2i.data.decode import clean_caption
 
     out = []
-    for sample in wds.WebDataset(expand_shards(spec), shardshuffle=False, empty_check=False):
+    for line in path.read_bytes().splitlines():
+        if line.strip():
+            out.append({"prompt": clean_caption(line, max_bytes, notes)})
+    return out
+
+
+def _from_jsonl(path: Path, max_bytes: int, notes: dict, what: str) -> list[dict]:
+    from t2i.data.decode import clean_caption
+
+    out = []
+    for n, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(clean_caption(line, None, notes))
+        except ValueError as e:
+            raise EvalError(f"{what}: {path} line {n} is not a JSON object ({e})") from None
+        if isinstance(entry, dict) and isinstance(entry.get("prompt"), str):
+            entry["prompt"] = clean_caption(entry["prompt"], max_bytes, notes)
+        out.append(entry)
+    return out
+
+
+def _from_shards(spec: str, limit: int | None, max_bytes: int, notes: dict, what: str) -> list[dict]:
+    from t2i.data.decode import clean_caption
+    from t2i.data.shards import expand_shards, manifest_counts, read_shards
+
+    try:
+        urls = expand_shards(spec, key=what)
+    except DataError as e:
+        raise EvalError(f"{e} (expected a .jsonl, a .txt or WebDataset shards)") from None
+    out = []
+    for sample in read_shards(urls, manifest_counts(urls)):
+        if "__event__" in sample:  # a damaged or short shard: the prompt set would silently lose prompts
+            raise EvalError(f"{what}: {sample['__detail__']}")
         caption = sample.get("txt")
         if caption is None:
             continue
-        meta = json.loads(sample["json"]) if "json" in sample else {}
+        try:
+            meta = json.loads(clean_caption(sample["json"], None)) if "json" in sample else {}
+        except ValueError as e:
+            raise EvalError(f"{what}: sample {sample['__key__']} of {sample['__url__']} has unreadable json "
+                            f"({e})") from None
+        meta = meta if isinstance(meta, dict) else {}
         entry = {k: meta[k] for k in GENEVAL_KEYS[:3] if k in meta}
-        entry["prompt"] = caption.decode("utf-8").strip()
+        entry["prompt"] = clean_caption(caption, max_bytes, notes)
         out.append(entry)
         if limit and len(out) >= limit:
             break
     if not out:
-        raise ValueError(f"no captions found in {spec!r} (expected .jsonl, .txt or WebDataset shards)")
+        raise EvalError(f"{what}: no captions found in {spec!r} (expected .jsonl, .txt or WebDataset shards)")
     return out
 
 

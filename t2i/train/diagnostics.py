@@ -64,8 +64,9 @@ class FixedSigmaValidation:
 
     def __init__(self, cfg: ValidationConfig, data: DataConfig, text, vae, device: torch.device):
         self.cfg, self.device = cfg, device
-        urls = expand_shards(cfg.shards)
-        in_order = DataConfig(shards=urls, resolution=data.resolution, shuffle_buffer=1)
+        urls = expand_shards(cfg.shards, allow_pipe_in_lists=data.allow_pipe_in_lists, key="validation.shards")
+        in_order = DataConfig(shards=urls, resolution=data.resolution, shuffle_buffer=1,
+                              max_caption_bytes=data.max_caption_bytes, max_image_pixels=data.max_image_pixels)
         samples = list(itertools.islice(slot_stream(urls, in_order, seed=0, slot=0, n_slots=1), cfg.num_samples))
         images = torch.stack([s["image"] for s in samples]).to(device)
         self.keys = [s["key"] for s in samples]
