@@ -61,7 +61,8 @@ class Checkpointer:
         tag = tag or store.latest_tag(self.root)
         if broken:
             log.warning("incomplete checkpoint folder(s) in %s (a save that did not finish; no meta.json): %s; "
-                        "ignoring them and resuming from %s", self.root, ", ".join(broken), tag)
+                        "ignoring them and resuming from %s", self.root, ", ".join(broken),
+                        f"latest = {tag}" if tag == store.latest_pointer(self.root) else tag)
         meta, client = store.load(self.engine, self.root, tag)
         self.ema.load_state_dict(client["ema"])
         if client.get("resharded_from"):  # per-rank RNG states of another world size: derive fresh ones
