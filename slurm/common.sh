@@ -64,7 +64,10 @@ t2i_run() {
   if [ "$_T2I_SIGNAL" = USR1 ]; then t2i_requeue; exit 0; fi   # warned before anything started
   # --kill-on-bad-exit=0 + --wait: ranks leaving with 99 a few ms apart are not killed by srun (which
   # would turn a clean exit 99 into 143); a crashed rank's peers are ended 60 s after it
-  srun --kill-on-bad-exit=0 --wait=60 bash -c \
+  # Slurm 22.05-23.02 does not pass the job's --cpus-per-task on to srun: without this each rank
+  # (and its data-loader workers) would get one core.
+  if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"; fi
+  srun --kill-on-bad-exit=0 --wait=60 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} bash -c \
     'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS \
             LOCAL_WORLD_SIZE=${SLURM_NTASKS_PER_NODE:-1}; exec "$@"' t2i "$@" &
   _T2I_SRUN=$!

@@ -46,7 +46,7 @@ class TextEncoderConfig:
     clip_l: Optional[str] = None        # open_clip state dict for ViT-L-14 (quick_gelu, OpenAI); overrides folder
     clip_g: Optional[str] = None        # open_clip state dict for ViT-bigG-14; overrides folder
     t5: Optional[str] = None            # transformers folder with a T5EncoderModel + its tokenizer
-    max_t5_tokens: int = 64             # T5 tokens (SD3 pipeline default: 256)
+    max_t5_tokens: Optional[int] = None  # T5 tokens; unset: 64 for tiny, 256 for sd3 (the SD3 pipeline's)
     clip_context: int = 32              # CLIP tokens; must be 77 for real CLIP weights
     dropout_clip_l: float = 0.0         # per-encoder, per-sample caption dropout probability (CFG)
     dropout_clip_g: float = 0.0
@@ -56,6 +56,10 @@ class TextEncoderConfig:
     t5_padding: str = "keep"            # keep: T5 outputs at pad positions as the SD3 pipeline leaves them
                                         # (no attention mask); zero: outputs after the first </s> set to 0
                                         # (SimpleTuner's t5_padding=zero; lets t2i cache store T5 trimmed)
+
+    def __post_init__(self):
+        if self.max_t5_tokens is None:
+            self.max_t5_tokens = 256 if self.preset == "sd3" else 64
 
     def validate(self) -> "TextEncoderConfig":
         """Raise ValueError naming the offending key."""
@@ -122,6 +126,8 @@ class DataConfig:
                                     # VAE posteriors) instead of decoding images; a stale cache is refused
     max_caption_bytes: int = 2048   # captions are cut to this many UTF-8 bytes before tokenizing (counted)
     max_image_pixels: int = 40_000_000  # an image with more pixels (width x height) is a bad sample, not decoded
+    min_size: int = 0               # an image whose short side is below this is a bad sample ("small");
+                                    # 0 = any size (smaller images are upscaled to data.resolution)
     allow_pipe_in_lists: bool = False  # run `pipe:` lines found in a list file of shard names (a file is data:
                                     # off by default; `pipe:` given directly in the config always runs)
 
@@ -278,7 +284,7 @@ class Config:
             raise ConfigError(f"data.resolution must be >= 8, got {self.data.resolution}")
         _positive(self, "train.lr", "train.timesteps.shift", "train.timesteps.std", "sample.shift")
         _at_least(self, 0, "train.warmup_steps", "train.weight_decay", "train.grad_clip", "sample.guidance",
-                  "data.num_workers", "validation.every")
+                  "data.num_workers", "validation.every", "data.min_size")
         _at_least(self, 1, "train.max_consecutive_nonfinite", "sample.steps", "data.shuffle_buffer",
                   "data.bad_check_after", "data.max_caption_bytes", "data.max_image_pixels",
                   "validation.num_samples", "validation.num_sigmas", "validation.batch_size", "logging.sigma_bins")

@@ -4,8 +4,10 @@ a killed build resumes without rewriting valid files."""
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,7 +98,7 @@ def test_bf16_zero_padding_stores_t5_trimmed(shards, tmp_path):
     _build(args, tmp_path / "c")  # default dtype: bfloat16
     cfg = _cfg(shards, "text.t5_padding=zero")
     text, vae = build_frozen(cfg)
-    path = tmp_path / "c" / "json-000000.safetensors"
+    path = cache.cache_path(tmp_path / "c", _shard(shards, "json-000000"))
     meta = cache.read_meta(path)
     assert meta["store_dtype"] == "bfloat16" and meta["t5_tokens"] == "trimmed" and meta["samples"] == "8"
     shard = cache.ShardCache(path)
@@ -142,13 +144,13 @@ def test_missing_file_and_changed_shard_are_refused(shards, tmp_path):
     cfg = _cfg(shards, f"data.cache={out}")
     text, vae = build_frozen(cfg)
     ident = cache.identity(text, vae, cfg)
-    (out / "shard-000001.safetensors").unlink()
+    cache.cache_path(out, shards[1]).unlink()
     with pytest.raises(CacheError, match=r"1 of 3 shard cache file\(s\) missing \(first: .*shard-000001"):
         TrainLoader(cfg.data, seed=0, rank=0, world_size=1, batch_size=4, cache_identity=ident)
     _build([f"data.shards={shards}", "data.resolution=16"], out)
     with open(shards[0], "ab") as f:
         f.write(b"\0" * 1024)
-    with pytest.raises(CacheError, match=r"1 stale \(first: .*shard-000000.safetensors: shard size changed"):
+    with pytest.raises(CacheError, match=r"1 stale \(first: .*shard-000000-[0-9a-f]{8}.safetensors: shard size changed"):
         TrainLoader(cfg.data, seed=0, rank=0, world_size=1, batch_size=4, cache_identity=ident)
 
 
@@ -157,18 +159,19 @@ def test_killed_build_is_completed_without_rewriting_valid_files(shards, tmp_pat
     args = [f"data.shards={shards}", "data.resolution=16"]
     _build(args, out)
     files = sorted(out.glob("*.safetensors"))
-    assert [f.name for f in files] == ["json-000000.safetensors", "shard-000000.safetensors",
-                                       "shard-000001.safetensors"]
+    names = {Path(u).stem: cache.cache_path(out, u).name for u in shards}
+    assert [f.name for f in files] == sorted(names.values()) and all(
+        re.fullmatch(rf"{stem}-[0-9a-f]{{8}}\.safetensors", n) for stem, n in names.items())
     assert not list(out.glob("*.tmp"))
     before = {f.name: f.stat().st_mtime_ns for f in files}
-    (out / "shard-000001.safetensors").unlink()  # a kill mid-shard: no final file, a partial temp one
-    (out / "shard-000001.safetensors.tmp").write_bytes(b"partial")
+    cache.cache_path(out, shards[1]).unlink()  # a kill mid-shard: no final file, a partial temp one
+    (out / (names["shard-000001"] + ".tmp")).write_bytes(b"partial")
     _build(args, out)
     assert "writes 1, 2 already valid" in capsys.readouterr().out
     after = {f.name: f.stat().st_mtime_ns for f in out.glob("*.safetensors")}
     assert set(after) == set(before) and not list(out.glob("*.tmp"))
-    assert all(after[n] == before[n] for n in ("json-000000.safetensors", "shard-000000.safetensors"))
-    assert cache.problem(out / "shard-000001.safetensors", shards[1],
+    assert all(after[n] == before[n] for n in (names["json-000000"], names["shard-000000"]))
+    assert cache.problem(cache.cache_path(out, shards[1]), shards[1],
                          cache.identity(*build_frozen(_cfg(shards)), _cfg(shards))) is None
     _build(args, out, "--dtype", "float32")  # another store dtype: every file is rewritten
     assert "writes 3, 0 already valid" in capsys.readouterr().out
@@ -176,6 +179,7 @@ def test_killed_build_is_completed_without_rewriting_valid_files(shards, tmp_pat
 
 TRAIN_BOTH = """
 import sys
+from pathlib import Path
 from t2i.cli import main
 out, cache_args, plain, cached = sys.argv[1], sys.argv[2].split("\\n"), sys.argv[3].split("\\n"), sys.argv[4].split("\\n")
 assert main(["cache", "--out", out, "--dtype", "float32", "--no-progress", *cache_args]) == 0
@@ -202,3 +206,17 @@ def test_training_on_the_cache_gives_the_same_losses(make_shards, tmp_path):
     assert len(plain) == len(cached) == 20
     assert max(abs(a - b) for a, b in zip(plain, cached)) <= 1e-5, (plain, cached)
     assert "data.cache: reading" in (runs / "cached" / "train.log").read_text()
+
+
+def _shard(shards, stem: str) -> str:
+    return next(u for u in shards if Path(u).stem == stem)
+
+
+def test_two_folders_with_the_same_shard_names_get_different_cache_files(tmp_path):
+    a, b = tmp_path / "a" / "00000.tar", tmp_path / "b" / "00000.tar"
+    assert cache.cache_path(tmp_path / "c", str(a)) != cache.cache_path(tmp_path / "c", str(b))
+    cache.check_unique_names(tmp_path / "c", [str(a), str(b)])  # no clash
+    legacy = tmp_path / "c" / "00000.safetensors"  # a cache written before the folder digest
+    legacy.parent.mkdir()
+    legacy.write_bytes(b"")
+    assert cache.cache_path(tmp_path / "c", str(a)) == legacy

@@ -30,3 +30,39 @@ def test_deepspeed_config_reflects_ours_and_extra_is_merged_deeply():
     assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (8, 4, 0.5)
     assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}
+
+
+def test_the_training_timestep_reaches_a_bf16_model_in_fp32():
+    import torch
+
+    from t2i.config import load_config
+    from t2i.train.step import loss_on_latents
+
+    seen = {}
+
+    class Model(torch.nn.Module):  # records what the SD3 forward receives
+        def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections, return_dict):
+            seen.update(x=hidden_states.dtype, t=timestep.dtype, t_values=timestep.clone())
+            return (hidden_states * 0,)
+
+    cfg = load_config(None, [])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    cond = {"context": torch.zeros(4, 5, 8, dtype=torch.bfloat16), "pooled": torch.zeros(4, 8, dtype=torch.bfloat16)}
+    _, stats = loss_on_latents(Model(), x, cond, g, cfg, "cpu", torch.bfloat16)
+    assert seen["x"] == torch.bfloat16 and seen["t"] == torch.float32
+    torch.testing.assert_close(seen["t_values"], 1000 * stats["sigma"].float(), rtol=0, atol=0)  # no bf16 rounding
+
+
+def test_each_rank_picks_a_visible_gpu(monkeypatch):
+    import torch
+
+    from t2i.train.engine import local_device_index
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU bound per task
+    for local in range(4):
+        monkeypatch.setenv("LOCAL_RANK", str(local))
+        assert local_device_index() == 0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    assert local_device_index() == 5

@@ -194,3 +194,20 @@ def test_a_signal_before_training_starts_loses_nothing(shards, reference, tmp_pa
     assert "checkpointed at step" not in text.split("requeued")[0]         # nothing saved before the requeue
     assert losses(tmp_path / "run") == pytest.approx(reference, abs=1e-6)
 
+
+
+def _nodes() -> int:
+    out = subprocess.run(["sinfo", "-h", "-o", "%D"], capture_output=True, text=True).stdout.split()
+    return sum(int(n) for n in out if n.isdigit())
+
+
+def test_a_two_node_job_with_one_rank_per_node_gives_the_two_rank_losses(shards, reference, tmp_path):
+    """2 nodes x 1 rank (MASTER_ADDR = the first node, ranks from SLURM_PROCID) = 1 node x 2 ranks."""
+    if _nodes() < 2:
+        pytest.skip("this SLURM has one node; tools/slurm_ci.sh starts two with SLURM_CI_NODES=2")
+    job = sbatch("train.sbatch", tmp_path, *train_args(shards, tmp_path, "run"),
+                 options=["--nodes=2", "--ntasks-per-node=1"])
+    wait_for(job)
+    text = log_of(tmp_path)
+    assert "2 task(s)" in text and "ranks exited with 0" in text
+    assert losses(tmp_path / "run") == pytest.approx(reference, rel=1e-6, abs=1e-7)

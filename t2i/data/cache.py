@@ -70,7 +70,17 @@ def shard_name(url: str) -> str:
 
 
 def cache_path(cache_dir, url: str) -> Path:
-    return Path(cache_dir) / (shard_name(url) + SUFFIX)
+    """<cache_dir>/<name>-<8 hex of the shard's folder>.safetensors: two folders' `00000.tar` (img2dataset
+    names every folder's shards alike) get different files. A cache written before the folder digest
+    (`<name>.safetensors`) is still found."""
+    named = Path(cache_dir) / f"{shard_name(url)}-{_folder_digest(url)}{SUFFIX}"
+    legacy = Path(cache_dir) / (shard_name(url) + SUFFIX)
+    return legacy if not named.exists() and legacy.exists() else named
+
+
+def _folder_digest(url: str) -> str:
+    where = url if ("://" in url or url.startswith("pipe:")) else str(Path(url).resolve().parent)
+    return hashlib.sha256(where.encode()).hexdigest()[:8]
 
 
 def caption_hash(caption: str) -> str:
@@ -99,7 +109,8 @@ def identity(text, vae, cfg) -> dict:
              "resolution": cfg.data.resolution, "crop": CROP_RULE, "t5_padding": cfg.text.t5_padding}
     # The caption cut and pixel cap decide which caption rows and bad samples a cache holds; at their
     # defaults they are left out, so that caches written before these keys existed stay valid.
-    for key, default in (("max_caption_bytes", MAX_CAPTION_BYTES), ("max_image_pixels", MAX_IMAGE_PIXELS)):
+    for key, default in (("max_caption_bytes", MAX_CAPTION_BYTES), ("max_image_pixels", MAX_IMAGE_PIXELS),
+                         ("min_size", 0)):
         value = getattr(cfg.data, key, default)
         if value != default:
             ident[key] = value
@@ -161,8 +172,8 @@ def problem(path: Path, url: str, ident: dict, store_dtype: Optional[str] = None
 
 
 def check_unique_names(cache_dir, urls: list[str]) -> None:
-    """One cache file per shard name: two shards called <name>.tar (in different folders) would collide."""
-    names = collections.Counter(shard_name(u) for u in urls)
+    """One cache file per shard: the same shard listed twice (one folder, one name) would collide."""
+    names = collections.Counter(cache_path(cache_dir, u).name for u in urls)
     clash = [n for n, c in names.items() if c > 1]
     if clash:
         raise CacheError(f"data.cache={cache_dir}: {len(clash)} shard name(s) occur more than once in "
@@ -268,7 +279,7 @@ def write_shard(url: str, out_dir, text, vae, cfg, store_dtype: str = "bfloat16"
         n_samples += 1
         key = raw["__key__"]
         sample, reason = decode_sample(raw, cfg.data.resolution, random.Random(0), max_caption_bytes=max_bytes,
-                                       max_pixels=max_pixels)
+                                       max_pixels=max_pixels, min_size=getattr(cfg.data, "min_size", 0))
         if sample is None:
             index["bad"][key] = reason
         else:

@@ -33,7 +33,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def decode_sample(raw: dict, resolution: int, rng: random.Random, *, max_caption_bytes: int = MAX_CAPTION_BYTES,
-                  max_pixels: int = MAX_IMAGE_PIXELS, counts: Optional[dict] = None
+                  max_pixels: int = MAX_IMAGE_PIXELS, min_size: int = 0, counts: Optional[dict] = None
                   ) -> tuple[Optional[dict], Optional[str]]:
     """(sample, None) or (None, bad reason). Image: short side -> resolution, centre crop, [-1, 1].
     Caption notes (CAPTION_NOTES) are added to `counts` when given."""
@@ -47,6 +47,8 @@ def decode_sample(raw: dict, resolution: int, rng: random.Random, *, max_caption
         with Image.open(io.BytesIO(raw[key])) as im:  # header only: PIL decodes in load()
             if too_large(im.size, max_pixels):
                 return None, "image"
+            if min(im.size) < min_size:  # would be upscaled to the training resolution
+                return None, "small"
             im.load()
             # convert() of an RGB image is a plain copy: skip it (the same pixels, one copy less)
             image = resize_center_crop(im if im.mode == "RGB" else im.convert("RGB"), resolution)

@@ -41,7 +41,7 @@ from t2i.errors import DataError
 log = logging.getLogger(__name__)
 
 # cache: a sample missing from its data.cache file; read / short_shard: t2i.data.shards SHARD_EVENTS
-BAD_REASONS = ("image", "caption", "read", "cache", "short_shard")
+BAD_REASONS = ("image", "caption", "read", "cache", "short_shard", "small")  # small: under data.min_size
 COUNT_KEYS = BAD_REASONS + CAPTION_NOTES + ("good",)  # CAPTION_NOTES are counted, but not bad
 
 
@@ -114,7 +114,8 @@ def slot_stream(urls: list[str], cfg: DataConfig, seed: int, slot: int, n_slots:
                 counts[k] = base[k] + events[k] - replayed[k]
             sample, reason = (reader.sample(item, rng, counts) if reader is not None
                               else decode_sample(item, cfg.resolution, rng, max_caption_bytes=cfg.max_caption_bytes,
-                                                 max_pixels=cfg.max_image_pixels, counts=counts))
+                                                 max_pixels=cfg.max_image_pixels, min_size=cfg.min_size,
+                                                 counts=counts))
             if sample is None:
                 counts[reason] = counts.get(reason, 0) + 1
                 continue
@@ -190,6 +191,12 @@ class TrainLoader:
         self.cfg = cfg
         self.urls = expand_shards(cfg.shards, allow_pipe_in_lists=cfg.allow_pipe_in_lists)
         self.expected = manifest_counts(self.urls)  # per-shard sample counts of make-shards manifests
+        slots = world_size * max(1, cfg.num_workers)
+        if rank == 0 and len(self.urls) < slots:
+            log.warning("data.shards: %d shard(s) for %d reading slots (%d rank(s) x %d worker(s)): every slot "
+                        "reads all shards and keeps 1/%d of their samples, so each shard is read %dx (its "
+                        "samples decoded once); write at least %d shards (t2i make-shards --per-shard) for disjoint reads",
+                        len(self.urls), slots, world_size, max(1, cfg.num_workers), slots, slots, slots)
         if cfg.cache:
             from t2i.data.cache import check_cache
             if cache_identity is None:

@@ -93,10 +93,11 @@ def hf_clip_to_open_clip(sd: dict) -> dict:
     return out
 
 
-def _tower_from_hf(folder: str) -> torch.nn.Module:
+def _tower_from_hf(folder: str, dtype: torch.dtype) -> torch.nn.Module:
     """Build an open_clip TextTransformer with the shapes of an HF CLIP text config and load its
-    converted weights strictly."""
-    hf = CLIPTextModelWithProjection.from_pretrained(folder)  # any dtype: copied into the fp32 tower
+    converted weights strictly. One copy of the weights is ever held: the HF model is read in the
+    target dtype, the tower is built on the meta device and takes over the HF tensors (assign=True)."""
+    hf = CLIPTextModelWithProjection.from_pretrained(folder, dtype=dtype)
     c = hf.config
     if c.hidden_act not in ("quick_gelu", "gelu") or c.intermediate_size % c.hidden_size:
         raise ValueError(f"sd3_folder: unsupported CLIP text config in {folder} "
@@ -105,8 +106,11 @@ def _tower_from_hf(folder: str) -> torch.nn.Module:
                     width=c.hidden_size, heads=c.num_attention_heads, layers=c.num_hidden_layers,
                     mlp_ratio=c.intermediate_size // c.hidden_size,
                     norm_kwargs={"eps": c.layer_norm_eps})
-    tower = _build_text_tower(c.projection_dim, text_cfg, quick_gelu=c.hidden_act == "quick_gelu")
-    tower.load_state_dict(hf_clip_to_open_clip(hf.state_dict()), strict=True)
+    with torch.device("meta"):
+        tower = _build_text_tower(c.projection_dim, text_cfg, quick_gelu=c.hidden_act == "quick_gelu")
+    tower.load_state_dict(hf_clip_to_open_clip(hf.state_dict()), strict=True, assign=True)
+    del hf
+    tower.attn_mask = tower.build_causal_mask()  # the one buffer not in the state dict (was on meta)
     return tower
 
 
@@ -162,10 +166,11 @@ class TextEncoders(torch.nn.Module):
             self.tok_t5 = ByT5Tokenizer()
         else:
             folder = cfg.sd3_folder
+            dtype = DTYPES[cfg.dtype]
             self.clip_l = (_tower_from_open_clip_file(cfg.clip_l, "ViT-L-14-quickgelu") if cfg.clip_l
-                           else _tower_from_hf(os.path.join(folder, "text_encoder")))
+                           else _tower_from_hf(os.path.join(folder, "text_encoder"), dtype))
             self.clip_g = (_tower_from_open_clip_file(cfg.clip_g, "ViT-bigG-14") if cfg.clip_g
-                           else _tower_from_hf(os.path.join(folder, "text_encoder_2")))
+                           else _tower_from_hf(os.path.join(folder, "text_encoder_2"), dtype))
             t5_model, t5_tok = ((cfg.t5, cfg.t5) if cfg.t5 else
                                 (os.path.join(folder, "text_encoder_3"), os.path.join(folder, "tokenizer_3")))
             # Loaded in cfg.dtype by transformers exactly as the pipeline gets it (under float16 it

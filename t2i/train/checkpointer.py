@@ -82,7 +82,9 @@ def init_from_parent(model, cfg: Config) -> dict:
     """Load the parent's weights (train.init_from) into `model`; returns what <run>/parent.json records."""
     path = cfg.train.init_from
     if is_diffusers_folder(path):
-        load_weights(model, load_pretrained(path).state_dict())
+        same = cfg.model.pretrained and Path(cfg.model.pretrained).resolve() == Path(path).resolve()
+        if not same:  # model.pretrained already built the model from this folder: no second load
+            load_weights(model, load_pretrained(path).state_dict())
         return {"kind": "diffusers", "path": str(Path(path).resolve())}
     root, tag = store.resolve(path)
     load_weights(model, store.load_weights(root, tag, ema=cfg.train.init_weights == "ema"))

@@ -25,11 +25,18 @@ def init_distributed() -> tuple[int, int]:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(local_device_index())
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if not torch.cuda.is_available():
         _unlink_shm_segment()
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def local_device_index() -> int:
+    """This rank's GPU: LOCAL_RANK modulo the GPUs it can see. Sites that bind one GPU per task
+    (srun --gpu-bind, CUDA_VISIBLE_DEVICES set per task) show each rank a single device 0, where
+    set_device(LOCAL_RANK) would fail for every rank but the first."""
+    return int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count())
 
 
 def _unlink_shm_segment() -> None:

@@ -42,7 +42,9 @@ def loss_on_latents(engine, x, cond, generator, cfg: Config, device, dtype) -> t
     """Draw σ (and σ_in for MixFlow) and noise, one forward pass, per-sample loss -> (mean, stats)."""
     n, t = x.shape[0], cfg.train.timesteps
     noise = torch.randn(x.shape, generator=generator).to(device)
-    model_fn = lambda x_in, timestep: velocity(engine, x_in.to(dtype), timestep.to(dtype), cond).float()  # noqa: E731
+    # The timestep stays fp32 (diffusers builds the sinusoidal embedding in fp32; in bf16, 1000·σ would
+    # be rounded to steps of 4 above 512); only the latents follow the model's dtype.
+    model_fn = lambda x_in, timestep: velocity(engine, x_in.to(dtype), timestep.float(), cond).float()  # noqa: E731
     if cfg.train.objective == "mixflow":  # slowed input at σ_in ≥ σ, conditioned on σ
         sigma, sigma_in = flow.sample_mixflow(n, cfg.train.mixflow_gamma, generator=generator, shift=t.shift)
         loss = flow.mixflow_loss(model_fn, x, noise, sigma.to(device), sigma_in.to(device))

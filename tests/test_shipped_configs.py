@@ -1,0 +1,75 @@
+"""Every shipped config resolves (with its placeholder paths pointed at a folder of the right shape),
+the SD3.5 stage pairs differ in the objective only, and the documented SLURM commands name them."""
+
+import re
+
+import pytest
+
+from t2i.config import DEFAULT_CONFIG, load_config, to_dict
+
+CONFIGS = sorted(DEFAULT_CONFIG.parent.rglob("*.yaml"))
+PLACEHOLDER = re.compile(r"/path/to/[\w.-]+")
+
+
+def _release_folder(tmp_path):
+    """A folder with an SD3.5 release's subfolders (empty: resolving a config reads no weights)."""
+    root = tmp_path / "sd35"
+    for sub in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
+                "tokenizer_2", "tokenizer_3", "scheduler"):
+        (root / sub).mkdir(parents=True)
+    return root
+
+
+def _chain_text(path) -> str:
+    """The config and the files its `base:` chain names."""
+    text = path.read_text()
+    base = re.search(r"^base:\s*(\S+)", text, flags=re.M)
+    return text + (_chain_text((path.parent / base.group(1)).resolve()) if base else "")
+
+
+def _overrides(path, folder) -> list[str]:
+    """The release-folder keys a config with placeholder paths needs (init_from only where it is set)."""
+    text = _chain_text(path)
+    if not PLACEHOLDER.search(text):
+        return []
+    keys = ["model.pretrained", "text.sd3_folder", "vae.path"] + ["train.init_from"] * ("init_from:" in text)
+    return [f"{k}={folder}" for k in keys]
+
+
+def test_every_config_is_found():
+    names = {str(p.relative_to(DEFAULT_CONFIG.parent)) for p in CONFIGS}
+    assert {"tiny-cpu.yaml", "sd3.5-medium-512.yaml", "sd3.5-large-1024.yaml", "stages/mixflow.yaml",
+            "stages/control.yaml", "stages/sd3.5-medium-mixflow.yaml", "stages/sd3.5-medium-control.yaml",
+            "stages/sd3.5-large-mixflow.yaml", "stages/sd3.5-large-control.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(DEFAULT_CONFIG.parent)))
+def test_every_shipped_config_resolves(path, tmp_path):
+    folder = _release_folder(tmp_path)
+    cfg = load_config(path, _overrides(path, folder))
+    if cfg.text.preset == "sd3":
+        assert cfg.text.max_t5_tokens == 256 and cfg.text.clip_context == 77
+        assert cfg.model.preset.startswith("sd3") and cfg.deepspeed.precision == "bf16"
+    from t2i.models.build import check_geometry
+    check_geometry(cfg)
+
+
+@pytest.mark.parametrize("size,preset,resolution", [("medium", "sd3.5-medium", 512), ("large", "sd3.5-large", 1024)])
+def test_the_sd35_stage_configs_differ_in_the_objective_only(size, preset, resolution, tmp_path):
+    folder = _release_folder(tmp_path)
+    paths = [f"{k}={folder}" for k in ("model.pretrained", "text.sd3_folder", "vae.path", "train.init_from")]
+    stages = DEFAULT_CONFIG.parent / "stages"
+    mix = to_dict(load_config(stages / f"sd3.5-{size}-mixflow.yaml", paths))
+    control = to_dict(load_config(stages / f"sd3.5-{size}-control.yaml", paths))
+    assert mix["model"]["preset"] == preset and mix["data"]["resolution"] == resolution
+    assert mix["train"]["init_from"] == str(folder) and mix["train"]["timesteps"]["shift"] == 3.0
+    assert mix["train"].pop("objective") == "mixflow" and control["train"].pop("objective") == "flow_matching"
+    assert mix["run"].pop("name") == f"sd35-{size}-mixflow" and control["run"].pop("name") == f"sd35-{size}-control"
+    assert mix == control
+
+
+def test_the_slurm_readme_commands_name_shipped_configs():
+    readme = (DEFAULT_CONFIG.parent.parent / "slurm" / "README.md").read_text()
+    named = set(re.findall(r"configs/[\w./-]+\.yaml", readme))
+    assert {"configs/stages/sd3.5-medium-mixflow.yaml", "configs/stages/sd3.5-medium-control.yaml"} <= named
+    assert all((DEFAULT_CONFIG.parent.parent / n).is_file() for n in named), named
