@@ -174,7 +174,7 @@ def markdown(report: dict) -> str:
             cells += [f"{r['clipscore']['mean']:.3f}"] if "clipscore" in r else [""]
         lines.append("| " + " | ".join(cells) + " |")
     s = report["settings"]
-    notes = [f"- sampling: {s['steps']} Euler steps on {s.get('sigmas', 't2i')}'s sigma grid, "
+    notes = [f"- sampling: {s['steps']} Euler steps on the {s.get('sigmas', 't2i')} sigma grid, "
              f"guidance {s['guidance']}, shift {s['shift']}, "
              f"{s['images_per_prompt']} images per prompt, seed {s['seed']}, {s['resolution']} px, "
              f"{s['weights']} weights",

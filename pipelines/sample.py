@@ -25,7 +25,7 @@ import torch
 
 from t2i.checkpoint import loading
 from t2i.eval.prompts import load_prompts
-from t2i.eval.sample_folder import run
+from t2i.eval import sample_folder
 from t2i.eval.sampling import plan
 
 
@@ -56,8 +56,10 @@ def main(args, cfg) -> int:
     if rank == 0:
         for line in chosen.describe():
             print(f"[sample] {line}", flush=True)
-    stats = run(loaded, entries, args.out, prompts_source=str(args.prompts), images_per_prompt=args.images_per_prompt,
-                seed=args.seed, batch_size=args.batch_size, shard=args.shard, plan=chosen)
+    stats = sample_folder.run(loaded, entries, args.out, prompts_source=str(args.prompts),
+                              images_per_prompt=args.images_per_prompt, steps=chosen.steps, guidance=chosen.guidance,
+                              shift=chosen.shift, resolution=chosen.resolution, seed=args.seed,
+                              batch_size=args.batch_size, shard=args.shard, plan=chosen)
     print(f"[sample] rank {rank}: {stats['images']} images in {stats['seconds']:.1f} s "
           f"({stats['images_per_s']:.2f} img/s), {stats['skipped']} already there -> {args.out}", flush=True)
     return 0

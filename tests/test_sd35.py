@@ -150,3 +150,17 @@ def test_a_bf16_model_receives_the_timestep_in_fp32(loaded):
     assert all(t.dtype == torch.float32 for t in seen)
     torch.testing.assert_close(torch.stack([t[0] for t in seen]), 1000.0 * sigmas[:3], rtol=0, atol=0)
     assert (1000.0 * sigmas[1]).to(torch.bfloat16).float() != 1000.0 * sigmas[1]  # bf16 would have moved it
+
+
+def test_t2i_eval_of_the_folder_reports_each_checkpoints_settings_and_sources(sd35_folder, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert cli.main(["eval", "--ckpt", f"sd35={sd35_folder}", "--out", str(out), "--per-tag", "1",
+                     "--images-per-prompt", "1", "--steps", "1", "--batch-size", "8"]) == 0
+    assert "[eval] sd35: guidance = 4.5 (model-card default for sd3.5-medium)" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    row = report["checkpoints"]["sd35"]["settings"]
+    assert (row["steps"], row["guidance"], row["shift"], row["resolution"], row["sigmas"], row["model"]) == (
+        1, 4.5, 3.0, RESOLUTION, "diffusers", "sd3.5-medium")
+    assert row["sources"]["steps"] == "command line"
+    assert "on the diffusers sigma grid" in (out / "report.md").read_text()
+    assert json.loads((out / "sd35" / "manifest.json").read_text())["sigmas"] == [1.0, 0.0]

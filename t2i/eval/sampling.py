@@ -42,7 +42,8 @@ def model_family(transformer_config) -> Optional[str]:
 
 def is_sd3_family(cfg, folder: Optional[str]) -> bool:
     """An SD3 / SD3.5 model (a diffusers folder, model.pretrained, or an SD3-sized preset), not the toy."""
-    return folder is not None or bool(cfg.model.pretrained) or cfg.model.preset != "tiny"
+    model = getattr(cfg, "model", None)
+    return folder is not None or bool(getattr(model, "pretrained", None)) or getattr(model, "preset", "tiny") != "tiny"
 
 
 @dataclass
@@ -73,8 +74,8 @@ def plan(loaded, *, steps=None, guidance=None, shift=None, resolution=None, expl
     and otherwise: resolution = transformer sample_size x VAE factor, shift from
     scheduler/scheduler_config.json, steps and guidance from MODEL_DEFAULTS (PIPELINE_DEFAULTS for an
     unknown model). `sample.sigmas: auto` means the diffusers grid for SD3-family models, else t2i's."""
-    cfg, folder = loaded.cfg, loaded.folder
-    model_cfg = getattr(loaded.model, "config", {})
+    cfg, folder = loaded.cfg, getattr(loaded, "folder", None)
+    model_cfg = getattr(getattr(loaded, "model", None), "config", None) or {}
     family = model_family(model_cfg) if folder is not None or is_sd3_family(cfg, folder) else None
     sources: dict = {}
 
@@ -100,7 +101,7 @@ def plan(loaded, *, steps=None, guidance=None, shift=None, resolution=None, expl
     row = row or PIPELINE_DEFAULTS
     steps = pick("steps", steps, "sample.steps", row["steps"], row_source)
     guidance = pick("guidance", guidance, "sample.guidance", row["guidance"], row_source)
-    scheduler = loaded.scheduler
+    scheduler = getattr(loaded, "scheduler", None)
     folder_shift = (scheduler or {}).get("shift", SD3_SHIFT)
     shift = pick("shift", shift, "sample.shift", float(folder_shift),
                  f"{folder}/scheduler/scheduler_config.json" if scheduler else
@@ -108,16 +109,17 @@ def plan(loaded, *, steps=None, guidance=None, shift=None, resolution=None, expl
     native = (model_cfg.get("sample_size") or 0) * loaded.vae.downsample if folder is not None else None
     resolution = pick("resolution", resolution, "data.resolution", native,
                       "the folder: transformer sample_size x VAE downsampling")
-    grid = cfg.sample.sigmas
+    grid = getattr(cfg.sample, "sigmas", "auto")
     if grid == "auto" or not from_config("sample.sigmas"):
         grid = "diffusers" if is_sd3_family(cfg, folder) else "t2i"
         sources["grid"] = ("auto: diffusers' scheduler grid for an SD3-family model" if grid == "diffusers"
                            else "auto: t2i's grid for the tiny toy model")
     else:
         sources["grid"] = f"{config_name}: sample.sigmas" if folder is not None else "the checkpoint's config"
-    patch = model_cfg.get("patch_size") or 1
-    tokens = (loaded.vae.latent_size(resolution) // patch) ** 2
     full = flow.scheduler_config(scheduler, shift) if grid == "diffusers" else None
+    tokens = None
+    if full and full.get("use_dynamic_shifting"):  # μ from the latent token count, as the pipeline
+        tokens = (loaded.vae.latent_size(resolution) // (model_cfg.get("patch_size") or 1)) ** 2
     sigmas = flow.inference_sigmas(steps, grid, shift, full, image_seq_len=tokens)
     return Plan(steps=int(steps), guidance=float(guidance), shift=float(shift), resolution=int(resolution),
                 grid=grid, sigmas=sigmas, scheduler=full, model=family, sources=sources)
