@@ -174,7 +174,8 @@ def markdown(report: dict) -> str:
             cells += [f"{r['clipscore']['mean']:.3f}"] if "clipscore" in r else [""]
         lines.append("| " + " | ".join(cells) + " |")
     s = report["settings"]
-    notes = [f"- sampling: {s['steps']} Euler steps, guidance {s['guidance']}, shift {s['shift']}, "
+    notes = [f"- sampling: {s['steps']} Euler steps on the {s.get('sigmas', 't2i')} sigma grid, "
+             f"guidance {s['guidance']}, shift {s['shift']}, "
              f"{s['images_per_prompt']} images per prompt, seed {s['seed']}, {s['resolution']} px, "
              f"{s['weights']} weights",
              f"- prompts: {s['prompts']} ({s['num_prompts']} prompts)",
@@ -206,6 +207,7 @@ def main(args, cfg) -> int:
     from t2i.checkpoint import loading
     from t2i.eval import geneval, geneval_folder, sample_folder
     from t2i.eval.prompts import write_shapes_geneval
+    from pipelines.sample import plan_for
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     check_fid_arguments(args)  # before any sampling: a wrong reference fails in seconds, not after hours
@@ -230,13 +232,16 @@ def main(args, cfg) -> int:
         label, path = _label_path(spec)
         t0 = time.time()
         loaded = loading.load_any(path, cfg, ema=not args.raw, device=device)
-        s = loaded.cfg.sample
-        kw = dict(images_per_prompt=args.images_per_prompt, steps=args.steps or s.steps,
-                  guidance=s.guidance if args.guidance is None else args.guidance,
-                  shift=s.shift if args.shift is None else args.shift,
-                  resolution=args.resolution or loaded.cfg.data.resolution, seed=args.seed, batch_size=args.batch_size)
+        chosen = plan_for(loaded, args)
+        if rank == 0:
+            for line in chosen.describe():
+                print(f"[eval] {label}: {line}", flush=True)
+        kw = dict(images_per_prompt=args.images_per_prompt, steps=chosen.steps, guidance=chosen.guidance,
+                  shift=chosen.shift, resolution=chosen.resolution, sigmas=chosen.grid, seed=args.seed,
+                  batch_size=args.batch_size)
         folders[label] = out / label
-        stats = sample_folder.run(loaded, entries, folders[label], prompts_source=prompts, **kw)
+        stats = sample_folder.run(loaded, entries, folders[label], prompts_source=prompts, plan=chosen,
+                                  **{k: v for k, v in kw.items() if k != "sigmas"})
         loaded_kind = loaded.source.rsplit("(", 1)[1].rstrip(")")  # ema | raw | diffusers
         del loaded
         if world > 1:  # all ranks' images over the slowest rank's time
@@ -245,7 +250,8 @@ def main(args, cfg) -> int:
             stats = {"images": sum(p["images"] for p in parts), "skipped": sum(p["skipped"] for p in parts),
                      "seconds": max(p["seconds"] for p in parts), "ranks": world}
             stats["images_per_s"] = stats["images"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
-        row = {"checkpoint": path, "weights": loaded_kind, "sampling": {**stats, "seconds": round(time.time() - t0, 2)}}
+        row = {"checkpoint": path, "weights": loaded_kind, "sampling": {**stats, "seconds": round(time.time() - t0, 2)},
+               "settings": {**kw, "model": chosen.model, "sources": chosen.sources}}
         row["geneval"] = geneval_folder.score(folders[label], detector=args.detector, color=args.color,
                                               object_names=args.object_names, device=device, progress=rank == 0,
                                               custom_tags=args.custom_tags)

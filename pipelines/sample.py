@@ -25,7 +25,22 @@ import torch
 
 from t2i.checkpoint import loading
 from t2i.eval.prompts import load_prompts
-from t2i.eval.sample_folder import run
+from t2i.eval import sample_folder
+from t2i.eval.sampling import plan
+
+
+def explicit_keys(args) -> set | None:
+    """The config keys the user set: None when --config was given (all of them), else the overrides'."""
+    if getattr(args, "config", None):
+        return None
+    return {item.split("=", 1)[0].strip() for item in getattr(args, "overrides", None) or []}
+
+
+def plan_for(loaded, args):
+    """The sampling settings (t2i.eval.sampling.plan) from the flags, the config and the checkpoint."""
+    return plan(loaded, steps=args.steps, guidance=args.guidance, shift=args.shift, resolution=args.resolution,
+                explicit=explicit_keys(args),
+                config_name=f"--config {args.config}" if getattr(args, "config", None) else "command-line override")
 
 
 def main(args, cfg) -> int:
@@ -36,13 +51,15 @@ def main(args, cfg) -> int:
     loaded = loading.load_any(args.ckpt, cfg, ema=not args.raw, device=device)
     if args.dtype != "float32":
         loaded.model.to(getattr(torch, args.dtype))
-    sample = loaded.cfg.sample
-    stats = run(loaded, entries, args.out, prompts_source=str(args.prompts), images_per_prompt=args.images_per_prompt,
-                steps=args.steps or sample.steps,
-                guidance=sample.guidance if args.guidance is None else args.guidance,
-                shift=sample.shift if args.shift is None else args.shift, resolution=args.resolution,
-                seed=args.seed, batch_size=args.batch_size, shard=args.shard)
     rank = int(os.environ.get("RANK", 0))
+    chosen = plan_for(loaded, args)
+    if rank == 0:
+        for line in chosen.describe():
+            print(f"[sample] {line}", flush=True)
+    stats = sample_folder.run(loaded, entries, args.out, prompts_source=str(args.prompts),
+                              images_per_prompt=args.images_per_prompt, steps=chosen.steps, guidance=chosen.guidance,
+                              shift=chosen.shift, resolution=chosen.resolution, seed=args.seed,
+                              batch_size=args.batch_size, shard=args.shard, plan=chosen)
     print(f"[sample] rank {rank}: {stats['images']} images in {stats['seconds']:.1f} s "
           f"({stats['images_per_s']:.2f} img/s), {stats['skipped']} already there -> {args.out}", flush=True)
     return 0

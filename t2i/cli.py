@@ -49,10 +49,15 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument("--out", required=True, help="output folder (GenEval layout)")
     p.add_argument("--images-per-prompt", type=int, default=4)
-    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the checkpoint's sample.steps)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: sample.guidance)")
-    p.add_argument("--shift", type=float, default=None, help="sigma shift of the schedule (default: sample.shift)")
-    p.add_argument("--resolution", type=int, default=None, help="default: the checkpoint's data.resolution")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Euler steps = model evaluations (default: the checkpoint's sample.steps; a diffusers "
+                        "folder without --config: its model card's, docs/design/evaluation.md section 3)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: as --steps)")
+    p.add_argument("--shift", type=float, default=None,
+                   help="sigma shift (default: sample.shift; a diffusers folder without --config: its scheduler's)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="default: data.resolution; a diffusers folder without --config: transformer sample_size "
+                        "x VAE factor")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="part of the settings: the same batches on any split")
     p.add_argument("--shard", default=None, metavar="I/N", help="this job's share, e.g. $SLURM_ARRAY_TASK_ID/16")

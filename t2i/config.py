@@ -213,6 +213,9 @@ class SampleConfig:
     steps: int = 30
     guidance: float = 3.0
     shift: float = 1.0
+    sigmas: str = "auto"            # inference σ grid: t2i = shift(linspace(1, 0, steps + 1)) | diffusers =
+                                    # FlowMatchEulerDiscreteScheduler.set_timesteps(steps) | auto = diffusers for
+                                    # SD3-family models (a preset other than tiny, or pretrained), t2i for the toy
     seed: int = 0
     use_ema: bool = True
     every: int = 0                  # also sample these prompts (EMA) every N training steps; 0 = at the end only
@@ -262,6 +265,7 @@ class Config:
         _choice("deepspeed.zero_stage", self.deepspeed.zero_stage, [1, 2, 3])
         _choice("deepspeed.precision", self.deepspeed.precision, ["fp32", "bf16"])
         _choice("logging.wandb", self.logging.wandb, ["offline", "online", "disabled"])
+        _choice("sample.sigmas", self.sample.sigmas, ["auto", "t2i", "diffusers"])
         if not 0.0 <= self.train.mixflow_gamma <= 1.0:
             raise ConfigError(f"train.mixflow_gamma must be in [0, 1], got {self.train.mixflow_gamma}")
         for key in ("steps", "micro_batch_size", "grad_accum", "ckpt_every", "log_every"):

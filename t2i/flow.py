@@ -134,10 +134,80 @@ def flow_matching_loss(model_fn, x, noise, sigma):
 
 
 def sampling_sigmas(steps, shift=1.0):
-    """Inference grid [steps + 1]: shift(linspace(1, 0, steps + 1)), from exactly 1.0 down to exactly 0.0."""
+    """t2i's inference grid [steps + 1]: shift(linspace(1, 0, steps + 1)), from exactly 1.0 down to exactly 0.0."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     return shift_sigmas(torch.linspace(1.0, 0.0, steps + 1), shift)
+
+
+# The inference grids t2i can sample on (`sample.sigmas`); "auto" is resolved by the caller
+# (diffusers for SD3-family models, t2i for the tiny toy).
+SIGMA_GRIDS = ("t2i", "diffusers")
+# Scheduler config keys that are bookkeeping, not part of the grid.
+_SCHEDULER_META = ("_class_name", "_diffusers_version", "_name_or_path")
+
+
+def scheduler_config(config=None, shift=None) -> dict:
+    """A FlowMatchEulerDiscreteScheduler config (a folder's scheduler_config.json as a dict, or None for the
+    class defaults) completed with every default, `shift` replacing the config's when given. Raises
+    ValueError for another scheduler class or for settings an Euler ODE sampler cannot follow."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = dict(config or {})
+    cls = config.get("_class_name", "FlowMatchEulerDiscreteScheduler")
+    if cls != "FlowMatchEulerDiscreteScheduler":
+        raise ValueError(f"the diffusers sigma grid needs a FlowMatchEulerDiscreteScheduler config, got {cls}")
+    if shift is not None:
+        config["shift"] = float(shift)
+    config = {k: v for k, v in config.items() if k not in _SCHEDULER_META}
+    full = dict(FlowMatchEulerDiscreteScheduler.from_config(config).config)
+    for key in ("stochastic_sampling", "invert_sigmas"):
+        if full.get(key):
+            raise ValueError(f"scheduler config has {key}=true: t2i's deterministic Euler sampler cannot follow it")
+    return {k: v for k, v in full.items() if not k.startswith("_")}
+
+
+def diffusers_sigmas(steps, config=None, shift=None, image_seq_len=None):
+    """diffusers' inference grid [steps + 1], computed BY diffusers: FlowMatchEulerDiscreteScheduler built
+    from `config` (see scheduler_config; `shift` overrides the config's) then .set_timesteps(steps).sigmas.
+
+    For the plain SD3 / SD3.5 config that is shift(linspace(1, σ_min, steps)) followed by 0, where
+    σ_min = shift(1/1000) (num_train_timesteps = 1000): the last model evaluation is at a small σ > 0
+    and the final Euler step jumps to 0. shift_terminal, karras / exponential / beta spacing are
+    applied by diffusers as configured; with use_dynamic_shifting, μ comes from `image_seq_len`
+    (latent tokens) exactly as StableDiffusion3Pipeline computes it.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    config = scheduler_config(config, shift)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    kwargs = {}
+    if config.get("use_dynamic_shifting"):
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+        if image_seq_len is None:
+            raise ValueError("the scheduler uses dynamic shifting: image_seq_len (latent tokens) is needed")
+        kwargs["mu"] = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
+                                       config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                       config.get("max_shift", 1.16))
+    scheduler.set_timesteps(steps, device="cpu", **kwargs)
+    return scheduler.sigmas.to(torch.float32).clone()
+
+
+def inference_sigmas(steps, grid="t2i", shift=1.0, config=None, image_seq_len=None):
+    """THE sampling grid [steps + 1] (1 → 0, steps model evaluations) of `grid`:
+
+    t2i:        sampling_sigmas(steps, shift)                        = shift(linspace(1, 0, steps + 1))
+    diffusers:  diffusers_sigmas(steps, config, shift, image_seq_len) = scheduler.set_timesteps(steps).sigmas
+    `config` (a scheduler_config.json dict) is only read by the diffusers grid; `shift` replaces its shift
+    unless None (then the config's shift is used; the t2i grid then uses 1.0).
+    """
+    if grid == "t2i":
+        return sampling_sigmas(steps, 1.0 if shift is None else shift)
+    if grid == "diffusers":
+        return diffusers_sigmas(steps, config, shift, image_seq_len)
+    raise ValueError(f"unknown sigma grid {grid!r}; valid: {list(SIGMA_GRIDS)}")
 
 
 def cfg_velocity(model_fn, cond, uncond, guidance_scale):

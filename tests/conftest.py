@@ -57,3 +57,10 @@ def make_shards(tmp_path):
             paths.append(str(write_tar(tmp_path / f"{prefix}-{s:06d}.tar", members)))
         return paths
     return _make
+
+
+@pytest.fixture(scope="session")
+def sd35_folder(tmp_path_factory):
+    """A tiny, release-shaped SD3.5-medium diffusers folder (tests/sd35_fixture.py), built once per session."""
+    from sd35_fixture import build_sd35_folder
+    return build_sd35_folder(tmp_path_factory.mktemp("sd35") / "stable-diffusion-3.5-medium")

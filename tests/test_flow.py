@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy import special, stats
 
+from t2i import flow
 from t2i.flow import (
     cfg_velocity,
     euler_sample,
@@ -450,3 +451,61 @@ def test_slowed_sigma_degenerate_chord_gives_zero_not_nan():
     x = torch.randn(2, 3, generator=gen(78))
     out = slowed_sigma(torch.randn(2, 3, generator=gen(79)), x, x.clone())
     assert torch.equal(out, torch.zeros(2))
+
+
+# ---------------------------------------------------------------- diffusers' grid
+
+
+@pytest.mark.parametrize("steps", [1, 4, 28, 40])
+@pytest.mark.parametrize("shift", [1.0, 3.0, 7.5])
+def test_diffusers_grid_is_the_schedulers_set_timesteps_sigmas(steps, shift):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps)
+    ours = flow.inference_sigmas(steps, "diffusers", shift)
+    assert ours.dtype == torch.float32 and ours.shape == (steps + 1,)
+    torch.testing.assert_close(ours, scheduler.sigmas, rtol=0, atol=0)
+    # the same grid from a folder's config, its own shift used when none is given
+    torch.testing.assert_close(flow.inference_sigmas(steps, "diffusers", None, {"shift": shift}), ours, rtol=0, atol=0)
+    assert ours[0] == 1.0 and ours[-1] == 0.0 and (ours.diff() < 0).all()
+
+
+def test_diffusers_grid_ends_at_shifted_sigma_min_then_zero_unlike_t2is():
+    d, t = flow.inference_sigmas(28, "diffusers", 3.0), flow.inference_sigmas(28, "t2i", 3.0)
+    torch.testing.assert_close(t, flow.sampling_sigmas(28, 3.0), rtol=0, atol=0)
+    sigma_min = flow.shift_sigmas(flow.shift_sigmas(torch.tensor(1 / 1000, dtype=torch.float64), 3.0), 3.0)
+    assert abs(d[-2].item() - sigma_min.item()) < 1e-7  # σ_min = shift(1/1000), shifted again by set_timesteps
+    assert (d[1:-1] < t[1:-1]).all()  # diffusers' grid is less noisy at every inner step for shift 3
+    torch.testing.assert_close(d[:4], torch.tensor([1.0, 0.9873806, 0.9741077, 0.9601293]))
+    torch.testing.assert_close(t[:4], torch.tensor([1.0, 0.9878048, 0.9750000, 0.9615385]))
+
+
+@pytest.mark.parametrize("config, seq_len", [
+    ({"shift": 3.0, "shift_terminal": 0.05}, None),
+    ({"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15}, 1024),
+    ({"shift": 3.0, "use_karras_sigmas": True}, None),
+])
+def test_diffusers_grid_follows_terminal_dynamic_and_karras_settings_like_the_pipeline(config, seq_len):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**config)
+    mu = calculate_shift(seq_len, 256, 4096, 0.5, 1.15) if seq_len else None
+    scheduler.set_timesteps(10, mu=mu)
+    ours = flow.inference_sigmas(10, "diffusers", None, {"_class_name": "FlowMatchEulerDiscreteScheduler", **config},
+                                 image_seq_len=seq_len)
+    torch.testing.assert_close(ours, scheduler.sigmas, rtol=0, atol=0)
+
+
+def test_grid_errors_name_the_problem():
+    with pytest.raises(ValueError, match="unknown sigma grid"):
+        flow.inference_sigmas(4, "karras")
+    with pytest.raises(ValueError, match="stochastic_sampling"):
+        flow.inference_sigmas(4, "diffusers", 3.0, {"stochastic_sampling": True})
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler"):
+        flow.inference_sigmas(4, "diffusers", 3.0, {"_class_name": "DDIMScheduler"})
+    with pytest.raises(ValueError, match="image_seq_len"):
+        flow.inference_sigmas(4, "diffusers", None, {"use_dynamic_shifting": True})
+    with pytest.raises(ValueError, match="steps"):
+        flow.inference_sigmas(0, "diffusers", 3.0)

@@ -22,7 +22,7 @@ from t2i.config import load_config
 from t2i.errors import EvalError
 from t2i.eval.prompts import write_prompts
 
-OVERRIDES = ["data.resolution=16"]
+OVERRIDES = ["data.resolution=16", "sample.sigmas=t2i"]  # the toy on t2i's grid, as sample.run without a plan
 
 
 @pytest.fixture(scope="module")

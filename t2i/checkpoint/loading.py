@@ -3,8 +3,10 @@ for sampling and evaluation."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -23,11 +25,26 @@ class Loaded:
     text: TextEncoders
     vae: FrozenVAE
     source: str  # "<checkpoint dir> (ema|raw)"
+    folder: Optional[str] = None      # the diffusers folder it came from (None for a t2i checkpoint)
+    scheduler: Optional[dict] = None  # that folder's (or model.pretrained's) scheduler/scheduler_config.json
 
     @property
     def latent_shape(self) -> tuple:
         size = self.vae.latent_size(self.cfg.data.resolution)
         return (self.vae.latent_channels, size, size)
+
+
+def read_scheduler_config(path: str | Path | None) -> Optional[dict]:
+    """scheduler/scheduler_config.json of a diffusers pipeline folder (also found from its transformer/
+    folder, or in the folder itself), or None when there is none."""
+    if not path:
+        return None
+    root = Path(path)
+    for candidate in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json",
+                      root.parent / "scheduler" / "scheduler_config.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return None
 
 
 def load(path: str | Path, ema: bool = True, device="cpu", text=None, vae=None) -> Loaded:
@@ -38,7 +55,8 @@ def load(path: str | Path, ema: bool = True, device="cpu", text=None, vae=None) 
         text, vae = build_frozen(cfg, device)
     model = build_for(cfg, text, vae)
     load_weights(model, store.load_weights(root, tag, ema=ema))
-    return Loaded(cfg, model.to(device).eval(), text, vae, f"{root / tag} ({'ema' if ema else 'raw'})")
+    return Loaded(cfg, model.to(device).eval(), text, vae, f"{root / tag} ({'ema' if ema else 'raw'})",
+                  scheduler=read_scheduler_config(cfg.model.pretrained))
 
 
 def load_diffusers(folder: str | Path, cfg: Config, device="cpu") -> Loaded:
@@ -58,7 +76,8 @@ def load_diffusers(folder: str | Path, cfg: Config, device="cpu") -> Loaded:
                               model=dataclasses.replace(cfg.model, pretrained=str(folder)))
     text, vae = build_frozen(cfg, device)
     model = build_for(cfg, text, vae)
-    return Loaded(cfg, model.to(device).eval(), text, vae, f"{folder} (diffusers)")
+    return Loaded(cfg, model.to(device).eval(), text, vae, f"{folder} (diffusers)", folder=str(folder),
+                  scheduler=read_scheduler_config(folder))
 
 
 def load_any(path: str | Path, cfg: Config, ema: bool = True, device="cpu") -> Loaded:

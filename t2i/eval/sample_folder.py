@@ -51,7 +51,15 @@ class Settings:
     seed: int
     batch_size: int
     dtype: str
+    grid: str = "t2i"               # t2i | diffusers (t2i.flow.inference_sigmas)
+    sigmas: list = None             # the σ grid sampled on, [steps + 1], 1 -> 0
+    scheduler: dict = None          # the diffusers grid's full FlowMatchEulerDiscreteScheduler config
+    model: str = None               # the per-model defaults row (t2i.eval.sampling.MODEL_DEFAULTS), if any
+    sources: dict = None            # where each setting came from (informational: not compared on restart)
     seed_rule: str = "noise of image k of prompt p: torch.Generator seeded SeedSequence([seed, p, k])"
+
+
+INFORMATIONAL = ("sources",)  # manifest keys a restart may change
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,7 +111,7 @@ def check_manifest(out: Path, settings: Settings) -> None:
     mine = asdict(settings)
     if path.exists():
         theirs = json.loads(path.read_text())
-        diff = [k for k in mine if theirs.get(k) != mine[k]]
+        diff = [k for k in mine if k not in INFORMATIONAL and theirs.get(k) != mine[k]]
         if diff:
             detail = "; ".join(f"{k}: folder has {theirs.get(k)!r}, this run {mine[k]!r}" for k in diff)
             raise EvalError(f"{out} holds samples made with other settings ({detail}); "
@@ -119,8 +127,11 @@ def check_manifest(out: Path, settings: Settings) -> None:
 
 def run(loaded, entries: list[dict], out: str | Path, *, prompts_source: str, images_per_prompt: int = 4,
         steps: int = 30, guidance: float = 3.0, shift: float = 1.0, resolution: int | None = None, seed: int = 0,
-        batch_size: int = 16, shard: str | None = None, progress: bool = True) -> dict:
-    """Sample this worker's share of the prompt set into `out`; returns {"images", "seconds", "skipped"}."""
+        batch_size: int = 16, shard: str | None = None, progress: bool = True, plan=None) -> dict:
+    """Sample this worker's share of the prompt set into `out`; returns {"images", "seconds", "skipped"}.
+
+    With `plan` (t2i.eval.sampling.plan) its steps, guidance, shift, resolution and σ grid are used and
+    the arguments of the same names ignored; without it, t2i's grid sampling_sigmas(steps, shift)."""
     from tqdm import tqdm
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -129,11 +140,19 @@ def run(loaded, entries: list[dict], out: str | Path, *, prompts_source: str, im
     out = Path(out)
     model, text, vae = loaded.model, loaded.text, loaded.vae
     param = next(model.parameters())
+    if plan is not None:
+        steps, guidance, shift, resolution = plan.steps, plan.guidance, plan.shift, plan.resolution
+        sigmas = plan.sigmas
     resolution = resolution or loaded.cfg.data.resolution
+    if plan is None:
+        sigmas = flow.inference_sigmas(steps, "t2i", shift)
     settings = Settings(checkpoint=loaded.source.rsplit(" (", 1)[0], weights=loaded.source.rsplit("(", 1)[1][:-1],
                         prompts=prompts_source, prompts_sha256=prompts_digest(entries), num_prompts=len(entries),
                         images_per_prompt=images_per_prompt, steps=steps, guidance=guidance, shift=shift,
-                        resolution=resolution, seed=seed, batch_size=batch_size, dtype=str(param.dtype))
+                        resolution=resolution, seed=seed, batch_size=batch_size, dtype=str(param.dtype),
+                        grid=plan.grid if plan else "t2i", sigmas=[float(x) for x in sigmas],
+                        scheduler=plan.scheduler if plan else None, model=plan.model if plan else None,
+                        sources=plan.sources if plan else None)
     check_manifest(out, settings)
 
     width = digits(len(entries))
@@ -146,7 +165,6 @@ def run(loaded, entries: list[dict], out: str | Path, *, prompts_source: str, im
 
     size = vae.latent_size(resolution)
     shape = (vae.latent_channels, size, size)
-    sigmas = flow.sampling_sigmas(steps, shift)
     total = sum(len(b) for b in todo)
     bar = tqdm(total=total, desc=f"sample [{worker}/{workers}]", unit="img", disable=not progress or rank != 0,
                dynamic_ncols=True)

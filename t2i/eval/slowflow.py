@@ -22,7 +22,7 @@ def measure(model, text, latent_shape: tuple, prompts: list[str], steps: int, *,
             shift: float = 1.0, seed: int = 0, batch_size: int = 32) -> dict:
     """σ̂ − σ at every step of `steps`-step Euler sampling, per image, summarised per step."""
     param = next(model.parameters())
-    sigmas = flow.sampling_sigmas(steps, shift)
+    sigmas = flow.inference_sigmas(steps, "t2i", shift)
     gaps = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]

@@ -119,8 +119,12 @@ def check_compatible(model: SD3Transformer2DModel, *, in_channels: int, joint_at
 
 
 def velocity(model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
-    """v̂ = model(x, timestep, text): the one place that knows the SD3 forward signature."""
-    return model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond["context"],
+    """v̂ = model(x, timestep, text): the one place that knows the SD3 forward signature.
+
+    The timestep (1000·σ) is handed on in float32 whatever x's dtype, as diffusers' pipelines do (the
+    transformer builds its sinusoidal embedding in fp32); a caller that rounds it to bf16 first has
+    already lost precision (750 -> 752), so pass it in float32."""
+    return model(hidden_states=x, timestep=timestep.float(), encoder_hidden_states=cond["context"],
                  pooled_projections=cond["pooled"], return_dict=False)[0]
 
 
