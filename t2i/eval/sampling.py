@@ -125,6 +125,22 @@ def plan(loaded, *, steps=None, guidance=None, shift=None, resolution=None, expl
                 grid=grid, sigmas=sigmas, scheduler=full, model=family, sources=sources)
 
 
+def config_sigmas(cfg, model_config: Optional[dict] = None, latent_size: Optional[int] = None) -> torch.Tensor:
+    """The σ grid of a run's own samples (cfg.sample: steps, shift, sigmas), as `plan` chooses it for a
+    checkpoint: the in-training grids and the final grid of an SD3 run use diffusers' scheduler grid."""
+    from t2i.checkpoint.loading import read_scheduler_config
+
+    grid = cfg.sample.sigmas
+    if grid == "auto":
+        grid = "diffusers" if is_sd3_family(cfg, None) else "t2i"
+    full = flow.scheduler_config(read_scheduler_config(cfg.model.pretrained), cfg.sample.shift) \
+        if grid == "diffusers" else None
+    tokens = None
+    if full and full.get("use_dynamic_shifting") and latent_size:
+        tokens = (latent_size // ((model_config or {}).get("patch_size") or 1)) ** 2
+    return flow.inference_sigmas(cfg.sample.steps, grid, cfg.sample.shift, full, image_seq_len=tokens)
+
+
 def initial_noise(first: int, count: int, seed: int, shape: tuple, device, dtype) -> torch.Tensor:
     """ε for images first .. first+count-1, image i from its own generator seeded `seed + i`."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + first + i))

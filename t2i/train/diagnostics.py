@@ -87,7 +87,7 @@ class FixedSigmaValidation:
                 x, noise = self.x[a:a + bs], self.noise[i, a:a + bs]
                 sigma = torch.full((x.shape[0],), s, device=self.device)
                 cond = {k: v[a:a + bs].to(dtype) for k, v in self.cond.items()}
-                fn = lambda x_in, t: velocity(model, x_in.to(dtype), t.to(dtype), cond).float()  # noqa: E731
+                fn = lambda x_in, t: velocity(model, x_in.to(dtype), t.float(), cond).float()  # noqa: E731 -- fp32 timestep
                 losses.append(flow.flow_matching_loss(fn, x, noise, sigma))
             per_sigma.append(torch.cat(losses).mean().item())
         return {"val_loss": sum(per_sigma) / len(per_sigma), "val_loss_by_sigma": per_sigma}

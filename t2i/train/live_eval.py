@@ -17,7 +17,7 @@ from t2i.checkpoint import ema as ema_lib
 from t2i.eval import geneval
 from t2i.models import build
 from t2i.models.mmdit import load_weights
-from t2i.eval.sampling import generate
+from t2i.eval.sampling import config_sigmas, generate
 
 
 class LiveEval:
@@ -55,8 +55,9 @@ class LiveEval:
         load_weights(self.model, weights)
         s, res = self.cfg.sample, self.cfg.data.resolution
         prompts = [p for p in s.prompts for _ in range(2)]
+        self.sigmas = config_sigmas(self.cfg, dict(self.model.config), self.vae.latent_size(res))
         images = generate(self.model, self.text, self.vae, prompts, resolution=res, steps=s.steps,
-                          guidance=s.guidance, shift=s.shift, seed=s.seed)
+                          guidance=s.guidance, shift=s.shift, seed=s.seed, sigmas=self.sigmas)
         grid = save_grid(images, prompts, self.run_dir / "samples" / f"step{step:08d}.png")
         logger.image("samples", grid, step)
         metrics = {}
@@ -72,7 +73,8 @@ class LiveEval:
 
         entries = [e for e in self.prompts for _ in range(s.geneval_images)]
         images = generate(self.model, self.text, self.vae, [e["prompt"] for e in entries], resolution=resolution,
-                          steps=s.steps, guidance=s.guidance, shift=s.shift, seed=s.seed + 10_000)
+                          steps=s.steps, guidance=s.guidance, shift=s.shift, seed=s.seed + 10_000,
+                          sigmas=self.sigmas)
         detector, colors = ShapesDetector(), ShapesColorClassifier()
         pils = [to_pil(im) for im in images]
         records = [geneval.evaluate_image(im, dets, e, detector.class_names, colors)
