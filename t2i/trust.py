@@ -112,12 +112,14 @@ def verify_tree(folder: str | Path) -> int:
     return len(files)
 
 
-def load(path: str | Path, map_location="cpu"):
-    """torch.load of one of t2i's own files: verified first, then weights-only with the allowlist."""
+def load(path: str | Path, map_location="cpu", mmap: bool = False):
+    """torch.load of one of t2i's own files: verified first, then weights-only with the allowlist.
+    `mmap=True` maps the tensors' storage from the file instead of reading it (torch.load(mmap=True)):
+    only the pages a reader touches become resident, and they go when the tensors are dropped."""
     import torch
 
     verify_file(path)
     if trusted():
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     allow_globals()
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)

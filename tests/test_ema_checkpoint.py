@@ -24,7 +24,8 @@ def test_ema_follows_the_warmed_up_decay_formula():
         for n, p in model.named_parameters():
             expected[n] = d * expected[n] + (1 - d) * p.detach()
     for n in expected:
-        torch.testing.assert_close(ema.shadow[n], expected[n])
+        torch.testing.assert_close(ema.shadow[n], expected[n].reshape(-1))  # one rank: the whole flat tensor
+    assert consolidate([ema.state_dict()])["weight"].shape == (2, 3)
     restored = ShardedEMA(model, decay=0.5)
     restored.load_state_dict(ema.state_dict())
     assert restored.updates == 5 and all(torch.equal(restored.shadow[n], ema.shadow[n]) for n in expected)
@@ -42,7 +43,7 @@ def test_consolidate_rebuilds_zero3_partitions_in_rank_order():
         states.append({"zero3": True, "shapes": {n: tuple(t.shape) for n, t in full.items()}, "shadow": shard})
     out = consolidate(states)
     assert all(torch.equal(out[n], full[n]) for n in full)
-    assert consolidate([{"zero3": False, "shapes": {}, "shadow": full}])["b"].tolist() == [7.0, 8.0, 9.0]
+    assert consolidate([{"zero3": False, "shapes": {"w": (2, 5), "b": (3,)}, "shadow": full}])["b"].tolist() == [7.0, 8.0, 9.0]
 
 
 def test_latest_never_points_to_an_incomplete_tag(tmp_path):
@@ -114,6 +115,52 @@ def test_data_state_for_another_world_size_restarts_the_furthest_epoch_and_keeps
                                                                             "read": 0}
 
 
+def test_even_split_slices_tile_every_parameter_and_reslice_to_another_world_size():
+    """The fallback layout (no DeepSpeed mapping): each rank keeps ceil(numel / world) elements of every
+    flattened parameter; format-2 states record (offset, length), so they consolidate without knowing the
+    layout, and a list of them re-slices into any other world size."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)                               # 15 + 3 elements: uneven over 2 and 4 ranks
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    four = [ShardedEMA(model, decay=0.9, rank=r, world=4) for r in range(4)]
+    assert [e.slices["bias"] for e in four] == [(0, 1), (1, 1), (2, 1), (3, 0)]
+    assert [e.slices["weight"] for e in four] == [(0, 4), (4, 4), (8, 4), (12, 3)]
+    assert sum(e.nbytes() for e in four) == 18 * 4
+    states = [e.state_dict() for e in four]
+    assert all(s["format"] == 2 and s["source"] == "even_split" for s in states)
+    assert all(torch.equal(consolidate(states)[n], expected[n]) for n in expected)
+    assert all(torch.equal(consolidate(iter(states))[n], expected[n]) for n in expected)  # one at a time
+    for r in range(3):
+        two = ShardedEMA(torch.nn.Linear(5, 3), decay=0.5, rank=r % 2, world=2)
+        two.load_state_dict(states)                             # 4 -> 2: overlaps copied
+        assert torch.equal(two.shadow["weight"], expected["weight"].reshape(-1)[r % 2 * 8:][:8])
+    with pytest.raises(ValueError, match="another partitioning"):
+        ShardedEMA(model, decay=0.5, rank=0, world=2).load_state_dict(states[0])
+    with pytest.raises(ValueError, match="missing"):
+        consolidate(states[:3])
+    with pytest.raises(ValueError, match="missing"):
+        ShardedEMA(model, decay=0.5, rank=1, world=2).load_state_dict(states[:2])
+
+
+def test_format1_states_still_load_and_consolidate():
+    """Checkpoints written before format 2: ZeRO-1/2 ranks each saved the full EMA (`zero3` False), ZeRO-3
+    ranks their padded partition (`zero3` True, rank = position)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    full = {n: p.detach().clone() + 1 for n, p in model.named_parameters()}
+    old = {"decay": 0.9, "updates": 4, "zero3": False, "shapes": {n: tuple(t.shape) for n, t in full.items()},
+           "shadow": full}
+    assert all(torch.equal(consolidate([old, old])[n], full[n]) for n in full)
+    for r in range(3):
+        ema = ShardedEMA(model, decay=0.5, rank=r, world=3)
+        ema.load_state_dict(old)
+        s, k = ema.slices["weight"]
+        assert ema.updates == 4 and torch.equal(ema.shadow["weight"], full["weight"].reshape(-1)[s:s + k])
+        again = ShardedEMA(model, decay=0.5, rank=r, world=3)
+        again.load_state_dict([old, old])                       # a list of full states: the first suffices
+        assert torch.equal(again.shadow["weight"], ema.shadow["weight"])
+
+
 def _zero3_like(model, world, rank):
     """Give a model's parameters DeepSpeed ZeRO-3 attributes: ds_tensor = this rank's padded flat slice."""
     for p in model.parameters():
@@ -129,8 +176,7 @@ def test_a_consolidated_ema_loads_into_any_zero3_world_size_and_consolidates_bac
     expected = {n: p.detach().clone() for n, p in full.named_parameters()}
     two = []
     for rank in range(2):                                       # saved by 2 ZeRO-3 ranks
-        ema = ShardedEMA(_zero3_like(torch.nn.Linear(5, 3), 2, rank), decay=0.9)
-        ema.rank = rank
+        ema = ShardedEMA(_zero3_like(torch.nn.Linear(5, 3), 2, rank), decay=0.9, rank=rank, world=2)
         ema.load_state_dict({"decay": 0.9, "updates": 7, "zero3": False, "shapes": ema.shapes, "shadow": expected})
         two.append({"ema": ema.state_dict()})
     state = store.consolidated_ema_state(two)
@@ -138,17 +184,27 @@ def test_a_consolidated_ema_loads_into_any_zero3_world_size_and_consolidates_bac
     assert all(torch.equal(state["shadow"][n], expected[n]) for n in expected)
     four = []
     for rank in range(4):                                       # resumed on 4 ZeRO-3 ranks
-        ema = ShardedEMA(_zero3_like(torch.nn.Linear(5, 3), 4, rank), decay=0.5)
-        ema.rank = rank
+        ema = ShardedEMA(_zero3_like(torch.nn.Linear(5, 3), 4, rank), decay=0.5, rank=rank, world=4)
         ema.load_state_dict(state)
         four.append(ema.state_dict())
-        assert ema.updates == 7 and ema.shadow["weight"].shape == (4,)
+        assert ema.updates == 7 and ema.shadow["weight"].shape == ((4,) if rank < 3 else (3,))  # no padding kept
     assert all(torch.equal(consolidate(four)[n], expected[n]) for n in expected)
     one = ShardedEMA(torch.nn.Linear(5, 3), decay=0.5)          # ... or on one ZeRO-1/2 rank
     one.load_state_dict(state)
-    assert all(torch.equal(one.shadow[n], expected[n]) for n in expected)
+    assert all(torch.equal(one.shadow[n], expected[n].reshape(-1)) for n in expected)
     with pytest.raises(ValueError, match="another partitioning"):
-        ShardedEMA(_zero3_like(torch.nn.Linear(5, 3), 4, 0), decay=0.5).load_state_dict(two[0]["ema"])
+        ShardedEMA(_zero3_like(torch.nn.Linear(5, 3), 4, 0), decay=0.5, world=4).load_state_dict(two[0]["ema"])
+    # A format-1 ZeRO-3 shard (padded partition, no offsets) of this partitioning loads; its list re-slices.
+    legacy = [{"decay": 0.9, "updates": 3, "zero3": True, "shapes": state["shapes"],
+               "shadow": {n: torch.cat([t.reshape(-1), torch.zeros(1)])[r * (t.numel() + 1) // 2:][:(t.numel() + 1) // 2]
+                          for n, t in expected.items()}} for r in range(2)]
+    assert all(torch.equal(consolidate(legacy)[n], expected[n]) for n in expected)
+    same = ShardedEMA(_zero3_like(torch.nn.Linear(5, 3), 2, 1), decay=0.5, rank=1, world=2)
+    same.load_state_dict(legacy[1])
+    assert torch.equal(same.shadow["weight"], expected["weight"].reshape(-1)[8:])
+    other = ShardedEMA(_zero3_like(torch.nn.Linear(5, 3), 4, 3), decay=0.5, rank=3, world=4)
+    other.load_state_dict(legacy)
+    assert torch.equal(other.shadow["weight"], expected["weight"].reshape(-1)[12:]) and other.updates == 3
 
 
 def test_reseed_derives_the_rng_from_seed_step_and_rank():

@@ -2,8 +2,8 @@
 
     consolidate(root, tag, out, weights)   <out>/raw.safetensors   full fp32 raw weights (DeepSpeed's
                                                                    zero_to_fp32 over the fp32 partitions)
-                                           <out>/ema.safetensors   full fp32 EMA (t2i.checkpoint.ema.consolidate of
-                                                                   the per-rank shards)
+                                           <out>/ema.safetensors   full fp32 EMA (each rank's slice read once,
+                                                                   memory-mapped: store.load_weights)
                                            <out>/consolidated.json provenance: tag, step, world size,
                                                                    ZeRO stage, EMA decay/updates, config
     export_diffusers(root, tag, out, ...)  <out>/transformer/      SD3Transformer2DModel.from_pretrained
@@ -64,7 +64,7 @@ def consolidate(root: Path, tag: str, out: Path, weights: str = "both") -> dict:
         info["files"][kind] = {"file": name, "tensors": len(tensors), "parameters": sum(t.numel() for t in
                                                                                          tensors.values())}
     if weights != "raw":
-        ema = store.read_client_states(root, tag)[0]["ema"]
+        ema = store.read_client_state(root, tag, 0, mmap=True)["ema"]
         info["ema"] = {"decay": ema["decay"], "updates": ema["updates"]}
     write_json(out / "consolidated.json", info, indent=1)
     return info

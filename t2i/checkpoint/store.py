@@ -2,7 +2,8 @@
 resuming at another world size.
 
     <run>/checkpoints/<tag>/                 DeepSpeed files (model + optimizer shards, per rank)
-    <run>/checkpoints/<tag>/t2i/rankNNNNN.pt per-rank client state: RNG states, data position, EMA shard
+    <run>/checkpoints/<tag>/t2i/rankNNNNN.pt per-rank client state: RNG states, data position, this rank's
+                                             EMA slice (t2i.checkpoint.ema, format 2: 1/world of the EMA)
     <run>/checkpoints/<tag>/meta.json        step, world size, resolved config; written after every rank
                                              has finished, so its presence marks a complete tag
     <run>/checkpoints/<tag>/universal/       DeepSpeed's universal form of the tag, made on demand (a
@@ -26,7 +27,9 @@ Another world size. `load` notices that meta.json's world size differs from this
   step) into `<tag>/universal/`, and every rank loads it with DeepSpeed's `load_universal`, which
   re-partitions all of it for the new world. Works for ZeRO-1/2/3 on CPU/gloo and GPU/NCCL. The
   engine's config switch is set only for that one load, so engine.py needs no universal option.
-* EMA: the per-rank shards are consolidated (t2i.checkpoint.ema.consolidate) and each rank keeps its new slice.
+* EMA: every rank maps the old ranks' client files (torch.load mmap) and copies only the overlap of
+  each old slice with its own new slice (ShardedEMA.load_state_dict of the list); no rank builds the
+  full EMA.
 * data position: the per-(rank, worker) stream positions of the old world do not map onto the new
   one. Every new stream starts at the beginning of the furthest epoch any old stream had reached
   (samples already seen in that epoch are seen again; no later sample is skipped); the bad-sample
@@ -245,8 +248,9 @@ def load(engine, root: Path, tag: str) -> tuple[dict, dict]:
     Collective. At the checkpoint's own world size this is DeepSpeed's native load and the client
     state is this rank's own. At another world size (see the module docstring) the model and optimizer
     come from DeepSpeed's universal checkpoint and the client state is rebuilt for this rank:
-    {"resharded_from": old world size, "step", "ema" (consolidated, full tensors), "data" (restarted
-    epoch), "rng": None (the caller re-seeds), "skipped_nonfinite"}."""
+    {"resharded_from": old world size, "step", "ema" (the old world's per-rank EMA states in rank order,
+    memory-mapped: ShardedEMA.load_state_dict re-slices them), "data" (restarted epoch), "rng": None
+    (the caller re-seeds), "skipped_nonfinite"}."""
     meta = read_meta(root, tag)
     rank, world = dist.get_rank(), dist.get_world_size()
     stage = engine.zero_optimization_stage()
@@ -264,7 +268,7 @@ def load(engine, root: Path, tag: str) -> tuple[dict, dict]:
                                   f"{_other_tags(root, tag)}") from e
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {root / tag}; {_other_tags(root, tag)}")
-        return meta, read_client_state(root, tag, rank)
+        return meta, read_client_state(root, tag, rank, mmap=True)
 
     log.warning("%s was written by %d rank(s) under ZeRO-%s; this run has %d rank(s) under ZeRO-%d: loading "
                 "model and optimizer through DeepSpeed's universal checkpoint (%s); EMA consolidated and "
@@ -282,12 +286,12 @@ def load(engine, root: Path, tag: str) -> tuple[dict, dict]:
     if box[0]:
         raise CheckpointError(box[0])
     _load_universal(engine, root / tag)
-    states = read_client_states(root, tag)
+    states = read_client_states(root, tag, mmap=True)  # mapped: a rank touches only its overlap of the EMA
     if len(states) != meta["world_size"]:
         raise CheckpointError(f"{root / tag / 't2i'} has {len(states)} rank files; meta.json says "
                               f"{meta['world_size']} ranks")
     client = {"resharded_from": meta["world_size"], "step": meta["step"], "rng": None,
-              "ema": consolidated_ema_state(states), "data": reshard_data_state([s["data"] for s in states], rank),
+              "ema": [s["ema"] for s in states], "data": reshard_data_state([s["data"] for s in states], rank),
               "skipped_nonfinite": states[0].get("skipped_nonfinite", 0)}
     return meta, client
 
@@ -340,14 +344,13 @@ def ensure_universal(root: Path, tag: str, workers: int | None = None) -> Path:
 
 
 def consolidated_ema_state(states: list[dict]) -> dict:
-    """The EMA of every rank's client state (rank order) as one full-tensor EMA state, which
-    ShardedEMA.load_state_dict takes under any ZeRO stage and world size."""
+    """The EMA of every rank's client state (rank order) as one full-tensor EMA state (format 1,
+    `zero3` False), which ShardedEMA.load_state_dict takes under any ZeRO stage and world size."""
     from t2i.checkpoint.ema import consolidate
 
-    shards = [s["ema"] for s in states]
-    first = shards[0]
+    first = states[0]["ema"]
     return {"decay": first["decay"], "updates": first["updates"], "zero3": False, "shapes": first["shapes"],
-            "shadow": consolidate(shards)}
+            "shadow": consolidate(s["ema"] for s in states)}
 
 
 def reshard_data_state(states: list[dict], rank: int) -> dict:
@@ -370,11 +373,12 @@ def reshard_data_state(states: list[dict], rank: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def read_client_state(root: Path, tag: str, rank: int) -> dict:
-    """One rank's client state: verified, then loaded weights-only (t2i.trust)."""
+def read_client_state(root: Path, tag: str, rank: int, mmap: bool = False) -> dict:
+    """One rank's client state: verified, then loaded weights-only (t2i.trust); `mmap` maps its
+    tensors (the EMA slice) from the file instead of reading them."""
     path = root / tag / "t2i" / f"rank{rank:05d}.pt"
     try:
-        return trust.load(path)
+        return trust.load(path, mmap=mmap)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 -- a truncated or corrupt file
@@ -382,11 +386,28 @@ def read_client_state(root: Path, tag: str, rank: int) -> dict:
                               f"{_other_tags(root, tag)}") from e
 
 
-def read_client_states(root: Path, tag: str) -> list[dict]:
-    """Every rank's client state, in rank order (for consolidation tools, single process)."""
+def client_ranks(root: Path, tag: str) -> list[int]:
+    return sorted(int(f.stem.removeprefix("rank")) for f in (root / tag / "t2i").glob("rank*.pt"))
+
+
+def read_client_states(root: Path, tag: str, mmap: bool = False) -> list[dict]:
+    """Every rank's client state, in rank order (single process, or a resume at another world size).
+    With `mmap` the tensors stay in the files until touched."""
     _verify(root, tag)
-    files = sorted((root / tag / "t2i").glob("rank*.pt"))
-    return [read_client_state(root, tag, int(f.stem.removeprefix("rank"))) for f in files]
+    return [read_client_state(root, tag, r, mmap=mmap) for r in client_ranks(root, tag)]
+
+
+def iter_ema_states(root: Path, tag: str):
+    """The EMA state of each rank's client file in rank order, each file memory-mapped and read once,
+    one at a time (the caller copies what it needs and drops it before the next is opened)."""
+    _verify(root, tag)
+    ranks = client_ranks(root, tag)
+    meta = read_meta(root, tag)
+    if ranks != list(range(meta.get("world_size", len(ranks)))):
+        raise CheckpointError(f"{root / tag / 't2i'} has rank files {ranks[:8]}; meta.json says "
+                              f"{meta.get('world_size')} ranks; {_other_tags(root, tag)}")
+    for r in ranks:
+        yield read_client_state(root, tag, r, mmap=True)["ema"]
 
 
 def _verify(root: Path, tag: str) -> None:
@@ -414,13 +435,17 @@ def _other_tags(root: Path, tag: str) -> str:
 
 
 def load_weights(root: Path, tag: str, ema: bool) -> dict[str, torch.Tensor]:
-    """Full fp32 model weights of a checkpoint, single process: the EMA (from the per-rank shards)
+    """Full fp32 model weights of a checkpoint, single process: the EMA (each rank's slice read once,
+    memory-mapped, into preallocated full tensors: peak memory is one full copy plus one rank's file)
     or the raw weights (DeepSpeed's zero_to_fp32 over the optimizer's fp32 partitions)."""
     from t2i.checkpoint.ema import consolidate
 
     _verify(root, tag)  # every file of the tag, whichever this reader opens
     if ema:
-        return consolidate([c["ema"] for c in read_client_states(root, tag)])
+        try:
+            return consolidate(iter_ema_states(root, tag))
+        except ValueError as e:
+            raise CheckpointError(f"{root / tag}: {e}; {_other_tags(root, tag)}") from e
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     try:
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))
