@@ -81,3 +81,20 @@ def test_a_run_from_before_the_regrouping_resumes(make_shards, tmp_path):
                    "run.name=old", f"data.shards={shards[0]}::{shards[1]}", "train.steps=3", "sample.steps=2")
     assert "resumed from" in proc.stderr + proc.stdout and "at step 2" in proc.stderr + proc.stdout
     assert store.latest_tag(runs / "old" / "checkpoints") == "step00000003"
+
+
+def test_export_dtype_is_what_a_pipeline_loads(tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    from t2i import cli
+
+    for dtype in ("float32", "bfloat16"):
+        assert cli.main(["ckpt", "export", str(OLD_RUN), "--out", str(tmp_path / dtype), "--dtype", dtype]) == 0
+    stored = load_file(next((tmp_path / "bfloat16" / "transformer").glob("*.safetensors")))
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}  # half the bytes on disk
+    full = SD3Transformer2DModel.from_pretrained(tmp_path / "float32" / "transformer")
+    # diffusers loads in fp32 unless told otherwise: a bf16 export is run with torch_dtype=
+    half = SD3Transformer2DModel.from_pretrained(tmp_path / "bfloat16" / "transformer", torch_dtype=torch.bfloat16)
+    assert next(full.parameters()).dtype == torch.float32 and next(half.parameters()).dtype == torch.bfloat16
+    for (name, a), (_, b) in zip(full.named_parameters(), half.named_parameters()):
+        torch.testing.assert_close(b, a.to(torch.bfloat16), rtol=0, atol=0, msg=name)

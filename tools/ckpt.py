@@ -3,7 +3,7 @@
     t2i ckpt list RUN                                             tags: step, ranks, ZeRO stage, complete?, latest
     t2i ckpt consolidate RUN_OR_TAG --out DIR [--weights raw|ema|both]
                                   -> DIR/raw.safetensors, DIR/ema.safetensors, DIR/consolidated.json
-    t2i ckpt export RUN_OR_TAG --out DIR [--weights ema|raw] [--pipeline]
+    t2i ckpt export RUN_OR_TAG --out DIR [--weights ema|raw] [--pipeline] [--dtype float32|bfloat16|float16]
                                   -> DIR/transformer/ (SD3Transformer2DModel.from_pretrained), config.yaml,
                                      t2i_export.json; --pipeline: a StableDiffusion3Pipeline folder
     t2i ckpt universal RUN_OR_TAG -> <tag>/universal/ (DeepSpeed universal checkpoint), what a resume
@@ -37,6 +37,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", choices=["ema", "raw"], default="ema")
     s.add_argument("--pipeline", action="store_true",
                    help="also text encoders, tokenizers, VAE, scheduler (needs text.preset=sd3 + vae.kind=pretrained)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the saved transformer (default float32; bfloat16 halves the files). diffusers "
+                        "loads any of them in fp32 unless given from_pretrained(..., torch_dtype=torch.bfloat16)")
     s = sub.add_parser("universal", help="convert a tag to DeepSpeed's universal checkpoint (<tag>/universal)")
     s.add_argument("ckpt", help="run folder, checkpoints/ (latest) or a tag folder")
     s.add_argument("--workers", type=int, default=None, help="ds_to_universal extract/merge workers")
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{k} -> {Path(args.out) / v['file']}" for k, v in info["files"].items()))
     elif args.action == "export":
         info = export.export_diffusers(root, tag, Path(args.out), ema=args.weights == "ema",
-                                       pipeline=args.pipeline)
+                                       pipeline=args.pipeline, dtype=args.dtype)
         print(f"{root / tag} (step {info['step']}, {info['weights']}) -> {args.out}: {info['contents']}")
     elif args.action == "universal":
         print(store.ensure_universal(root, tag, workers=args.workers))

@@ -87,17 +87,21 @@ def build_transformer(root: Path, tag: str, ema: bool):
     return model.float().eval()
 
 
-def export_diffusers(root: Path, tag: str, out: Path, ema: bool = True, pipeline: bool = False) -> dict:
-    """Write a diffusers folder (see the module docstring); returns t2i_export.json's content."""
+def export_diffusers(root: Path, tag: str, out: Path, ema: bool = True, pipeline: bool = False,
+                     dtype: str = "float32") -> dict:
+    """Write a diffusers folder (see the module docstring); returns t2i_export.json's content. `dtype`:
+    the saved transformer's (float32 | bfloat16 | float16); diffusers loads it in fp32 unless given
+    `torch_dtype=` (e.g. StableDiffusion3Pipeline.from_pretrained(out, torch_dtype=torch.bfloat16))."""
     cfg = from_dict(store.read_meta(root, tag)["config"])
     if pipeline:
         check_pipeline_parts(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    model = build_transformer(root, tag, ema)
+    model = build_transformer(root, tag, ema).to(getattr(torch, dtype))
     model.save_pretrained(out / "transformer", safe_serialization=True)
     save_config(cfg, out / "config.yaml")
     info = provenance(root, tag)
     info["weights"] = "ema" if ema else "raw"
+    info["dtype"] = dtype
     if pipeline:
         write_pipeline_parts(cfg, out)
         info["contents"] = "StableDiffusion3Pipeline folder: transformer from the checkpoint; text encoders, " \
