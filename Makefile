@@ -21,9 +21,10 @@ demo: setup
 	$(BIN)/t2i demo
 
 # The SLURM tests need a SLURM: as root on Debian/Ubuntu, tools/slurm_ci.sh installs and starts a
-# single-node one for the duration of the tests and stops it after (by PID); otherwise they skip.
+# two-node one (two slurmd on this host, for the 2-node job test) for the duration of the tests and stops
+# it after (by PID); otherwise they skip.
 test: setup
-	bash tools/slurm_ci.sh run $(BIN)/python -m pytest -q --durations=20
+	SLURM_CI_NODES=2 bash tools/slurm_ci.sh run $(BIN)/python -m pytest -q --durations=30
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -164,3 +164,28 @@ def test_t2i_eval_of_the_folder_reports_each_checkpoints_settings_and_sources(sd
     assert row["sources"]["steps"] == "command line"
     assert "on the diffusers sigma grid" in (out / "report.md").read_text()
     assert json.loads((out / "sd35" / "manifest.json").read_text())["sigmas"] == [1.0, 0.0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["sd3.5-medium-512.yaml", "stages/sd3.5-medium-mixflow.yaml",
+                                    "stages/sd3.5-medium-control.yaml"])
+def test_each_shipped_sd35_stage_trains_two_bf16_steps_on_the_release_shaped_folder(sd35_folder, make_shards,
+                                                                                    tmp_path, config):
+    """The shipped configs with path overrides only (plus a CPU-sized batch and no live evaluation)."""
+    from helpers import losses, run_t2i
+
+    shards = make_shards(n_shards=2, per_shard=4)
+    paths = [f"model.pretrained={sd35_folder}", f"text.sd3_folder={sd35_folder}", f"vae.path={sd35_folder}"]
+    if "stages/" in config:
+        paths.append(f"train.init_from={sd35_folder}")
+    run_t2i("train", "--config", f"configs/{config}", *paths, f"data.shards={shards[0]}::{shards[1]}",
+            "data.resolution=64", "data.min_size=0", "data.num_workers=0", "data.shuffle_buffer=4",
+            "train.steps=2", "train.micro_batch_size=2", "train.warmup_steps=1", "train.ckpt_every=2",
+            "model.gradient_checkpointing=false", "logging.wandb=disabled", "validation.shards=null",
+            "sample.steps=2", "sample.prompts=[a photo of a cat]", f"run.output_dir={tmp_path}", "run.name=r",
+            timeout=900)
+    cfg_text = (tmp_path / "r" / "config.yaml").read_text()
+    assert "precision: bf16" in cfg_text and "dtype: bfloat16" in cfg_text
+    values = losses(tmp_path / "r")
+    assert len(values) == 2 and all(v == v and v < 100 for v in values)  # finite
+    assert (tmp_path / "r" / "checkpoints" / "latest").read_text() == "step00000002"
