@@ -167,8 +167,10 @@ def test_t2i_eval_of_the_folder_reports_each_checkpoints_settings_and_sources(sd
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["sd3.5-medium-512.yaml", "stages/sd3.5-medium-mixflow.yaml",
-                                    "stages/sd3.5-medium-control.yaml"])
+@pytest.mark.parametrize("config", [f"{stage}sd3.5-{size}{suffix}" for size, base in (("medium", "-512.yaml"),
+                                                                               ("large", "-1024.yaml"))
+                                    for stage, suffix in (("", base), ("stages/", "-mixflow.yaml"),
+                                                          ("stages/", "-control.yaml"))])
 def test_each_shipped_sd35_stage_trains_two_bf16_steps_on_the_release_shaped_folder(sd35_folder, make_shards,
                                                                                     tmp_path, config):
     """The shipped configs with path overrides only (plus a CPU-sized batch and no live evaluation)."""
