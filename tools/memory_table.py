@@ -14,8 +14,9 @@ Bytes per parameter (bf16 training with DeepSpeed, AdamW):
     frozen VAE, bf16                    83.7M params
 
 Activations are left out (they depend on batch, resolution and activation checkpointing; measure them
-with `t2i bench`). Host RAM at start-up is what one rank holds while it loads: the encoders in their
-stored dtype (each read once), and the transformer in fp32 before DeepSpeed moves it to its device.
+with `t2i bench`). Host RAM at start-up is what one rank holds while it loads on a GPU node: the
+transformer in fp32 before DeepSpeed moves it to its device (the encoders are read straight to the
+device in their target dtype, each once; the VAE is small).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def per_rank_gb(p: float, ranks: int, stage: int) -> dict:
     ema = 4 * p / ranks
     frozen = 2 * (sum(ENCODERS.values()) + VAE)
     gpu = weights + grads + optimizer + ema + frozen
-    host = 4 * p + 2 * sum(ENCODERS.values()) + 2 * VAE  # start-up peak of one rank
+    host = 4 * p + 2 * VAE  # start-up peak of one rank on a GPU: encoders are read straight to the device
     return {"weights": weights / GB, "grads": grads / GB, "optimizer": optimizer / GB, "ema": ema / GB,
             "frozen": frozen / GB, "gpu": gpu / GB, "host_startup": host / GB,
             "checkpoint_per_rank": (optimizer + ema + (2 * p / ranks)) / GB}

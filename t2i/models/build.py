@@ -12,7 +12,8 @@ from t2i.models.vae import FrozenVAE
 
 
 def build_frozen(cfg: Config, device="cpu") -> tuple[TextEncoders, FrozenVAE]:
-    return TextEncoders(cfg.text).to(device), FrozenVAE(cfg.vae, seed=cfg.run.seed).to(device)
+    """The frozen encoders (pretrained weights read straight to `device` in their dtype) and the VAE."""
+    return TextEncoders(cfg.text, device).to(device), FrozenVAE(cfg.vae, seed=cfg.run.seed).to(device)
 
 
 def build_for(cfg: Config, text: TextEncoders, vae: FrozenVAE) -> torch.nn.Module:

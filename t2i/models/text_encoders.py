@@ -93,11 +93,11 @@ def hf_clip_to_open_clip(sd: dict) -> dict:
     return out
 
 
-def _tower_from_hf(folder: str, dtype: torch.dtype) -> torch.nn.Module:
+def _tower_from_hf(folder: str, dtype: torch.dtype, device="cpu") -> torch.nn.Module:
     """Build an open_clip TextTransformer with the shapes of an HF CLIP text config and load its
     converted weights strictly. One copy of the weights is ever held: the HF model is read in the
     target dtype, the tower is built on the meta device and takes over the HF tensors (assign=True)."""
-    hf = CLIPTextModelWithProjection.from_pretrained(folder, dtype=dtype)
+    hf = CLIPTextModelWithProjection.from_pretrained(folder, dtype=dtype, device_map=str(device))
     c = hf.config
     if c.hidden_act not in ("quick_gelu", "gelu") or c.intermediate_size % c.hidden_size:
         raise ValueError(f"sd3_folder: unsupported CLIP text config in {folder} "
@@ -110,7 +110,7 @@ def _tower_from_hf(folder: str, dtype: torch.dtype) -> torch.nn.Module:
         tower = _build_text_tower(c.projection_dim, text_cfg, quick_gelu=c.hidden_act == "quick_gelu")
     tower.load_state_dict(hf_clip_to_open_clip(hf.state_dict()), strict=True, assign=True)
     del hf
-    tower.attn_mask = tower.build_causal_mask()  # the one buffer not in the state dict (was on meta)
+    tower.attn_mask = tower.build_causal_mask().to(device)  # the one buffer not in the state dict (was on meta)
     return tower
 
 
@@ -151,7 +151,8 @@ def encode_clip_tower(model: torch.nn.Module, ids: torch.Tensor, eos_id: int):
 class TextEncoders(torch.nn.Module):
     """Frozen CLIP-L + bigG + T5. Never trains: no parameter requires grad, ``train()`` is a no-op."""
 
-    def __init__(self, cfg: TextEncoderConfig):
+    def __init__(self, cfg: TextEncoderConfig, device="cpu"):
+        """`device`: where pretrained weights are read to, in their target dtype, without a host copy."""
         super().__init__()
         self.cfg = cfg.validate()
         C = cfg.clip_context
@@ -168,14 +169,14 @@ class TextEncoders(torch.nn.Module):
             folder = cfg.sd3_folder
             dtype = DTYPES[cfg.dtype]
             self.clip_l = (_tower_from_open_clip_file(cfg.clip_l, "ViT-L-14-quickgelu") if cfg.clip_l
-                           else _tower_from_hf(os.path.join(folder, "text_encoder"), dtype))
+                           else _tower_from_hf(os.path.join(folder, "text_encoder"), dtype, device))
             self.clip_g = (_tower_from_open_clip_file(cfg.clip_g, "ViT-bigG-14") if cfg.clip_g
-                           else _tower_from_hf(os.path.join(folder, "text_encoder_2"), dtype))
+                           else _tower_from_hf(os.path.join(folder, "text_encoder_2"), dtype, device))
             t5_model, t5_tok = ((cfg.t5, cfg.t5) if cfg.t5 else
                                 (os.path.join(folder, "text_encoder_3"), os.path.join(folder, "tokenizer_3")))
             # Loaded in cfg.dtype by transformers exactly as the pipeline gets it (under float16 it
             # keeps T5's `wo` layers in fp32), so T5 is not cast again below.
-            self.t5 = T5EncoderModel.from_pretrained(t5_model, dtype=DTYPES[cfg.dtype])
+            self.t5 = T5EncoderModel.from_pretrained(t5_model, dtype=DTYPES[cfg.dtype], device_map=str(device))
             self.tok_t5 = AutoTokenizer.from_pretrained(t5_tok)
             # The checkpoint's own CLIP tokenizers when the folder has them, else SD3's settings.
             self.tok_l, self.tok_g = (
