@@ -4,17 +4,8 @@
     t2i sample --ckpt runs/x --prompts prompts.jsonl --out samples/x --nproc 8      # torchrun ranks
     t2i sample ... --shard 3/16                                                     # SLURM array task 3
 
-Output (what GenEval's evaluate_images.py reads), plus our manifest:
-
-    <out>/manifest.json                 settings; a restart with other settings is refused
-    <out>/00000/metadata.jsonl          the prompt's metadata (one JSON object)
-    <out>/00000/samples/0000.png ...    images_per_prompt images
-
-Work is the list of (prompt, image) items in order, cut into batches of `batch_size`; batch b belongs
-to worker b mod W (W = shards × ranks). Image k of prompt p starts from noise seeded by
-(seed, p, k) alone and every batch holds the same items however many workers there are, so the
-output does not depend on how the work was split. A PNG is written to a dot-file and renamed, so a
-kill never leaves a half-written `NNNN.png`; a restart skips batches whose PNGs all exist.
+Output layout, work split and seeding: t2i/eval/sample_folder.py (GenEval's layout plus manifest.json;
+the same images however the work is split; a restart skips finished batches).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """No checkpoint file t2i reads can run code.
 
-A `.pt` file is a pickle: loading one with `torch.load(weights_only=False)` (what DeepSpeed's
+A `.pt` file is a pickle: an unrestricted `torch.load` (what DeepSpeed's
 loaders do) runs whatever objects it names, so a planted object in a downloaded run would run
 `os.system` the moment it is read. t2i therefore
 
@@ -12,9 +12,10 @@ loaders do) runs whatever objects it names, so a planted object in a downloaded 
 3. sets `TORCH_FORCE_WEIGHTS_ONLY_LOAD=1` for the process (`protect_process`), which turns every
    `torch.load` in it, DeepSpeed's included, into a weights-only load with the same allowlist.
 
-A checkpoint the user trusts (one they wrote with another tool that pickles more) can be loaded
-with `T2I_TRUST_CHECKPOINTS=1`: the scan is skipped and torch's default applies. Never set it
-for a checkpoint downloaded from someone else. docs/reliability.md has the security model.
+A checkpoint the user trusts (one they wrote with another tool that pickles more classes) is loaded
+by naming those classes: `T2I_TRUST_GLOBALS=mypkg.MyScaler,other.Thing` adds exactly them to the
+allowlist. Loads stay weights-only: nothing, trusted or not, is ever unpickled with arbitrary code
+(a named class is rebuilt from its state, not called). Never name a function such as `posix.system`. docs/reliability.md has the security model.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from t2i.errors import CheckpointError
 
-TRUST_ENV = "T2I_TRUST_CHECKPOINTS"
+TRUST_ENV = "T2I_TRUST_GLOBALS"
 # Globals beyond torch's own weights-only set that t2i's and DeepSpeed's checkpoint files contain.
 ALLOWED = (
     "numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
@@ -39,8 +40,9 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 UNREADABLE = "cannot be read as a torch checkpoint"
 
 
-def trusted() -> bool:
-    return os.environ.get(TRUST_ENV, "0").lower() in ("1", "true", "yes")
+def trusted_globals() -> tuple[str, ...]:
+    """The globals the user vouched for by name (T2I_TRUST_GLOBALS, comma-separated)."""
+    return tuple(n.strip() for n in os.environ.get(TRUST_ENV, "").split(",") if n.strip())
 
 
 def _resolve(name: str):
@@ -52,7 +54,7 @@ def _resolve(name: str):
 
 
 def safe_globals() -> list:
-    return [g for g in (_resolve(n) for n in ALLOWED) if g is not None]
+    return [g for g in (_resolve(n) for n in ALLOWED + trusted_globals()) if g is not None]
 
 
 def allow_globals() -> None:
@@ -64,10 +66,9 @@ def allow_globals() -> None:
 
 
 def protect_process() -> None:
-    """Every torch.load in this process becomes weights-only with t2i's allowlist (unless trusted)."""
+    """Every torch.load in this process becomes weights-only with t2i's allowlist."""
     allow_globals()
-    if not trusted():
-        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
 
 
 def unsafe_globals(path: str | Path) -> list[str]:
@@ -79,18 +80,16 @@ def unsafe_globals(path: str | Path) -> list[str]:
     except Exception as e:  # noqa: BLE001 -- not a readable torch zip file: refused like a planted one
         raise CheckpointError(f"{path}: {UNREADABLE} ({type(e).__name__}: {e}); "
                               f"the file is truncated or not a checkpoint") from None
-    return [g for g in found if g not in ALLOWED]
+    return [g for g in found if g not in ALLOWED + trusted_globals()]
 
 
 def verify_file(path: str | Path) -> None:
-    if trusted():
-        return
     bad = unsafe_globals(path)
     if bad:
         raise CheckpointError(
             f"{path}: refusing to load: it pickles {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}, which "
             f"neither t2i nor DeepSpeed writes; loading it could run code. If you wrote this checkpoint "
-            f"yourself and trust it, set {TRUST_ENV}=1 (docs/reliability.md)")
+            f"yourself and trust those classes, name them in {TRUST_ENV} (docs/reliability.md)")
 
 
 _verified: set[tuple[str, int, float]] = set()  # (file, size, mtime) already scanned by this process
@@ -100,8 +99,6 @@ def verify_tree(folder: str | Path) -> int:
     """Verify every pickle under `folder` (a checkpoint tag, with its universal/ form), whichever file a
     reader will open; returns the number of files scanned. Only the pickles' opcodes are read (not the
     tensor data), so a large checkpoint takes a fraction of a second."""
-    if trusted():
-        return 0
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file())
     for f in files:
         st = f.stat()
@@ -119,7 +116,5 @@ def load(path: str | Path, map_location="cpu", mmap: bool = False):
     import torch
 
     verify_file(path)
-    if trusted():
-        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     allow_globals()
     return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)

@@ -48,15 +48,20 @@ def sample_members(key: str, color=(255, 0, 0), caption="a photo of a red square
 def make_shards(tmp_path):
     """make_shards(n_shards, per_shard) -> list of shard paths with keys s{shard}_{i}."""
     def _make(n_shards=4, per_shard=10, prefix="shard"):
-        paths = []
-        for s in range(n_shards):
-            members = []
-            for i in range(per_shard):
-                rgb = tuple(int(v) for v in np.random.default_rng([s, i]).integers(0, 256, 3))
-                members += sample_members(f"s{s}_{i:03d}", rgb, f"caption {s} {i}")
-            paths.append(str(write_tar(tmp_path / f"{prefix}-{s:06d}.tar", members)))
-        return paths
+        return write_sample_shards(tmp_path, n_shards, per_shard, prefix)
     return _make
+
+
+def write_sample_shards(folder: Path, n_shards: int, per_shard: int, prefix: str = "shard") -> list[str]:
+    """Shards of single-colour images, keys s{shard}_{i}, captions "caption {shard} {i}"."""
+    paths = []
+    for s in range(n_shards):
+        members = []
+        for i in range(per_shard):
+            rgb = tuple(int(v) for v in np.random.default_rng([s, i]).integers(0, 256, 3))
+            members += sample_members(f"s{s}_{i:03d}", rgb, f"caption {s} {i}")
+        paths.append(str(write_tar(folder / f"{prefix}-{s:06d}.tar", members)))
+    return paths
 
 
 @pytest.fixture(scope="session")

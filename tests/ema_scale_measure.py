@@ -30,17 +30,9 @@ RSS = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=Tru
 
 
 def make_shards(folder: Path, n_shards=2, per_shard=8) -> list[str]:
-    import numpy as np
-    from conftest import sample_members, write_tar
+    from conftest import write_sample_shards
 
-    paths = []
-    for s in range(n_shards):
-        members = []
-        for i in range(per_shard):
-            rgb = tuple(int(v) for v in np.random.default_rng([s, i]).integers(0, 256, 3))
-            members += sample_members(f"s{s}_{i:03d}", rgb, f"caption {s} {i}")
-        paths.append(str(write_tar(folder / f"shard-{s:06d}.tar", members)))
-    return paths
+    return write_sample_shards(folder, n_shards, per_shard)
 
 
 def peak_rss_mb(cmd: list[str]) -> float:

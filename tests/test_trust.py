@@ -94,13 +94,19 @@ def test_every_reading_command_refuses_a_planted_checkpoint(planted, tmp_path, c
     assert not marker.exists()
 
 
-def test_trusting_a_checkpoint_is_an_explicit_choice(planted, monkeypatch):
-    run, path, marker = planted("client")
-    monkeypatch.setenv(trust.TRUST_ENV, "1")
-    assert trust.verify_tree(run / "checkpoints" / TAG) == 0  # nothing scanned: the user vouched for it
-    monkeypatch.delenv(trust.TRUST_ENV)
-    with pytest.raises(CheckpointError):
-        trust.verify_file(path)
+def test_trusting_a_class_is_explicit_by_name_and_never_lets_code_run(planted, tmp_path, monkeypatch):
+    import types
+
+    path = tmp_path / "extra.pt"
+    torch.save({"w": torch.ones(2), "extra": types.SimpleNamespace(a=2)}, path)
+    with pytest.raises(CheckpointError, match=r"types.SimpleNamespace.*name them in T2I_TRUST_GLOBALS"):
+        trust.load(path)
+    monkeypatch.setenv(trust.TRUST_ENV, "types.SimpleNamespace")
+    loaded = trust.load(path)  # still weights-only: the named class is rebuilt from its state
+    assert loaded["extra"].a == 2 and torch.equal(loaded["w"], torch.ones(2))
+    run, planted_file, marker = planted("client")  # vouching for one class does not admit others
+    with pytest.raises(CheckpointError, match="posix.system"):
+        trust.load(planted_file)
     assert not marker.exists()
 
 
