@@ -77,8 +77,12 @@ def _save_clip_tokenizer(tok, folder: Path) -> None:
         {k: str(getattr(tok, k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}, indent=2) + "\n")
 
 
-def build_sd35_folder(root: str | Path, seed: int = 0) -> Path:
-    """Write the tiny SD3.5-medium-shaped folder into `root` (created) and return it."""
+def build_sd35_folder(root: str | Path, seed: int = 0, scale: int = 1) -> Path:
+    """Write the tiny SD3.5-medium-shaped folder into `root` (created) and return it.
+
+    `scale` multiplies every width (CLIP, T5, transformer heads, VAE channels), so a test that measures
+    memory can make the weights dominate the interpreter's own footprint; the shapes stay release-like."""
+    w, v = scale, max(1, scale // 8)  # the release's VAE is small next to its transformer
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
@@ -89,8 +93,8 @@ def build_sd35_folder(root: str | Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # CLIP-L: quick_gelu, legacy eos id 2 (argmax pooling, as the release's config); bigG: gelu.
-        _clip(16, CLIP_L_PROJ, "quick_gelu", 2).half().save_pretrained(root / "text_encoder")
-        _clip(24, CLIP_G_PROJ, "gelu", 49407).half().save_pretrained(root / "text_encoder_2")
+        _clip(16 * w, CLIP_L_PROJ * w, "quick_gelu", 2).half().save_pretrained(root / "text_encoder")
+        _clip(24 * w, CLIP_G_PROJ * w, "gelu", 49407).half().save_pretrained(root / "text_encoder_2")
         for sub, pad in (("tokenizer", CLIP_L_PAD), ("tokenizer_2", CLIP_G_PAD)):
             _save_clip_tokenizer(clip_tokenizer(pad), root / sub)
 
@@ -98,19 +102,19 @@ def build_sd35_folder(root: str | Path, seed: int = 0) -> Path:
                            + [("▁" + w, -5.0) for w in T5_WORDS] + [(c, -8.0) for c in T5_CHARS], extra_ids=0)
         tok3.save_pretrained(root / "tokenizer_3")
         t5 = T5EncoderModel(T5Config(  # T5 v1.1: gated-gelu, untied, no dropout at inference
-            vocab_size=len(tok3), d_model=T5_WIDTH, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+            vocab_size=len(tok3), d_model=T5_WIDTH * w, d_kv=8 * w, d_ff=48 * w, num_layers=2, num_heads=4,
             relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
             is_encoder_decoder=False, use_cache=False)).eval()
-        t5.half().save_pretrained(root / "text_encoder_3", max_shard_size=16_000)
+        t5.half().save_pretrained(root / "text_encoder_3", max_shard_size=16_000 * w * w)
 
         SD3Transformer2DModel(
             sample_size=SAMPLE_SIZE, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
-            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=T5_WIDTH, caption_projection_dim=16,
-            pooled_projection_dim=CLIP_L_PROJ + CLIP_G_PROJ, pos_embed_max_size=16, qk_norm="rms_norm",
+            attention_head_dim=8 * w, num_attention_heads=2, joint_attention_dim=T5_WIDTH * w,
+            caption_projection_dim=16 * w, pooled_projection_dim=(CLIP_L_PROJ + CLIP_G_PROJ) * w, pos_embed_max_size=16, qk_norm="rms_norm",
             dual_attention_layers=(0,)).half().save_pretrained(root / "transformer")
         AutoencoderKL(
             in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 16, 16], layers_per_block=1,
+            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8 * v, 8 * v, 16 * v, 16 * v], layers_per_block=1,
             latent_channels=16, norm_num_groups=4, sample_size=RESOLUTION, use_quant_conv=False,
             use_post_quant_conv=False, force_upcast=True, mid_block_add_attention=True,
             scaling_factor=1.5305, shift_factor=0.0609).half().save_pretrained(root / "vae")
