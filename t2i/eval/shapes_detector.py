@@ -49,6 +49,17 @@ def detect(image: np.ndarray, min_area_frac: float = 0.01, max_color_dist: float
     return sorted(found, key=lambda d: -d["area"])
 
 
+def off_palette_fraction(images: np.ndarray, max_color_dist: float = 48.0) -> np.ndarray:
+    """Per image, the fraction of pixels farther than `max_color_dist` (RGB, 0–255) from every palette colour
+    (background included): a continuous measure of leftover noise in the shapes domain. Real images are not
+    at 0 (anti-aliased edges blend two colours), so compare models against held-out data, not against 0.
+
+    `images`: uint8 [B, H, W, 3] (or one [H, W, 3] image, giving a 0-d array)."""
+    x = np.asarray(images, dtype=np.float32)
+    dist = np.sqrt(((x[..., None, :] - PALETTE) ** 2).sum(-1)).min(-1)
+    return (dist > max_color_dist).mean(axis=(-2, -1))
+
+
 def classify(region: np.ndarray) -> str:
     """Square: fills its box; triangle (apex up): most of its mass in the lower half; else circle."""
     h = region.shape[0]
