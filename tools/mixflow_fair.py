@@ -1,0 +1,543 @@
+"""The fair MixFlow experiment (docs/experiments/mixflow-fair.md), one command, every stage resumable:
+
+    python -m tools.mixflow_fair --out runs/fair                    # CPU, 2 cores, about 2 hours
+    python -m tools.mixflow_fair --out runs/fair --plan             # the stages, cells and time estimate only
+    bash tools/mixflow_fair_gpu.sh runs/fair-gpu                    # the larger version on one GPU
+
+1. data: captioned-shapes training shards, a fixed-σ validation set, the evaluation prompts (held-out
+   captions with their GenEval clauses) and a held-out FID reference set, each from its own seed;
+2. base: flow matching with logit-normal σ until the EMA's fixed-σ validation loss changes by less than
+   `--converged` (1 %) over the last 20 % of its steps (extended in 25 % steps up to `--max-base-steps`);
+3. arms, each `--arm-fraction` of the base's steps from the base EMA, `--seeds` seeds each:
+   control (flow matching, logit-normal σ) · gamma0 (MixFlow's Beta(2,1) timesteps, standard input) ·
+   mixflow-g0.8 · mixflow-g0.4;
+4. paired evaluation: every model samples the same prompts from the same initial noises at every cell
+   (Euler steps N × CFG scale); per image: GenEval correctness (exact shapes detector), off-palette
+   pixel fraction and random-conv features (FID / KID against the held-out set); Slow Flow v2 on a subset;
+5. analysis: accuracy per arm with McNemar's exact test against control and against gamma0 (pooled over
+   seeds), FID / KID, off-palette fraction, Slow Flow excess, and the pre-registered verdicts.
+
+Cells that do not fit `--budget-min` are cut in the pre-registered order (CFG 1 first, then N ∈ {4, 8, 16}),
+never seeds or images. `<out>/results.json` and `results.md` are rewritten after every stage and every
+evaluated model, so an interrupted run still reports what it finished; rerunning continues it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ARMS = {"control": ["train.objective=flow_matching"],
+        "gamma0": ["train.objective=mixflow", "train.mixflow_gamma=0.0"],
+        "mixflow-g0.8": ["train.objective=mixflow", "train.mixflow_gamma=0.8"],
+        "mixflow-g0.4": ["train.objective=mixflow", "train.mixflow_gamma=0.4"]}
+MIXFLOW_ARMS = ("mixflow-g0.8", "mixflow-g0.4")
+FEW_STEPS = (2, 4, 8)          # the cells of the primary test (the paper's claim is about few steps)
+CUT_ORDER_STEPS = (4, 8, 16)   # dropped after the CFG-1 cells when the budget is short
+EVAL_SEED = 777                # image i of every model starts from noise seeded EVAL_SEED + i
+
+
+def log(msg: str) -> None:
+    print(f"[fair {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tools.mixflow_fair", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/fair")
+    p.add_argument("--config", default=None, help="training config (default: configs/tiny-cpu.yaml)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="training config override for every run (repeat), e.g. model.kwargs=...")
+    p.add_argument("--nproc", type=int, default=2, help="training ranks")
+    p.add_argument("--base-steps", type=int, default=3000)
+    p.add_argument("--max-base-steps", type=int, default=6000)
+    p.add_argument("--converged", type=float, default=0.01,
+                   help="relative change of the EMA validation loss over the last 20 %% of the base's steps")
+    p.add_argument("--base-lr", type=float, default=1e-3)
+    p.add_argument("--arm-fraction", type=float, default=0.4, help="arm steps / base steps")
+    p.add_argument("--arm-lr", type=float, default=1e-4)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--train-samples", type=int, default=20000)
+    p.add_argument("--images", type=int, default=2000, help="images per cell (one per held-out prompt)")
+    p.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8, 16, 32], help="Euler steps N")
+    p.add_argument("--guidance", type=float, nargs="+", default=None,
+                   help="CFG scales (default: 1 and the config's sample.guidance)")
+    p.add_argument("--slowflow-images", type=int, default=64)
+    p.add_argument("--ref-steps", type=int, default=256, help="Slow Flow v2 reference trajectory steps")
+    p.add_argument("--budget-min", type=float, default=120.0, help="cut evaluation cells to fit this wall time")
+    p.add_argument("--workers", type=int, default=2, help="evaluation processes (one thread each)")
+    p.add_argument("--batch-size", type=int, default=250, help="evaluation batch")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--plan", action="store_true", help="print the plan and exit")
+    p.add_argument("--worker", default=None, metavar="I/N", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def data_specs(args) -> dict:
+    """Shard sets, each from its own seed so no evaluation image or prompt was trained on."""
+    return {"train": dict(n=args.train_samples, samples_per_shard=500, size=64, seed=0),
+            "val": dict(n=256, samples_per_shard=256, size=64, seed=1),
+            "prompts": dict(n=args.images, samples_per_shard=1000, size=64, seed=2),
+            "ref": dict(n=max(args.images, 2000), samples_per_shard=1000, size=64, seed=3)}
+
+
+def pattern(out: Path, name: str, spec: dict) -> str:
+    count = -(-spec["n"] // spec["samples_per_shard"])
+    return str(out / "data" / name / f"{name}-{{000000..{count - 1:06d}}}.tar")
+
+
+def ensure_data(out: Path, args) -> dict:
+    from t2i.data.writers import write_shapes_shards
+
+    patterns = {}
+    for name, spec in data_specs(args).items():
+        folder = out / "data" / name
+        manifest = folder / "manifest.json"
+        if not (manifest.exists() and all(json.loads(manifest.read_text())["args"].get(k) == v
+                                          for k, v in spec.items())):
+            log(f"data: {spec['n']} {name} samples (seed {spec['seed']})")
+            write_shapes_shards(folder, prefix=name, overwrite=True, progress=False, **spec)
+        patterns[name] = pattern(out, name, spec)
+    return patterns
+
+
+def records(shards: str, n: int) -> list[dict]:
+    """Caption and GenEval clauses of the first n samples, in order."""
+    from t2i.data.shards import expand_shards, raw_samples
+
+    out = []
+    for s in raw_samples(expand_shards(shards, key="prompts"), counts={}):
+        meta = json.loads(s["json"])
+        out.append({"caption": s["txt"].decode(), "include": meta["include"], "exclude": meta.get("exclude", [])})
+        if len(out) == n:
+            break
+    return out
+
+
+# ------------------------------------------------------------------------------------------ training
+
+def finished_step(run: Path) -> int:
+    from t2i.checkpoint import store
+    from t2i.errors import CheckpointError
+
+    try:
+        tag = store.latest_tag(run / "checkpoints")
+    except CheckpointError:
+        return 0
+    return store.read_meta(run / "checkpoints", tag)["step"] if tag else 0
+
+
+def train(args, run: Path, steps: int, overrides: list[str]) -> float:
+    """`t2i train` for `steps` steps in `run` (resumed if it has a checkpoint); wall seconds."""
+    if finished_step(run) >= steps:
+        return 0.0
+    resume = ["--resume"] if finished_step(run) > 0 else []
+    cmd = [sys.executable, "-m", "t2i.cli", "train", *(["--config", args.config] if args.config else []),
+           "--nproc", str(args.nproc), *resume, f"run.output_dir={run.parent}", f"run.name={run.name}",
+           f"train.steps={steps}", "sample.every=0", "sample.geneval_per_tag=0", *args.override, *overrides]
+    log(f"train {run.name}: {' '.join(cmd[3:])}")
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    return time.time() - t0
+
+
+def ema_validation(run: Path, val_shards: str) -> dict[int, float]:
+    """Fixed-σ validation loss of the EMA weights of every complete checkpoint of `run`, by step."""
+    import torch
+
+    from t2i.checkpoint import loading, store
+    from t2i.train.diagnostics import FixedSigmaValidation
+
+    root = run / "checkpoints"
+    loaded, validation = None, None
+    out = {}
+    for tag in store.complete_tags(root):
+        loaded = loading.load(root / tag, ema=True, text=loaded and loaded.text, vae=loaded and loaded.vae)
+        if validation is None:
+            cfg = loaded.cfg
+            cfg.validation.shards = val_shards
+            validation = FixedSigmaValidation(cfg.validation, cfg.data, loaded.text, loaded.vae, torch.device("cpu"))
+        out[store.read_meta(root, tag)["step"]] = validation(loaded.model)["val_loss"]
+    return out
+
+
+def converged(curve: dict[int, float], tol: float) -> tuple[bool, float]:
+    """Relative change of the loss between 80 % and 100 % of the last step (checkpoints every 10 %)."""
+    last = max(curve)
+    before = min(curve, key=lambda s: abs(s - 0.8 * last))
+    change = abs(curve[last] - curve[before]) / curve[last]
+    return change < tol, change
+
+
+def train_base(out: Path, args, data: dict, results: dict) -> Path:
+    run = out / "base"
+    steps = args.base_steps
+    every = max(1, steps // 10)
+    common = [f"data.shards={data['train']}", f"validation.shards={data['val']}", "validation.every=0",
+              f"train.lr={args.base_lr}", "train.schedule=constant", "train.warmup_steps=100",
+              f"train.ckpt_every={every}", "train.keep_last=0", f"train.log_every={max(1, every // 2)}"]
+    t0 = time.time()
+    while True:
+        results["time_s"]["base"] = results["time_s"].get("base", 0.0) + train(args, run, steps, common)
+        curve = ema_validation(run, data["val"])
+        ok, change = converged(curve, args.converged)
+        results["base"] = {"steps": steps, "val_loss_ema": curve, "change_last_20pct": change, "converged": ok}
+        log(f"base: {steps} steps, EMA val loss {curve[max(curve)]:.5f}, change over the last 20 % {change:.2%}")
+        if ok or steps >= args.max_base_steps:
+            break
+        steps = min(args.max_base_steps, int(steps * 1.25) // every * every)
+    results["time_s"]["base_eval"] = time.time() - t0 - results["time_s"]["base"]
+    return run
+
+
+def train_arms(out: Path, args, data: dict, base: Path, results: dict) -> dict[str, Path]:
+    steps = max(1, round(args.arm_fraction * results["base"]["steps"]))
+    runs = {}
+    for seed in range(args.seeds):
+        for arm, overrides in ARMS.items():
+            run = out / f"{arm}-s{seed}"
+            wall = train(args, run, steps, [
+                f"data.shards={data['train']}", f"validation.shards={data['val']}", "validation.every=0",
+                f"train.init_from={base}", "train.init_weights=ema", f"train.lr={args.arm_lr}",
+                "train.schedule=constant", "train.warmup_steps=20", f"train.ckpt_every={steps}",
+                f"train.log_every={max(1, steps // 10)}", f"run.seed={seed}", *overrides])
+            results["time_s"][f"arm:{run.name}"] = wall or results["time_s"].get(f"arm:{run.name}", 0.0)
+            runs[run.name] = run
+    results["arm_steps"] = steps
+    return runs
+
+
+# -------------------------------------------------------------------------------------------- cells
+
+def cells(args, trained_guidance: float) -> list[tuple[int, float]]:
+    guidance = args.guidance or sorted({1.0, trained_guidance})
+    return [(n, g) for g in guidance for n in args.steps]
+
+
+def nfe(cell: tuple[int, float]) -> int:
+    n, g = cell
+    return n * (1 if g == 1.0 else 2)
+
+
+def fit_budget(all_cells: list[tuple[int, float]], seconds_per_nfe_image: float, images: int, models: int,
+               budget_s: float) -> tuple[list, list]:
+    """Cut cells in the pre-registered order until the evaluation fits: CFG 1 first, then N ∈ {4, 8, 16}."""
+    kept = list(all_cells)
+    cost = lambda cs: sum(nfe(c) for c in cs) * images * models * seconds_per_nfe_image  # noqa: E731
+    order = [c for c in kept if c[1] == 1.0] + [c for n in CUT_ORDER_STEPS for c in kept if c[0] == n and c[1] != 1.0]
+    dropped = []
+    for c in order:
+        if cost(kept) <= budget_s:
+            break
+        kept.remove(c)
+        dropped.append(c)
+    return kept, dropped
+
+
+def cell_name(cell) -> str:
+    return f"N{cell[0]}-g{cell[1]:g}"
+
+
+# --------------------------------------------------------------------------------------- evaluation
+
+def evaluate_cell(loaded, prompts: list[dict], cell, args, extractor) -> dict[str, np.ndarray]:
+    """Per-image correctness, off-palette fraction and features of one model at one cell."""
+    from t2i.eval.sampling import generate
+    from t2i.eval.shapes_detector import detect, judge, off_palette_fraction
+
+    n, g = cell
+    images = generate(loaded.model, loaded.text, loaded.vae, [r["caption"] for r in prompts],
+                      resolution=loaded.cfg.data.resolution, steps=n, guidance=g, seed=EVAL_SEED,
+                      batch_size=args.batch_size)
+    arrays = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    correct = np.array([judge(detect(a), r["include"], r["exclude"]) for a, r in zip(arrays, prompts)])
+    from t2i.eval.fid import compute_features
+    return {"correct": correct, "off_palette": off_palette_fraction(arrays),
+            "features": compute_features(list(arrays), extractor)}
+
+
+def jobs(out: Path, models: dict[str, Path], kept: list) -> list[tuple[str, tuple]]:
+    return [(label, cell) for label in models for cell in kept
+            if not (out / "eval" / label / f"{cell_name(cell)}.npz").exists()]
+
+
+def run_worker(out: Path, args, share: str) -> None:
+    import torch
+
+    from t2i.checkpoint import loading
+    from t2i.eval.fid import RandomConvExtractor
+
+    torch.set_num_threads(1)
+    i, n = map(int, share.split("/"))
+    plan = json.loads((out / "eval" / "plan.json").read_text())
+    prompts = records(plan["prompts"], plan["images"])
+    extractor = RandomConvExtractor()
+    loaded, current = None, None
+    for k, (label, cell) in enumerate(plan["jobs"]):
+        if k % n != i:
+            continue
+        cell = tuple(cell)
+        path = out / "eval" / label / f"{cell_name(cell)}.npz"
+        if path.exists():
+            continue
+        if current != label:
+            loaded = loading.load(plan["models"][label], ema=True, text=loaded and loaded.text,
+                                  vae=loaded and loaded.vae)
+            current = label
+        t0 = time.time()
+        result = evaluate_cell(loaded, prompts, cell, args, extractor)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.npz")
+        np.savez(tmp, seconds=time.time() - t0, **result)
+        os.replace(tmp, path)
+        log(f"worker {i}: {label} {cell_name(cell)}: accuracy {result['correct'].mean():.3f} "
+            f"({time.time() - t0:.0f} s)")
+
+
+def calibrate(models: dict[str, Path], prompts: list[dict], args) -> float:
+    """Seconds per model evaluation of one image (one worker), from one timed batch at N = 4, CFG 1."""
+    import torch
+
+    from t2i.checkpoint import loading
+    from t2i.eval.sampling import generate
+
+    torch.set_num_threads(1)
+    loaded = loading.load(next(iter(models.values())), ema=True)
+    batch = [r["caption"] for r in prompts[: min(len(prompts), args.batch_size)]]
+    t0 = time.time()
+    generate(loaded.model, loaded.text, loaded.vae, batch, resolution=loaded.cfg.data.resolution, steps=4,
+             guidance=1.0, seed=EVAL_SEED, batch_size=args.batch_size)
+    return (time.time() - t0) / (4 * len(batch))
+
+
+def evaluate(out: Path, args, data: dict, models: dict[str, Path], results: dict) -> None:
+    """Plan the cells (once: calibrated, cut to the budget), then run the workers; results every minute."""
+    from t2i.config import load_config
+
+    trained = load_config(args.config, list(args.override)).sample.guidance
+    all_cells = cells(args, trained)
+    plan_path = out / "eval" / "plan.json"
+    if plan_path.exists():
+        plan = json.loads(plan_path.read_text())
+    else:
+        prompts = records(data["prompts"], args.images)
+        per_nfe = calibrate(models, prompts, args) / max(1, args.workers)
+        spent = time.time() - results["started"]
+        left = max(0.0, args.budget_min * 60 - spent)
+        kept, dropped = fit_budget(all_cells, per_nfe, args.images, len(models), left)
+        from t2i.checkpoint import loading
+        resolution = loading.load(models["base"], ema=True).cfg.data.resolution
+        plan = {"prompts": data["prompts"], "images": args.images, "resolution": resolution, "models": {k: str(v) for k, v in models.items()},
+                "cells": kept, "dropped": dropped, "seconds_per_nfe_image": per_nfe, "trained_guidance": trained,
+                "estimate_s": sum(nfe(c) for c in kept) * args.images * len(models) * per_nfe}
+        plan["jobs"] = jobs(out, models, [tuple(c) for c in kept])
+        plan_path.parent.mkdir(parents=True, exist_ok=True)
+        plan_path.write_text(json.dumps(plan, indent=1))
+        log(f"evaluation: {len(kept)} cells × {len(models)} models × {args.images} images, estimated "
+            f"{plan['estimate_s'] / 60:.0f} min; cut for the budget: {[cell_name(c) for c in dropped] or 'none'}")
+    results["cells"], results["dropped_cells"] = plan["cells"], plan["dropped"]
+    t0 = time.time()
+    procs = [subprocess.Popen([sys.executable, "-m", "tools.mixflow_fair", "--out", str(out), "--worker",
+                               f"{i}/{args.workers}", "--batch-size", str(args.batch_size)])
+             for i in range(args.workers)]
+    while any(p.poll() is None for p in procs):  # partial results while the workers run
+        time.sleep(60)
+        analyse(out, results, data)
+        save(out, results)
+    codes = [p.wait() for p in procs]
+    results["time_s"]["evaluation"] = results["time_s"].get("evaluation", 0.0) + time.time() - t0
+    if any(codes):
+        raise SystemExit(f"an evaluation worker failed: exit codes {codes}")
+
+
+# ------------------------------------------------------------------------------------------ analysis
+
+def reference_features(out: Path, data: dict, n: int, resolution: int) -> np.ndarray:
+    """Features of n held-out images, decoded exactly as training decodes them."""
+    import random
+
+    from t2i.data.decode import decode_sample
+    from t2i.data.shards import expand_shards, raw_samples
+    from t2i.eval.fid import RandomConvExtractor, compute_features
+
+    path = out / "eval" / "reference.npy"
+    if path.exists():
+        return np.load(path)
+    images = []
+    for raw in raw_samples(expand_shards(data["ref"], key="ref"), counts={}):
+        sample, _ = decode_sample(raw, resolution, random.Random(0))
+        images.append(((sample["image"].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+        if len(images) == n:
+            break
+    feats = compute_features(images, RandomConvExtractor())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, feats)
+    return feats
+
+
+def analyse(out: Path, results: dict, data: dict) -> None:
+    from t2i.eval.fid import fid, kid
+    from t2i.eval.stats import holm, mcnemar
+
+    plan_path = out / "eval" / "plan.json"
+    if not plan_path.exists():
+        return
+    plan = json.loads(plan_path.read_text())
+    ref = reference_features(out, data, plan["images"], plan["resolution"])
+    table = {}
+    for cell in map(tuple, plan["cells"]):
+        got = {}
+        for label in plan["models"]:
+            path = out / "eval" / label / f"{cell_name(cell)}.npz"
+            if path.exists():
+                with np.load(path) as z:
+                    got[label] = {k: z[k] for k in ("correct", "off_palette", "features")}
+        row = {}
+        for label, r in got.items():
+            row[label] = {"accuracy": float(r["correct"].mean()), "off_palette": float(r["off_palette"].mean()),
+                          "fid": fid(r["features"], ref), "kid": kid(r["features"], ref)}
+        tests = {}
+        for arm in ARMS:
+            for against in ("control", "gamma0"):
+                if arm == against or (against == "gamma0" and arm not in MIXFLOW_ARMS):
+                    continue
+                pairs = [(got.get(f"{against}-s{s}"), got.get(f"{arm}-s{s}")) for s in range(results["seeds"])]
+                if any(a is None or b is None for a, b in pairs):
+                    continue
+                per_seed = [mcnemar(a["correct"], b["correct"]) for a, b in pairs]
+                a_only, b_only = sum(m["a_only"] for m in per_seed), sum(m["b_only"] for m in per_seed)
+                pooled = mcnemar(np.r_[np.ones(a_only, bool), np.zeros(b_only, bool)],
+                                 np.r_[np.zeros(a_only, bool), np.ones(b_only, bool)])
+                tests[f"{arm} vs {against}"] = {"diff_per_seed": [m["diff"] for m in per_seed],
+                                                "a_only": a_only, "b_only": b_only, "p": pooled["p"]}
+        table[cell_name(cell)] = {"models": row, "tests": tests}
+    # the primary family: each MixFlow arm vs control at few steps and the trained CFG (Holm over the family)
+    family = [(c, t) for c, v in table.items() for t in v["tests"]
+              if t.split(" vs ")[1] == "control" and t.split(" vs ")[0] in MIXFLOW_ARMS
+              and int(c.split("-")[0][1:]) in FEW_STEPS and float(c.split("-g")[1]) == plan["trained_guidance"]]
+    for (c, t), p in zip(family, holm([table[c]["tests"][t]["p"] for c, t in family])):
+        table[c]["tests"][t]["p_holm"] = p
+    results["cells_table"] = table
+
+
+def verdicts(results: dict) -> list[str]:
+    """The pre-registered criteria (docs/experiments/mixflow-fair.md), applied mechanically."""
+    lines = []
+    base = results.get("base", {})
+    if base:
+        lines.append(f"C0 base converged (< {results['converged_tol']:.0%} change over the last 20 % of steps): "
+                     f"{'yes' if base['converged'] else 'NO'} ({base['change_last_20pct']:.2%})")
+    table = results.get("cells_table", {})
+    helped, hurt = [], []
+    for cell, v in table.items():
+        for name, t in v["tests"].items():
+            if "p_holm" not in t:
+                continue
+            same_sign = all(d > 0 for d in t["diff_per_seed"]) or all(d < 0 for d in t["diff_per_seed"])
+            if t["p_holm"] < 0.05 and same_sign:
+                (helped if t["b_only"] > t["a_only"] else hurt).append(f"{name} at {cell}")
+    if table:
+        lines.append("C1 MixFlow beats control at few steps (Holm p < 0.05, same sign in every seed): "
+                     + (", ".join(helped) if helped else "no"))
+        lines.append("C1' MixFlow worse than control there: " + (", ".join(hurt) if hurt else "no"))
+        mech = [f"{name} at {cell}" for cell, v in table.items() for name, t in v["tests"].items()
+                if name.endswith("vs gamma0") and t["p"] < 0.05 and t["b_only"] > t["a_only"]]
+        lines.append("C2 MixFlow beats the gamma0 arm (unadjusted p < 0.05): " + (", ".join(mech) if mech else "no"))
+    return lines
+
+
+def report(results: dict) -> str:
+    lines = ["# Fair MixFlow experiment: results", "",
+             f"Started {results.get('started_at', '?')}; wall time per stage (s): "
+             + ", ".join(f"{k} {v:.0f}" for k, v in results["time_s"].items()), ""]
+    base = results.get("base")
+    if base:
+        lines += ["## Base: EMA fixed-σ validation loss", "", "| step | val loss |", "|---:|---:|"]
+        lines += [f"| {s} | {v:.5f} |" for s, v in sorted((int(k), v) for k, v in base["val_loss_ema"].items())]
+        lines.append("")
+    table = results.get("cells_table", {})
+    if table:
+        seeds = results["seeds"]
+        lines += ["## Per cell", "",
+                  f"Accuracy = fraction of images correct (GenEval rules, exact detector), mean over {seeds} seeds "
+                  "± std across seeds; p = McNemar exact, pooled over seeds (Holm-adjusted in brackets for the "
+                  "primary family); FID / KID (×1000) against held-out images, random-conv features; off-palette "
+                  "= mean fraction of pixels off the palette.", ""]
+        for cell, v in table.items():
+            lines += [f"### {cell}", "", "| arm | accuracy | FID | KID×1000 | off-palette | vs control: b/c, p | "
+                      "vs gamma0: b/c, p |", "|---|---:|---:|---:|---:|---:|---:|"]
+            for arm in ["base", *ARMS]:
+                rows = [r for label, r in v["models"].items() if label == arm or label.startswith(f"{arm}-s")]
+                if not rows:
+                    continue
+                def ms(key, scale=1.0):  # noqa: E306
+                    xs = [r[key] * scale for r in rows]
+                    return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
+                cols = []
+                for against in ("control", "gamma0"):
+                    t = v["tests"].get(f"{arm} vs {against}")
+                    cols.append("" if t is None else f"{t['b_only']}/{t['a_only']}, {t['p']:.3g}"
+                                + (f" [{t['p_holm']:.3g}]" if "p_holm" in t else ""))
+                lines.append(f"| {arm} | {ms('accuracy')} | {ms('fid')} | {ms('kid', 1000)} | {ms('off_palette')} | "
+                             + " | ".join(cols) + " |")
+            lines.append("")
+        lines += ["b/c: images only the arm / only the comparison model got right.", ""]
+    lines += ["## Verdicts (pre-registered criteria)", ""] + [f"- {v}" for v in verdicts(results)]
+    return "\n".join(lines) + "\n"
+
+
+def save(out: Path, results: dict) -> None:
+    from t2i.io import write_json, write_text
+
+    write_json(out / "results.json", results)
+    write_text(out / "results.md", report(results))
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    out = Path(args.out).resolve()
+    if args.worker:
+        run_worker(out, args, args.worker)
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results.update({"args": vars(args), "seeds": args.seeds, "converged_tol": args.converged})
+    results.setdefault("time_s", {})
+    results["started"] = time.time() - sum(results["time_s"].values())
+    results.setdefault("started_at", time.strftime("%Y-%m-%d %H:%M"))
+    if args.plan:
+        from t2i.config import load_config
+        trained = load_config(args.config, list(args.override)).sample.guidance
+        arm_steps = round(args.arm_fraction * args.base_steps)
+        print(f"base: {args.base_steps} steps (up to {args.max_base_steps}); arms: {len(ARMS)} × {args.seeds} seeds × "
+              f"{arm_steps} steps; cells: {[cell_name(c) for c in cells(args, trained)]}; "
+              f"{args.images} images per cell; budget {args.budget_min:.0f} min")
+        return 0
+    t0 = time.time()
+    data = ensure_data(out, args)
+    results["time_s"]["data"] = results["time_s"].get("data", 0.0) + time.time() - t0
+    save(out, results)
+    base = train_base(out, args, data, results)
+    save(out, results)
+    models = {"base": base, **train_arms(out, args, data, base, results)}
+    save(out, results)
+    evaluate(out, args, data, models, results)
+    analyse(out, results, data)
+    save(out, results)
+    print(report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
