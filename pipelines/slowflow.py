@@ -11,12 +11,12 @@ slowflow.json, slowflow.md (σ, mean σ̂ − σ and its 10/50/90% quantiles per
 
 from __future__ import annotations
 
-import argparse
 import itertools
 from pathlib import Path
 
 from tqdm import tqdm
 
+from t2i.cmdline import parser as make_parser
 from t2i.errors import EvalError
 
 
@@ -53,8 +53,7 @@ def prompts_from(args, cfg) -> list[str]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="t2i slowflow", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser("slowflow", __doc__)
     parser.add_argument("--ckpt", action="append", required=True, metavar="LABEL=PATH",
                         help="a run folder, checkpoints/ folder or tag folder; repeat to overlay")
     parser.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16, 32])

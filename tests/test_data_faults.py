@@ -480,15 +480,16 @@ def test_make_shards_killed_with_sigkill_leaves_only_whole_shards(tmp_path):
 
 def test_make_shards_cli_refuses_an_out_with_shards_in_one_line(tmp_path, capsys):
     from t2i.cli import main
-    args = ["make-shards", "shapes", "--out", str(tmp_path), "--n", "4", "--per-shard", "2", "--size", "32",
+    out = tmp_path / "shapes"
+    args = ["make-shards", "shapes", "--out", str(out), "--n", "4", "--per-shard", "2", "--size", "32",
             "--no-progress"]
     assert main(args) == 0
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err == (f"t2i make-shards: DataError: --out {tmp_path} already holds 2 shard(s) (shapes-000000.tar, ...); "
-                   f"pass --overwrite (overwrite=True) to replace its 'shapes-*.tar' shards, or choose another "
-                   f"--out\n")
+    assert err == (f"t2i make-shards: DataError: --out {out} already holds 2 shard(s) (shapes-000000.tar, ...); "
+                   f"pass --overwrite to replace them (the 'shapes-*.tar' shards and those its manifest.json "
+                   f"lists), or choose another --out\n")
     assert main(args + ["--overwrite"]) == 0
     assert main(["make-shards", "folder", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.endswith(f"--src {tmp_path / 'nope'}: source folder does not exist "

@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from t2i.cmdline import parser as make_parser
 from t2i.errors import ConfigError
 from t2i.io import write_json, write_jsonl, write_text
 
@@ -46,8 +47,7 @@ SD3_SHAPES = {"latent_channels": 16, "downsample": 8, "context_dim": 4096, "pool
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="t2i bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser("bench", __doc__)
     p.add_argument("--config", default=None, help="YAML config (default: configs/tiny-cpu.yaml)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides of the config")
     p.add_argument("--variants", default=",".join(ALL), help=f"comma list of {', '.join(ALL)}")

@@ -26,7 +26,6 @@ jobs' load lowers the rate but not the CPU time a sample costs). `--synthetic DI
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from t2i.cmdline import parser as make_parser
 from t2i.errors import ConfigError
 from t2i.io import atomic_write, write_json
 
@@ -244,8 +244,7 @@ def table(report: dict) -> str:
 
 def bench(argv=None) -> dict:
     """The command line; returns the report."""
-    parser = argparse.ArgumentParser(prog="t2i bench-loader", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser("bench-loader", __doc__)
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--shards", default=None, help="shard spec as in data.shards (default: the embedded "
                      "default's data/shapes/shapes-{000000..000007}.tar)")
