@@ -68,6 +68,11 @@ def _label_path(spec: str) -> tuple[str, str]:
     return label, path
 
 
+def _image_folder(spec: str) -> bool:
+    """--fid-shards names a folder of image files (not shards) when it is a folder without .tar files."""
+    return Path(spec).is_dir() and not any(Path(spec).glob("*.tar"))
+
+
 def check_fid_arguments(args) -> None:
     """The FID flags on their own, before anything is sampled."""
     from t2i.eval import fid
@@ -76,6 +81,9 @@ def check_fid_arguments(args) -> None:
         raise EvalError(f"--fid-max must be >= 1, got {args.fid_max}")
     if args.fid_max is not None and not args.fid_shards:
         raise EvalError("--fid-max only applies when the reference is built from --fid-shards")
+    if args.fid_shards and not _image_folder(args.fid_shards):  # a wrong pattern fails now, not after sampling
+        from t2i.data.shards import expand_shards
+        expand_shards(args.fid_shards, key="--fid-shards")
     if args.fid_ref and not args.fid_shards:
         meta = fid.load_reference(args.fid_ref).meta  # missing / unreadable: refused now
         if args.resolution is not None:
@@ -94,9 +102,9 @@ def fid_reference(args, out: Path, resolution: int, device, barrier, rank: int =
     if not args.fid_shards:
         return ref
     src = Path(args.fid_shards)
-    is_folder = src.is_dir() and not any(src.glob("*.tar"))
+    is_folder = _image_folder(args.fid_shards)
     source = fid.ImageSource(folder=str(src) if is_folder else None, shards=None if is_folder else args.fid_shards,
-                             resolution=resolution, max_images=args.fid_max)
+                             resolution=resolution, max_images=args.fid_max, key="--fid-shards")
     extractor = fid.build_extractor(args.fid_extractor or "random-conv", device)
     build = not ref.exists()
     if not build:

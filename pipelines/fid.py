@@ -82,9 +82,9 @@ def main(argv=None) -> int:
     if args.command == "ref":
         if args.shards and not args.resolution:
             raise EvalError("--shards needs --resolution (images are centre-cropped to it as in training)")
-        extractor = F.build_extractor(args.extractor, device)
         source = F.ImageSource(folder=args.folder, shards=args.shards, resolution=args.resolution,
                                max_images=args.max)
+        extractor = F.build_extractor(args.extractor, device)
         stats = F.make_reference(source, extractor, args.out, args.batch_size, device, not args.no_progress)
         print(table([("reference", args.out), ("source", stats.meta["source"]), ("images", stats.n),
                      ("bad", {k: v for k, v in stats.meta["counts"].items() if k != "good"}),

@@ -46,7 +46,8 @@ def prompts_from(args, cfg) -> list[str]:
         from t2i.data.loader import slot_stream
         spec = args.shards or cfg.validation.shards or cfg.data.shards
         urls = expand_shards(spec, allow_pipe_in_lists=cfg.data.allow_pipe_in_lists,
-                             key="--shards" if args.shards else "validation.shards")
+                             key="--shards" if args.shards else
+                             "validation.shards" if cfg.validation.shards else "data.shards")
         stream = slot_stream(urls, DataConfig(shards=urls, resolution=8, shuffle_buffer=1), 0, 0, 1)
         lines = [s["caption"] for s in itertools.islice(stream, args.n)]
     return (lines * (args.n // max(1, len(lines)) + 1))[: args.n]

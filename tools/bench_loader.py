@@ -268,7 +268,7 @@ def bench(argv=None) -> dict:
         urls = write_synthetic_shards(args.synthetic, n_shards, per_shard, width, height)
     else:
         from t2i.config import DataConfig
-        urls = expand_shards(args.shards or DataConfig().shards)
+        urls = expand_shards(args.shards or DataConfig().shards, key="--shards" if args.shards else "data.shards")
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     loaders = tuple(name.strip() for name in args.loaders.split(",") if name.strip())
     unknown = set(loaders) - {"ours", "plain"}
