@@ -141,10 +141,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     cfg = load_config(args.config, args.overrides)  # a config error ends here, before any heavy import
     if args.command == "config":
-        import yaml
-
-        from t2i.config import to_dict
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        from t2i.config import describe
+        print(describe(args.config, args.overrides), end="")  # + what model.pretrained implied, placeholders
         return 0
     configure_environment()
     if args.command in ("train", "demo"):
