@@ -371,7 +371,7 @@ def describe(path: str | Path | None = None, overrides: list[str] | tuple = ()) 
     if implied:
         lines.append(f"# model.pretrained implies (set any of them to override): {', '.join(implied)}")
     for key, value in placeholders(cfg):
-        if key != "model.pretrained" and value == cfg.model.pretrained and any(i.startswith(key + "=") for i in implied):
+        if key != "model.pretrained" and value == cfg.model.pretrained and f"{key}={value}" in implied:
             continue  # follows model.pretrained
         lines.append(f"# TO SET: {placeholder_message(key, value)} (training refuses it)")
     return "\n".join(lines + [yaml.safe_dump(to_dict(cfg), sort_keys=False)]).rstrip("\n") + "\n"

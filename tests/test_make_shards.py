@@ -212,7 +212,8 @@ def test_folder_shards_are_named_after_out_and_the_printed_pattern_reads_them(im
     assert err.count("\n") == 1 and "--overwrite" in err and "Traceback" not in err
     assert t2i(["make-shards", "folder", "--src", str(image_folder), "--out", "data/mine", "--per-shard", "4",
                 "--no-progress", "--overwrite"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "train on them with: data.shards='data/mine/mine-{000000..000001}.tar'"
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == "train on them with: data.shards='data/mine/mine-{000000..000001}.tar'"
     assert sorted(p.name for p in (tmp_path / "data" / "mine").glob("*.tar")) == ["mine-000000.tar", "mine-000001.tar"]
 
 
