@@ -1,7 +1,7 @@
 """FID and KID of a folder of generated images against saved reference statistics, fully offline.
 
-    python -m pipelines.fid ref --shards data/shapes-val --resolution 64 --out runs/ref/shapes-val.npz
-    python -m pipelines.fid score --images runs/toy/geneval --ref runs/ref/shapes-val.npz --out fid.json
+    t2i fid ref --shards data/shapes-val --resolution 64 --out runs/ref/shapes-val.npz
+    t2i fid score --images runs/toy/geneval --ref runs/ref/shapes-val.npz --out fid.json
 
 FID = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) over extractor features (clean-fid's `frechet_distance`,
 Σ = np.cov(rowvar=False), i.e. the N−1 denominator, as clean-fid). KID = unbiased MMD² with the
@@ -443,7 +443,7 @@ def load_reference(path: str | Path, extractor: Extractor | str | None = None) -
     """Stats from `save_reference`; with `extractor` (object or name), refuse stats made by another one."""
     path = Path(path)
     if not path.is_file():
-        raise EvalError(f"reference statistics not found: {path} (make them with `python -m pipelines.fid ref ...`)")
+        raise EvalError(f"reference statistics not found: {path} (make them with `t2i fid ref ...`)")
     try:
         with np.load(path, allow_pickle=False) as data:
             if "meta" not in data.files:
