@@ -1,6 +1,6 @@
 """CLIPScore of a GenEval-layout image folder, from a local open_clip checkpoint.
 
-    python -m pipelines.clipscore --images runs/geneval/images --model ViT-L-14-quickgelu \\
+    t2i clipscore --images runs/geneval/images --model ViT-L-14-quickgelu \\
         --pretrained /models/clip-vit-l-14-openai/open_clip_pytorch_model.bin --device cuda --out clipscore.json
 
 Reads every `<images>/<digits>/metadata.jsonl` (one JSON object with a "prompt") and every
@@ -12,15 +12,14 @@ per_prompt maps the folder name to {"prompt", "scores": {file: score}, "mean"}.
 
 from __future__ import annotations
 
-import argparse
 
+from t2i.cmdline import parser as make_parser
 from t2i.eval.clipscore import score_folder
 from t2i.io import write_json
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="clipscore", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser("clipscore", __doc__)
     parser.add_argument("--images", required=True, help="GenEval-layout folder: <images>/00000/samples/0000.png")
     parser.add_argument("--model", default="ViT-L-14-quickgelu", help="open_clip model name")
     parser.add_argument("--pretrained", required=True, help="local checkpoint file (never downloaded)")

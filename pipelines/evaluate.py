@@ -6,10 +6,15 @@
         --object-names geneval/object_names.txt --color clip:/weights/clip-l.pt \\
         --fid-ref coco30k.npz --fid-extractor inception:/weights/inception-2015-12-05.pt --nproc 8
 
-Without --prompts the shapes-domain GenEval set is written to <out>/prompts and used. Per checkpoint
-<out>/<label>/ holds the samples (GenEval layout, resumable) and geneval/ results; <out>/report.md,
-report.json and grid.png compare them (each written atomically). Every number carries the settings
-it came from.
+    t2i eval --ckpt digits=runs/digits --out runs/digits/eval --prompts digits-prompts.txt \\
+        --fid-shards 'data/digits-val/*.tar'                                 # another domain: FID/KID only
+
+Without --prompts the shapes-domain GenEval set is written to <out>/prompts and used. GenEval runs only
+when the prompts carry GenEval tags (a metadata .jsonl); with a .txt prompt list or shard captions, or
+with --no-geneval, it is skipped (said in the log and the report) and the report has FID/KID (and the
+CLIP score with --clip). Per checkpoint <out>/<label>/ holds the samples (GenEval layout, resumable)
+and geneval/ results; <out>/report.md, report.json and grid.png compare them (each written
+atomically). Every number carries the settings it came from.
 
 FID reference: --fid-ref is used as it is; --fid-shards builds <out>/fid_ref.npz (or the given
 --fid-ref path when it does not exist yet) at the sampling resolution. Its meta records the source,
@@ -34,7 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a checkpoint to evaluate (repeat); PATH as for t2i sample")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
-    p.add_argument("--prompts", default=None, help="GenEval metadata jsonl (default: the shapes-domain set)")
+    p.add_argument("--prompts", default=None, help="GenEval metadata .jsonl, a .txt (one prompt per line) or shards "
+                                                   "(their captions); default: the shapes-domain GenEval set")
+    p.add_argument("--no-geneval", action="store_true",
+                   help="skip GenEval (FID/KID and CLIP score only); it is skipped anyway when the prompts carry "
+                        "no GenEval tags")
     p.add_argument("--per-tag", type=int, default=16, help="shapes-domain set: prompts per tag")
     p.add_argument("--images-per-prompt", type=int, default=4)
     p.add_argument("--steps", type=int, default=None)
@@ -68,6 +77,29 @@ def _label_path(spec: str) -> tuple[str, str]:
     return label, path
 
 
+def _image_folder(spec: str) -> bool:
+    """--fid-shards names a folder of image files (not shards) when it is a folder without .tar files."""
+    return Path(spec).is_dir() and not any(Path(spec).glob("*.tar"))
+
+
+def geneval_skipped(args, entries: list[dict], prompts: str) -> str | None:
+    """Why GenEval is not run (None: it is): --no-geneval, or prompts without GenEval tags (a .txt list or
+    shard captions). Refused before sampling when nothing else would be scored."""
+    from t2i.eval.geneval import is_tagged
+
+    if args.no_geneval:
+        reason = "--no-geneval"
+    elif not any(is_tagged(e) for e in entries):
+        reason = (f"the prompts ({prompts}) carry no GenEval tags (a .txt list or shard captions; GenEval needs a "
+                  f"metadata .jsonl, e.g. from `t2i geneval-prompts`)")
+    else:
+        return None
+    if not (args.fid_ref or args.fid_shards or args.clip):
+        raise EvalError(f"nothing to score: GenEval is skipped ({reason}) and no --fid-shards / --fid-ref or --clip "
+                        f"is given; pass held-out shards with --fid-shards for FID/KID")
+    return reason
+
+
 def check_fid_arguments(args) -> None:
     """The FID flags on their own, before anything is sampled."""
     from t2i.eval import fid
@@ -76,6 +108,9 @@ def check_fid_arguments(args) -> None:
         raise EvalError(f"--fid-max must be >= 1, got {args.fid_max}")
     if args.fid_max is not None and not args.fid_shards:
         raise EvalError("--fid-max only applies when the reference is built from --fid-shards")
+    if args.fid_shards and not _image_folder(args.fid_shards):  # a wrong pattern fails now, not after sampling
+        from t2i.data.shards import expand_shards
+        expand_shards(args.fid_shards, key="--fid-shards")
     if args.fid_ref and not args.fid_shards:
         meta = fid.load_reference(args.fid_ref).meta  # missing / unreadable: refused now
         if args.resolution is not None:
@@ -94,9 +129,9 @@ def fid_reference(args, out: Path, resolution: int, device, barrier, rank: int =
     if not args.fid_shards:
         return ref
     src = Path(args.fid_shards)
-    is_folder = src.is_dir() and not any(src.glob("*.tar"))
+    is_folder = _image_folder(args.fid_shards)
     source = fid.ImageSource(folder=str(src) if is_folder else None, shards=None if is_folder else args.fid_shards,
-                             resolution=resolution, max_images=args.fid_max)
+                             resolution=resolution, max_images=args.fid_max, key="--fid-shards")
     extractor = fid.build_extractor(args.fid_extractor or "random-conv", device)
     build = not ref.exists()
     if not build:
@@ -158,7 +193,8 @@ def markdown(report: dict) -> str:
 
     rows = report["checkpoints"]
     tags = [t for t in TAGS if any(t in r.get("geneval", {}).get("tags", {}) for r in rows.values())]
-    head = ["checkpoint", "GenEval", *tags]
+    has_geneval = any("geneval" in r for r in rows.values())
+    head = ["checkpoint", *["GenEval"] * has_geneval, *tags]
     has_fid = any("fid" in r for r in rows.values())
     has_clip = any("clipscore" in r for r in rows.values())
     head += ["FID", "KID"] * has_fid + ["CLIP score"] * has_clip
@@ -166,7 +202,7 @@ def markdown(report: dict) -> str:
     for label, r in rows.items():
         g = r.get("geneval", {})
         overall = g.get("overall")
-        cells = [label, "n/a" if overall is None else f"{overall:.4f}"]
+        cells = [label, *(["n/a" if overall is None else f"{overall:.4f}"] * has_geneval)]
         cells += [f"{g['tags'][t]['score']:.3f}" if t in g.get("tags", {}) else "" for t in tags]
         if has_fid:
             cells += [f"{r['fid']['fid']:.4f}", f"{r['fid']['kid']:.5f}"] if "fid" in r else ["", ""]
@@ -180,7 +216,7 @@ def markdown(report: dict) -> str:
              f"{s['weights']} weights",
              f"- prompts: {s['prompts']} ({s['num_prompts']} prompts)",
              f"- GenEval: detector {s.get('detector')}, colours {s.get('color_classifier')}; overall = mean of "
-             f"the tag scores"]
+             f"the tag scores" if has_geneval else f"- GenEval: {s.get('geneval', 'skipped')}"]
     for label, r in rows.items():
         custom = r.get("geneval", {}).get("custom_tags") or {}
         if custom:
@@ -223,7 +259,14 @@ def main(args, cfg) -> int:
             write_shapes_geneval(out / "prompts", per_tag=args.per_tag)
         barrier()
     entries = geneval_folder.load_prompt_set(prompts, None, "--prompts")
-    geneval.check_tags(entries, args.custom_tags)  # a misspelled tag fails before sampling, not after
+    skip_geneval = geneval_skipped(args, entries, prompts)
+    if skip_geneval is None:
+        geneval.check_tags(entries, args.custom_tags)  # a misspelled tag fails before sampling, not after
+        geneval.check_includes(entries)
+    elif rank == 0:
+        print(f"[eval] GenEval skipped: {skip_geneval}; scoring "
+              + " and ".join(["FID/KID"] * bool(args.fid_ref or args.fid_shards) + ["CLIP score"] * bool(args.clip)),
+              flush=True)
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
 
     report: dict = {"checkpoints": {}, "settings": {}}
@@ -252,19 +295,24 @@ def main(args, cfg) -> int:
             stats["images_per_s"] = stats["images"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
         row = {"checkpoint": path, "weights": loaded_kind, "sampling": {**stats, "seconds": round(time.time() - t0, 2)},
                "settings": {**kw, "model": chosen.model, "sources": chosen.sources}}
-        row["geneval"] = geneval_folder.score(folders[label], detector=args.detector, color=args.color,
-                                              object_names=args.object_names, device=device, progress=rank == 0,
-                                              custom_tags=args.custom_tags)
+        if skip_geneval is None:
+            row["geneval"] = geneval_folder.score(folders[label], detector=args.detector, color=args.color,
+                                                  object_names=args.object_names, device=device,
+                                                  progress=rank == 0, custom_tags=args.custom_tags)
         resolutions[label] = kw["resolution"]
         if rank == 0:
-            overall = row["geneval"]["overall"]
-            print(f"[eval] {label}: GenEval {'n/a' if overall is None else f'{overall:.4f}'} "
-                  f"({stats['images']} new images, {stats['images_per_s']:.2f} img/s)", flush=True)
+            overall = row["geneval"]["overall"] if "geneval" in row else None
+            score = "skipped" if skip_geneval else "n/a" if overall is None else f"{overall:.4f}"
+            print(f"[eval] {label}: GenEval {score} ({stats['images']} new images, {stats['images_per_s']:.2f} "
+                  f"img/s)", flush=True)
         report["checkpoints"][label] = row
         weights = sorted({r["weights"] for r in report["checkpoints"].values()})
-        report["settings"] = {**kw, "weights": "/".join(weights), "prompts": prompts,
-                              "num_prompts": len(entries), "detector": row["geneval"].get("detector"),
-                              "color_classifier": row["geneval"].get("color_classifier")}
+        report["settings"] = {**kw, "weights": "/".join(weights), "prompts": prompts, "num_prompts": len(entries)}
+        if skip_geneval is None:
+            report["settings"].update(detector=row["geneval"].get("detector"),
+                                      color_classifier=row["geneval"].get("color_classifier"))
+        else:
+            report["settings"]["geneval"] = f"skipped: {skip_geneval}"
     if args.fid_ref or args.fid_shards:  # every rank extracts its share of the features
         from t2i.eval import fid
         ref = fid_reference(args, out, report["settings"]["resolution"], device, barrier, rank)

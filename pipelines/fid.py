@@ -1,11 +1,12 @@
 """FID/KID of generated images against reference statistics, offline (see t2i/eval/fid.py).
 
     # reference statistics from held-out shards (centre-cropped to 64 as training sees them) or a folder
-    python -m pipelines.fid ref --shards data/shapes-val --resolution 64 --out runs/ref/shapes-val.npz
-    python -m pipelines.fid ref --folder coco/val2014 --resolution 256 --max 30000 \\
+    t2i fid ref --shards data/shapes-val --resolution 64 --out runs/ref/shapes-val.npz
+    t2i fid ref --shards 'data/digits/*.tar' --resolution 32 --out runs/ref/digits.npz     # a glob, or a list file
+    t2i fid ref --folder coco/val2014 --resolution 256 --max 30000 \\
         --extractor inception:/models/inception-2015-12-05.pt --out runs/ref/coco256.npz
     # score a folder of images (GenEval layout <dir>/<00000>/samples/<0000>.png, or any PNG tree)
-    python -m pipelines.fid score --images runs/toy/geneval --ref runs/ref/shapes-val.npz --out fid.json
+    t2i fid score --images runs/toy/geneval --ref runs/ref/shapes-val.npz --out fid.json
 
 `score` uses the reference's extractor unless --extractor is given (a different one is refused) and
 brings images to the reference's resolution unless --resolution is given; a --resolution other than
@@ -18,25 +19,28 @@ from __future__ import annotations
 import argparse
 import sys
 
+from t2i.cmdline import HelpFormatter, parser as make_parser
 from t2i.errors import EvalError
 from t2i.io import write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.fid", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = make_parser("fid", __doc__.split("\n")[0], epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ref = sub.add_parser("ref", help="reference statistics (mu, sigma, features) -> .npz")
+    ref = sub.add_parser("ref", help="reference statistics (mu, sigma, features) -> .npz",
+                         formatter_class=HelpFormatter)
     src = ref.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shards", help="WebDataset shard spec (brace pattern, dir, list file, '::'-joined)")
+    src.add_argument("--shards", help="WebDataset shards: a brace pattern, a glob (*, ?, [..]), a folder of .tar, a "
+                                      "list file (one path or pattern per line) or '::'-joined specs")
     src.add_argument("--folder", help="folder of images (png/jpg/jpeg/webp, recursive)")
     ref.add_argument("--resolution", type=int, help="short side resize + centre crop (required with --shards)")
     ref.add_argument("--out", required=True, help="output .npz")
     ref.add_argument("--max", type=int, help="use only the first N images (files / tar samples)")
     ref.add_argument("--extractor", default="random-conv", help="random-conv | inception:PATH (default: random-conv)")
 
-    score = sub.add_parser("score", help="FID/KID of a folder of images against a reference .npz")
+    score = sub.add_parser("score", help="FID/KID of a folder of images against a reference .npz",
+                           formatter_class=HelpFormatter)
     score.add_argument("--images", required=True, help="folder of generated images (recursive)")
     score.add_argument("--ref", required=True, help="reference .npz from `ref`")
     score.add_argument("--extractor", help="default: the one recorded in the reference")
@@ -78,9 +82,9 @@ def main(argv=None) -> int:
     if args.command == "ref":
         if args.shards and not args.resolution:
             raise EvalError("--shards needs --resolution (images are centre-cropped to it as in training)")
-        extractor = F.build_extractor(args.extractor, device)
         source = F.ImageSource(folder=args.folder, shards=args.shards, resolution=args.resolution,
                                max_images=args.max)
+        extractor = F.build_extractor(args.extractor, device)
         stats = F.make_reference(source, extractor, args.out, args.batch_size, device, not args.no_progress)
         print(table([("reference", args.out), ("source", stats.meta["source"]), ("images", stats.n),
                      ("bad", {k: v for k, v in stats.meta["counts"].items() if k != "good"}),

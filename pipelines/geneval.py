@@ -20,16 +20,15 @@ Under torchrun the images are split over ranks and the records gathered on rank 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from t2i.cmdline import parser as make_parser
 from t2i.eval import geneval
 from t2i.eval.geneval_folder import parse_options, score
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="t2i geneval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser("geneval", __doc__)
     p.add_argument("folder", help="samples in GenEval's layout (t2i sample writes it)")
     p.add_argument("--prompts", default=None, help="the prompt set the folder must cover (default: its manifest's)")
     p.add_argument("--images-per-prompt", type=int, default=None, help="default: the manifest's (official: 4)")
@@ -62,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def prompts_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="t2i geneval-prompts",
-                                description="Write GenEval's prompt files for the synthetic shapes domain.")
+    p = make_parser("geneval-prompts", "Write GenEval's prompt files for the synthetic shapes domain.")
     p.add_argument("--out", required=True, help="folder for evaluation_metadata.jsonl, object_names.txt, ...")
     p.add_argument("--per-tag", type=int, default=16, help="at most this many distinct prompts per tag")
     p.add_argument("--seed", type=int, default=2, help="t2i.data.shapes seed (the demo trains on 0, validates on 1)")

@@ -11,12 +11,12 @@ slowflow.json, slowflow.md (σ, mean σ̂ − σ and its 10/50/90% quantiles per
 
 from __future__ import annotations
 
-import argparse
 import itertools
 from pathlib import Path
 
 from tqdm import tqdm
 
+from t2i.cmdline import parser as make_parser
 from t2i.errors import EvalError
 
 
@@ -46,15 +46,15 @@ def prompts_from(args, cfg) -> list[str]:
         from t2i.data.loader import slot_stream
         spec = args.shards or cfg.validation.shards or cfg.data.shards
         urls = expand_shards(spec, allow_pipe_in_lists=cfg.data.allow_pipe_in_lists,
-                             key="--shards" if args.shards else "validation.shards")
+                             key="--shards" if args.shards else
+                             "validation.shards" if cfg.validation.shards else "data.shards")
         stream = slot_stream(urls, DataConfig(shards=urls, resolution=8, shuffle_buffer=1), 0, 0, 1)
         lines = [s["caption"] for s in itertools.islice(stream, args.n)]
     return (lines * (args.n // max(1, len(lines)) + 1))[: args.n]
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="t2i slowflow", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser("slowflow", __doc__)
     parser.add_argument("--ckpt", action="append", required=True, metavar="LABEL=PATH",
                         help="a run folder, checkpoints/ folder or tag folder; repeat to overlay")
     parser.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16, 32])

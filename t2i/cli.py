@@ -23,6 +23,7 @@ import argparse
 import importlib
 import sys
 
+from t2i.cmdline import HelpFormatter
 from t2i.errors import EXIT_PREEMPTED, EXIT_USER, Preempted, T2IError
 from t2i.runtime import configure_environment, relaunch, under_launcher
 
@@ -93,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
                            help="resume when <run>/checkpoints/latest exists, else start (for requeued jobs)")
             p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                            help="checkpoint and stop at this step (resume later with --resume)")
-    p = sub.add_parser("sample", help="sample a prompt set into GenEval's folder layout (pipelines/sample.py)")
+    p = sub.add_parser("sample", help="sample a prompt set into GenEval's folder layout (pipelines/sample.py)",
+                       formatter_class=HelpFormatter)
     add_sample_arguments(p)
-    p = sub.add_parser("eval", help="sample + score checkpoints; one report (pipelines/evaluate.py)")
+    p = sub.add_parser("eval", help="sample + score checkpoints; one report (pipelines/evaluate.py)",
+                       formatter_class=HelpFormatter)
     from pipelines.evaluate import add_arguments as add_eval_arguments
     add_eval_arguments(p)
     for name in ("sample", "eval"):
@@ -138,10 +141,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     cfg = load_config(args.config, args.overrides)  # a config error ends here, before any heavy import
     if args.command == "config":
-        import yaml
-
-        from t2i.config import to_dict
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        from t2i.config import describe
+        print(describe(args.config, args.overrides), end="")  # + what model.pretrained implied, placeholders
         return 0
     configure_environment()
     if args.command in ("train", "demo"):

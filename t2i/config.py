@@ -10,6 +10,7 @@ Every section is a dataclass whose defaults *are* the embedded tiny CPU config
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import difflib
@@ -22,6 +23,8 @@ from typing import Any, Optional, Union
 import yaml
 
 from t2i.errors import ConfigError
+from t2i.sd3_folder import (check_config as check_folders, implied_by_pretrained, is_placeholder,
+                            placeholder_message, placeholders)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny-cpu.yaml"
@@ -86,7 +89,7 @@ class TextEncoderConfig:
                     raise ValueError(f"{key}: preset 'sd3' needs sd3_folder or an explicit {key} path")
         for key in ("sd3_folder", "clip_l", "clip_g", "t5"):
             path = getattr(self, key)
-            if path is not None and not os.path.exists(path):
+            if path is not None and not is_placeholder(path) and not os.path.exists(path):
                 raise ValueError(f"{key}: path does not exist: {path}")
         return self
 
@@ -238,6 +241,7 @@ class Config:
 
     def validate(self) -> "Config":
         """Cross-field checks that a type system cannot express."""
+        check_folders(self)  # the SD3 folders named, with the parts that will be read (t2i/sd3_folder.py)
         try:
             self.text.validate()
         except ValueError as e:
@@ -344,11 +348,33 @@ def _choice(key: str, value: Any, allowed: list) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
-    """Defaults <- YAML file (default: configs/tiny-cpu.yaml) <- `a.b=value` overrides."""
+    """Defaults <- YAML file (default: configs/tiny-cpu.yaml) <- `a.b=value` overrides <- what
+    model.pretrained implies for the keys still unset (an SD3/SD3.5 folder: t2i/sd3_folder.py)."""
+    return from_dict(_resolved_dict(path, overrides)[0])
+
+
+def _resolved_dict(path, overrides) -> tuple[dict, list[str]]:
     data = read_yaml(Path(path) if path is not None else DEFAULT_CONFIG)
+    user = copy.deepcopy(data) if path is not None else {}  # the embedded default file counts as defaults
     for item in overrides:
         apply_override(data, item)
-    return from_dict(data)
+        apply_override(user, item)
+    return data, implied_by_pretrained(data, user)
+
+
+def describe(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> str:
+    """What `t2i config` prints: the resolved config as YAML, after comment lines saying what
+    model.pretrained implied and which placeholder paths are left to fill in (training refuses them)."""
+    data, implied = _resolved_dict(path, overrides)
+    cfg = from_dict(data)
+    lines = []
+    if implied:
+        lines.append(f"# model.pretrained implies (set any of them to override): {', '.join(implied)}")
+    for key, value in placeholders(cfg):
+        if key != "model.pretrained" and value == cfg.model.pretrained and f"{key}={value}" in implied:
+            continue  # follows model.pretrained
+        lines.append(f"# TO SET: {placeholder_message(key, value)} (training refuses it)")
+    return "\n".join(lines + [yaml.safe_dump(to_dict(cfg), sort_keys=False)]).rstrip("\n") + "\n"
 
 
 def read_yaml(path: Path, _chain: tuple = ()) -> dict:

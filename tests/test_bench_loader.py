@@ -41,3 +41,72 @@ def test_both_loaders_make_the_same_tensors(make_shards):
     assert set(ours) == set(plain) and len(ours) == 12
     for key in ours:
         assert torch.equal(ours[key], plain[key]), key
+
+
+def _jpeg(seed: int, size: int = 24) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_a_truncated_jpeg_is_skipped_and_counted_by_both_loaders(tmp_path, capsys):
+    """Issue 14: the plain-webdataset baseline used to die with webdataset's DecodingError; both loaders
+    now skip the bad sample, count it, and the table and JSON report the counts."""
+    from conftest import write_tar
+
+    members = []
+    for i in range(8):
+        data = _jpeg(i)
+        members += [(f"k{i}.jpg", data[: len(data) // 2] if i == 3 else data), (f"k{i}.txt", f"cap {i}".encode())]
+    shard = write_tar(tmp_path / "bad-000000.tar", members)
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench-loader", "--shards", str(shard), "--resolution", "8", "--batch-size", "4",
+                     "--workers", "0", "--seconds", "0.5", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| bad samples skipped |" in printed
+    report = json.loads(out.read_text())
+    for row in report["results"]:
+        run = row["runs"][0]
+        # one bad sample per pass over the 8; every pass is read whole, so at least one per 7 good ones
+        assert run["bad_samples"] >= 1 and run["bad_samples"] >= (run["samples"] // 7) - 2, row["loader"]
+        assert row["bad_samples"] == run["bad_samples"] and run["distinct_keys"] == 7
+    assert {r["loader"] for r in report["results"]} == {"ours", "plain"}
+
+
+def test_without_shards_the_tools_make_a_cached_shapes_set_once(tmp_path, monkeypatch, capsys):
+    """No --shards and no data/shapes/ (before `make demo`): a shapes set is written once to the cache
+    folder with a log line and reused; shards the user names but that do not exist are one-line errors."""
+    import pytest
+
+    from t2i.config import DataConfig
+    from t2i.errors import DataError
+    from tools import bench_data
+
+    monkeypatch.chdir(tmp_path)  # no data/shapes here
+    monkeypatch.setenv("T2I_CACHE", str(tmp_path / "cache"))
+    default = DataConfig().shards
+    logs = []
+    spec, urls = bench_data.choose_shards(None, default, default=default, log=logs.append)
+    assert len(logs) == 1 and "writing 1024 synthetic shapes samples" in logs[0] and "make demo" in logs[0]
+    assert spec.startswith(str(tmp_path / "cache")) and len(urls) == bench_data.N_SHARDS
+    assert bench_data.choose_shards(None, default, default=default, log=logs.append) == (spec, urls)
+    assert len(logs) == 1  # reused, not rewritten
+    with pytest.raises(DataError, match=r"^data.shards: 1 shard\(s\) not found: \['mine.tar'\]"):
+        bench_data.choose_shards(None, "mine.tar", default=default)
+    with pytest.raises(DataError, match=r"^--shards: the glob 'mine/\*.tar' matches nothing"):
+        bench_data.choose_shards("mine/*.tar", default, default=default)
+    # the command line: bench-loader reads the cached set; bench puts it in every variant's overrides
+    assert cli_main(["bench-loader", "--loaders", "ours", "--workers", "0", "--seconds", "0.2",
+                     "--resolution", "8", "--batch-size", "4"]) == 0
+    assert "8 shards, resolution 8" in capsys.readouterr().out
+    from types import SimpleNamespace
+
+    from tools.bench import with_data
+    args = SimpleNamespace(config=None, overrides=["train.steps=3"], shards=None)
+    assert with_data(args) == ["train.steps=3", f'data.shards="{spec}"']
+    args.shards = urls[0]
+    assert with_data(args) == ["train.steps=3", f'data.shards="{urls[0]}"']

@@ -98,3 +98,19 @@ def test_export_dtype_is_what_a_pipeline_loads(tmp_path):
     assert next(full.parameters()).dtype == torch.float32 and next(half.parameters()).dtype == torch.bfloat16
     for (name, a), (_, b) in zip(full.named_parameters(), half.named_parameters()):
         torch.testing.assert_close(b, a.to(torch.bfloat16), rtol=0, atol=0, msg=name)
+
+
+def test_every_sub_command_help_names_the_t2i_command(capsys):
+    """`t2i X --help` reads `usage: t2i X ...` (not `python -m tools.x`) for every tool and pipeline."""
+    from t2i.cli import TOOLS, main
+
+    for name in [*TOOLS, "sample", "eval"]:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0, name
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: t2i {name} "), (name, out[:80])
+    for argv in (["fid", "ref", "--help"], ["ckpt", "export", "--help"], ["make-shards", "shapes", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert capsys.readouterr().out.startswith(f"usage: t2i {' '.join(argv[:2])} ")

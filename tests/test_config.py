@@ -77,13 +77,19 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 
 
 def test_the_gpu_example_config_is_valid(tmp_path):
-    folder = f"{tmp_path}"  # the example's placeholder paths must exist: text encoders check them early
-    with pytest.raises(ConfigError, match="text.sd3_folder: path does not exist"):
-        load_config(DEFAULT_CONFIG.parent / "sd3.5-medium-512.yaml")
-    cfg = load_config(DEFAULT_CONFIG.parent / "sd3.5-medium-512.yaml",
-                      [f"model.pretrained={folder}", f"text.sd3_folder={folder}", f"vae.path={folder}"])
+    """It loads with its placeholder path (so `t2i config` can show it); using it is refused, naming the key."""
+    from t2i.models.build import check_geometry
+
+    placeholder = load_config(DEFAULT_CONFIG.parent / "sd3.5-medium-512.yaml")
+    with pytest.raises(ConfigError, match="^model.pretrained: set this to your local SD3/SD3.5 folder"):
+        check_geometry(placeholder)
+    folder = tmp_path / "sd35"
+    for sub in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer_3"):
+        (folder / sub).mkdir(parents=True)
+    cfg = load_config(DEFAULT_CONFIG.parent / "sd3.5-medium-512.yaml", [f"model.pretrained={folder}"])
     assert (cfg.model.preset, cfg.text.preset, cfg.vae.kind, cfg.deepspeed.precision) == \
         ("sd3.5-medium", "sd3", "pretrained", "bf16")
+    assert cfg.text.sd3_folder == cfg.vae.path == str(folder)
 
 
 def test_a_config_can_state_only_what_differs_from_its_base(tmp_path):

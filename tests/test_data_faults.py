@@ -133,6 +133,52 @@ def test_unbalanced_braces_empty_tars_and_binary_list_files_are_one_line_errors(
         expand_shards(str(binary))
 
 
+def test_globs_and_list_files_name_shards_as_brace_patterns_do(tmp_path, monkeypatch):
+    """Issue 14: `*`, `?` and `[..]` globs and list files (paths relative to the list file) work wherever
+    shards are taken, in the order given, with the same result as the brace range."""
+    from conftest import write_sample_shards
+
+    (tmp_path / "digits").mkdir()
+    urls = write_sample_shards(tmp_path / "digits", 8, 1, prefix="d")
+    monkeypatch.chdir(tmp_path)
+    rel = [f"digits/d-{i:06d}.tar" for i in range(8)]
+    assert expand_shards("digits/d-{000000..000007}.tar") == rel
+    assert expand_shards("digits/*.tar") == rel
+    assert expand_shards("digits/d-00000[67].tar", key="--shards") == rel[6:]
+    assert expand_shards("digits/d-00000?.tar::digits/d-00000[0].tar") == rel + rel[:1]
+    (tmp_path / "lists").mkdir()
+    listfile = tmp_path / "lists" / "val.txt"
+    listfile.write_text(f"# held out\n../digits/d-00000[67].tar\n../digits/d-{{000000..000001}}.tar\n{urls[2]}\n")
+    assert expand_shards("lists/val.txt") == [f"lists/../{r}" for r in rel[6:] + rel[:2]] + [urls[2]]
+    # a glob matching nothing, and a missing file, name the flag and the forms a spec takes
+    with pytest.raises(DataError) as e:
+        expand_shards("../digits/0000[67].tar", key="--shards")
+    assert str(e.value) == ("--shards: the glob '../digits/0000[67].tar' matches nothing; a glob must match shard "
+                            "files (.tar, .tgz, .gz)")
+    listfile.write_text("d-000000.tar\n")  # relative to lists/, not to the working folder
+    with pytest.raises(DataError, match=r"^--fid-shards: 1 shard\(s\) not found: .*lists/d-000000.tar'\]; "
+                                        r"--fid-shards takes a brace range .*, a glob .*, a list file"):
+        expand_shards(str(listfile), key="--fid-shards")
+    (tmp_path / "digits" / "notes.json").write_text("{}")
+    with pytest.raises(DataError, match=r"the glob 'digits/\*.json' matches only 1 non-shard path"):
+        expand_shards("digits/*.json")
+
+
+def test_every_command_names_its_own_flag_when_shards_are_not_found(tmp_path, capsys):
+    """fid ref --shards, eval --fid-shards and bench-loader --shards: one line naming the flag, before any work."""
+    from t2i.cli import main
+
+    missing = str(tmp_path / "digits" / "0000[67].tar")
+    for argv, flag in ((["fid", "ref", "--shards", missing, "--resolution", "8", "--out", tmp_path / "r.npz"],
+                        "--shards"),
+                       (["bench-loader", "--shards", missing, "--seconds", "0.1"], "--shards"),
+                       (["eval", "--ckpt", f"x={tmp_path}", "--out", tmp_path / "e", "--fid-shards", missing],
+                        "--fid-shards")):
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"DataError: {flag}: the glob '{missing}' matches nothing" in err, err
+
+
 # ---------------------------------------------------------------------------------------------
 # Captions: one rule (cut, invalid UTF-8) in training, cache and sampling prompts
 # ---------------------------------------------------------------------------------------------
@@ -480,15 +526,16 @@ def test_make_shards_killed_with_sigkill_leaves_only_whole_shards(tmp_path):
 
 def test_make_shards_cli_refuses_an_out_with_shards_in_one_line(tmp_path, capsys):
     from t2i.cli import main
-    args = ["make-shards", "shapes", "--out", str(tmp_path), "--n", "4", "--per-shard", "2", "--size", "32",
+    out = tmp_path / "shapes"
+    args = ["make-shards", "shapes", "--out", str(out), "--n", "4", "--per-shard", "2", "--size", "32",
             "--no-progress"]
     assert main(args) == 0
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err == (f"t2i make-shards: DataError: --out {tmp_path} already holds 2 shard(s) (shapes-000000.tar, ...); "
-                   f"pass --overwrite (overwrite=True) to replace its 'shapes-*.tar' shards, or choose another "
-                   f"--out\n")
+    assert err == (f"t2i make-shards: DataError: --out {out} already holds 2 shard(s) (shapes-000000.tar, ...); "
+                   f"pass --overwrite to replace them (the 'shapes-*.tar' shards and those its manifest.json "
+                   f"lists), or choose another --out\n")
     assert main(args + ["--overwrite"]) == 0
     assert main(["make-shards", "folder", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.endswith(f"--src {tmp_path / 'nope'}: source folder does not exist "

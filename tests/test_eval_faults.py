@@ -584,6 +584,58 @@ def test_eval_refuses_a_misspelled_tag_before_sampling_and_reports_custom_tags_a
     assert "- a: custom tags, NOT in the GenEval score: couting" in (out / "report.md").read_text()
 
 
+def test_eval_on_untagged_prompts_skips_geneval_says_why_and_reports_fid(tmp_path, fake_sampling, capsys):
+    """Issue 14: a .txt prompt list or shard captions (another domain) get FID/KID, not shapes GenEval."""
+    from conftest import write_sample_shards
+    from pipelines.evaluate import main
+
+    real = write_pngs(tmp_path / "real", 8, 24, 0)
+    prompts = tmp_path / "digits.txt"
+    prompts.write_text("a handwritten 3\na handwritten 7\n")
+    out = tmp_path / "eval"
+    assert main(eval_args(out, "--prompts", prompts, "--fid-shards", real), None) == 0
+    printed = capsys.readouterr().out
+    assert f"[eval] GenEval skipped: the prompts ({prompts}) carry no GenEval tags" in printed
+    assert "scoring FID/KID" in printed and "[eval] a: GenEval skipped" in printed
+    report = json.loads((out / "report.json").read_text())
+    row = report["checkpoints"]["a"]
+    assert "geneval" not in row and row["fid"]["n_images"] == 4 and not (out / "a" / "geneval").exists()
+    assert report["settings"]["geneval"].startswith("skipped: the prompts") and "detector" not in report["settings"]
+    md = (out / "report.md").read_text()
+    assert "| checkpoint | FID | KID |" in md and "- GenEval: skipped: the prompts" in md
+    # shard captions without GenEval clauses: the same; --no-geneval skips it even for a GenEval set
+    shards = write_sample_shards(tmp_path, 1, 3, prefix="caps")
+    assert main(eval_args(tmp_path / "e2", "--prompts", shards[0], "--fid-shards", real), None) == 0
+    assert "geneval" not in json.loads((tmp_path / "e2" / "report.json").read_text())["checkpoints"]["a"]
+    assert main(eval_args(tmp_path / "e3", "--no-geneval", "--fid-shards", real), None) == 0
+    report = json.loads((tmp_path / "e3" / "report.json").read_text())
+    assert report["settings"]["geneval"] == "skipped: --no-geneval" and report["settings"]["num_prompts"] == 6
+    # with nothing else to score it is refused before sampling
+    with pytest.raises(EvalError, match=r"^nothing to score: GenEval is skipped \(--no-geneval\) and no "
+                                        r"--fid-shards / --fid-ref or --clip is given"):
+        main(eval_args(tmp_path / "e4", "--no-geneval"), None)
+    assert not (tmp_path / "e4" / "a").exists()
+
+
+def test_geneval_on_a_folder_sampled_from_a_txt_list_says_what_it_needs(tmp_path, capsys):
+    folder = tmp_path / "samples"
+    for i, prompt in enumerate(["a cat", "a dog"]):
+        (folder / f"{i:05d}" / "samples").mkdir(parents=True)
+        (folder / f"{i:05d}" / "metadata.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
+        Image.new("RGB", (8, 8)).save(folder / f"{i:05d}" / "samples" / "0000.png")
+    assert cli_main(["geneval", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "KeyError" not in err
+    assert err.startswith(f"t2i geneval: EvalError: {folder} has no GenEval metadata: its 2 prompt folder(s) carry "
+                          f"no \"tag\" (first: 00000/metadata.jsonl, 'a cat')")
+    assert "\"tag\" and \"include\"" in err and "t2i geneval-prompts" in err and "evaluation_metadata.jsonl" in err
+    # a tagged prompt without its "include" clauses would score every image correct: refused
+    (folder / "00000" / "metadata.jsonl").write_text(json.dumps({"tag": "single_object", "prompt": "a cat"}) + "\n")
+    (folder / "00001" / "metadata.jsonl").write_text(json.dumps({"tag": "single_object", "prompt": "a dog"}) + "\n")
+    with pytest.raises(EvalError, match=r"^2 prompt\(s\) have no GenEval \"include\" list \(first: 00000/metadata"):
+        geneval_folder.score(folder)
+
+
 # ---------------------------------------------------------------- atomic report files elsewhere
 
 

@@ -48,6 +48,8 @@ def test_fewer_shards_than_slots_warns_with_the_amplification(make_shards, caplo
 
 
 def test_sd3_text_presets_default_to_the_pipelines_256_t5_tokens(tmp_path):
+    for sub in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer_3"):  # what loading checks for
+        (tmp_path / sub).mkdir()
     assert TextEncoderConfig(preset="sd3", sd3_folder=str(tmp_path)).max_t5_tokens == 256
     assert TextEncoderConfig().max_t5_tokens == 64
     user = tmp_path / "mine.yaml"

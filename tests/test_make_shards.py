@@ -185,3 +185,63 @@ def test_empty_folder_writes_no_shards(tmp_path):
     (tmp_path / "src").mkdir()
     assert write_folder_shards(tmp_path / "src", tmp_path / "out", progress=False) == []
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["num_shards"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The command a new user runs: names, the pattern to paste, --help, a rerun
+# ---------------------------------------------------------------------------------------------
+
+
+def test_folder_shards_are_named_after_out_and_the_printed_pattern_reads_them(image_folder, tmp_path, capsys,
+                                                                               monkeypatch):
+    from t2i.cli import main as t2i
+    from t2i.data.shards import expand_shards
+
+    monkeypatch.chdir(tmp_path)  # the README's relative paths
+    assert t2i(["make-shards", "folder", "--src", str(image_folder), "--out", "data/mine", "--per-shard", "2",
+                "--no-progress"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "train on them with: data.shards='data/mine/mine-{000000..000002}.tar'"
+    assert sorted(p.name for p in (tmp_path / "data" / "mine").glob("*.tar")) == [
+        "mine-000000.tar", "mine-000001.tar", "mine-000002.tar"]
+    pattern = out[-1].split("'")[1]
+    assert expand_shards(pattern) == [f"data/mine/mine-{i:06d}.tar" for i in range(3)]
+    # a rerun is one line naming --overwrite; --overwrite replaces the shards (fewer now: none stale)
+    assert t2i(["make-shards", "folder", "--src", str(image_folder), "--out", "data/mine", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite" in err and "Traceback" not in err
+    assert t2i(["make-shards", "folder", "--src", str(image_folder), "--out", "data/mine", "--per-shard", "4",
+                "--no-progress", "--overwrite"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == "train on them with: data.shards='data/mine/mine-{000000..000001}.tar'"
+    assert sorted(p.name for p in (tmp_path / "data" / "mine").glob("*.tar")) == ["mine-000000.tar", "mine-000001.tar"]
+
+
+def test_overwrite_also_removes_the_shards_an_earlier_manifest_lists_under_another_prefix(tmp_path):
+    out = tmp_path / "mine"
+    write_shapes_shards(out, 6, samples_per_shard=2, prefix="images", progress=False)
+    main(["shapes", "--out", str(out), "--n", "2", "--per-shard", "2", "--no-progress", "--overwrite"])
+    assert sorted(p.name for p in out.glob("*.tar")) == ["mine-000000.tar"]
+
+
+def test_one_shard_is_named_without_braces_and_prefixes_are_plain_names(tmp_path):
+    from t2i.data.writers import default_prefix, shard_pattern
+
+    assert shard_pattern("data/mine", "mine", 1) == "data/mine/mine-000000.tar"
+    assert shard_pattern("data/mine", "mine", 12) == "data/mine/mine-{000000..000011}.tar"
+    assert default_prefix("data/mine/") == "mine" and default_prefix("data/my photos") == "my_photos"
+    assert default_prefix(tmp_path / "shapes-val") == "shapes-val"
+
+
+def test_help_names_the_t2i_command_and_shows_the_defaults(capsys):
+    from t2i.cli import main as t2i
+
+    for sub in ("folder", "shapes"):
+        with pytest.raises(SystemExit) as e:
+            t2i(["make-shards", sub, "--help"])
+        assert e.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert text.startswith(f"usage: t2i make-shards {sub} ")
+        assert "samples per shard (default: 1000)" in text
+        assert "(default: the --out folder's name, so --out data/mine writes data/mine/mine-000000.tar, ...)" in text
+    assert "image side in pixels (default: 64)" in text and "(default: 0)" in text  # shapes: --size, --seed

@@ -54,7 +54,7 @@ def test_the_sd35_example_config_loads_the_folder_with_path_edits_only(sd35_fold
     from t2i.models.build import build_for, build_frozen, check_geometry
 
     text = (REPO / "configs" / "sd3.5-medium-512.yaml").read_text()
-    assert text.count("/path/to/stable-diffusion-3.5-medium") == 3
+    assert text.count("/path/to/stable-diffusion-3.5-medium") == 1  # model.pretrained implies the rest
     path = tmp_path / "sd35.yaml"
     path.write_text(text.replace("/path/to/stable-diffusion-3.5-medium", str(sd35_folder)))
     assert cli.main(["config", "--config", str(path)]) == 0
@@ -173,11 +173,12 @@ def test_t2i_eval_of_the_folder_reports_each_checkpoints_settings_and_sources(sd
                                                           ("stages/", "-control.yaml"))])
 def test_each_shipped_sd35_stage_trains_two_bf16_steps_on_the_release_shaped_folder(sd35_folder, make_shards,
                                                                                     tmp_path, config):
-    """The shipped configs with path overrides only (plus a CPU-sized batch and no live evaluation)."""
+    """The shipped configs with path overrides only (model.pretrained, and train.init_from for a stage; plus a
+    CPU-sized batch and no live evaluation)."""
     from helpers import losses, run_t2i
 
     shards = make_shards(n_shards=2, per_shard=4)
-    paths = [f"model.pretrained={sd35_folder}", f"text.sd3_folder={sd35_folder}", f"vae.path={sd35_folder}"]
+    paths = [f"model.pretrained={sd35_folder}"]  # it implies text.sd3_folder and vae.path (t2i/sd3_folder.py)
     if "stages/" in config:
         paths.append(f"train.init_from={sd35_folder}")
     run_t2i("train", "--config", f"configs/{config}", *paths, f"data.shards={shards[0]}::{shards[1]}",

@@ -1,7 +1,7 @@
 """t2i bench: what one training step costs, phase by phase, and against simpler loops.
 
     t2i bench                                   # tiny config, 2 CPU ranks, every variant: table + bench.json
-    t2i bench --variants t2i,bare --nproc 1 --steps 30
+    t2i bench --variants t2i,bare --nproc 1 --steps 30 --shards 'data/mine/mine-{000000..000003}.tar'
     t2i bench --synthetic --preset sd3.5-medium --resolution 512 --precision bf16 \\
               --variants bare,zero2 --batch-size 16 --ckpt both --compile both        # a GPU (tools/gpu_bench.sh)
 
@@ -14,6 +14,9 @@ Variants, each in its own process group (so its peak memory is its own), same mo
   ddp          torch DistributedDataParallel + AdamW, the same batch and loss
   bare         a plain PyTorch loop: the model, AdamW, the flow-matching loss written out, no
                distribution; bf16 as diffusers' training examples do it (fp32 weights under autocast)
+Data: --shards (or data.shards in --config / an override); with neither, the embedded default's
+data/shapes/ shards, or when `make demo` has not written them a small shapes set made once in
+~/.cache/t2i (tools/bench_data.py, announced in the log).
 Printed: images/s, per-phase ms, peak memory per rank, achieved FLOP/s and MFU (t2i/models/flops.py has the
 formula), and the ratios t2i/bare (pipeline overhead), zeroK/ddp, mixflow/t2i, cache/t2i.
 --synthetic replaces data and encoders by random latents and text states of the config's shapes
@@ -33,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+from t2i.cmdline import parser as make_parser
 from t2i.errors import ConfigError
 from t2i.io import write_json, write_jsonl, write_text
 
@@ -46,10 +50,12 @@ SD3_SHAPES = {"latent_channels": 16, "downsample": 8, "context_dim": 4096, "pool
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="t2i bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser("bench", __doc__)
     p.add_argument("--config", default=None, help="YAML config (default: configs/tiny-cpu.yaml)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides of the config")
+    p.add_argument("--shards", default=None,
+                   help="your shards (any data.shards spec: brace range, glob, folder, list file); default: the "
+                        "config's data.shards, or a cached shapes set when that is the missing default data/shapes/")
     p.add_argument("--variants", default=",".join(ALL), help=f"comma list of {', '.join(ALL)}")
     p.add_argument("--nproc", type=int, default=None,
                    help="ranks per variant (torchrun; 1 = a plain process); default: the GPUs here, or 2 on a CPU")
@@ -94,6 +100,8 @@ def main(argv=None) -> int:
         raise ConfigError(f"--variants: unknown {bad}; choose from {', '.join(ALL)}")
     if args.synthetic and any(v in FULL for v in variants):
         raise ConfigError(f"--synthetic measures the model step only; drop {[v for v in variants if v in FULL]}")
+    if not args.synthetic:  # which shards: checked (or made) here, before any rank starts
+        args.overrides = with_data(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.jsonl"
@@ -116,6 +124,21 @@ def main(argv=None) -> int:
     print(report["markdown"])
     print(f"[bench] wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 0 if results else 1
+
+
+def with_data(args) -> list[str]:
+    """The overrides with `data.shards` set to the shards every variant reads (tools/bench_data.py): --shards,
+    else the config's data.shards, else a cached shapes set when that is the default and missing."""
+    from t2i.config import DataConfig, load_config
+    from tools.bench_data import choose_shards
+
+    cfg = load_config(args.config, args.overrides)
+    spec, urls = choose_shards(args.shards, cfg.data.shards, default=DataConfig().shards,
+                               log=lambda m: print(m, flush=True))
+    print(f"[bench] data: {len(urls)} shard(s) from {spec if isinstance(spec, str) else '::'.join(spec)}", flush=True)
+    if spec == cfg.data.shards:
+        return list(args.overrides)
+    return [*args.overrides, f"data.shards={json.dumps(spec)}"]  # JSON quoting is YAML: braces stay a string
 
 
 def append_result(path, record: dict) -> None:

@@ -1,8 +1,9 @@
 """Throughput of the training data loader against a plain webdataset + PIL loop on the same shards.
 
-    python -m tools.bench_loader --shards 'data/shapes/shapes-{000000..000007}.tar' --resolution 32 \\
-        --batch-size 32 --workers 0,1,2 --seconds 10 --repeats 3 --json bench.json   # or: t2i bench-loader ...
-    python -m tools.bench_loader --synthetic /tmp/jpeg-bench --resolution 256 --batch-size 32
+    t2i bench-loader --shards 'data/mine/mine-{000000..000003}.tar' --resolution 32 \\
+        --batch-size 32 --workers 0,1,2 --seconds 10 --repeats 3 --json bench.json
+    t2i bench-loader --synthetic /tmp/jpeg-bench --resolution 256 --batch-size 32
+    t2i bench-loader                   # the embedded default's shards, or a cached shapes set (tools/bench_data.py)
 
 Both loaders do the same work per sample: read the tar member, decode the image with PIL, resize the
 short side to --resolution (bicubic, the same target size and `reducing_gap` as the trainer), centre
@@ -14,6 +15,11 @@ batch size, worker count and prefetch factor (4).
 * **plain**: `wds.WebDataset(urls, shardshuffle=False).repeat().decode("pil").map(...)`: no shuffle,
   shards split over DataLoader workers by webdataset (`split_by_worker`), images batched with
   torch's `default_collate`. It makes the same pixels as ours (tests/test_bench_loader.py checks).
+  Like ours it skips a bad sample (an undecodable image, a damaged tar) instead of stopping: every
+  stage gets a handler that counts it and continues (webdataset's `warn_and_continue`, counted).
+
+Both loaders' skipped samples are counted over each run (warm-up included) and reported in the table
+and JSON (`bad_samples`); ours never stops on data.max_bad_fraction here.
 
 Each measurement skips a warm-up (worker start-up plus the first `workers * prefetch + 2` batches, so
 the queue filled while the consumer waited does not count), then counts samples for --seconds of wall
@@ -26,7 +32,6 @@ jobs' load lowers the rate but not the CPU time a sample costs). `--synthetic DI
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -37,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from t2i.cmdline import parser as make_parser
 from t2i.errors import ConfigError
 from t2i.io import atomic_write, write_json
 
@@ -97,8 +103,25 @@ def ours_loader(urls: list[str], resolution: int, batch_size: int, workers: int,
                 shuffle_buffer: int = 256):
     from t2i.config import DataConfig
     from t2i.data.loader import TrainLoader
-    cfg = DataConfig(shards=urls, resolution=resolution, num_workers=workers, shuffle_buffer=shuffle_buffer)
+    cfg = DataConfig(shards=urls, resolution=resolution, num_workers=workers, shuffle_buffer=shuffle_buffer,
+                     max_bad_fraction=1.0)  # a benchmark measures bad data too; it never stops on it
     return TrainLoader(cfg, seed=seed, rank=0, world_size=1, batch_size=batch_size)
+
+
+def _ours_bad(loader) -> int:
+    from t2i.data.loader import BAD_REASONS
+    counts = loader.counts()
+    return sum(counts.get(r, 0) for r in BAD_REASONS)
+
+
+_SKIPPED = [0]  # bad samples the plain loader skipped in this process since its last batch
+
+
+def _skip_and_count(exn: Exception) -> bool:
+    """webdataset handler: skip the sample (as `warn_and_continue`, without a warning per sample) and
+    count it; the count rides along with the next batch of this process (`_plain_collate`)."""
+    _SKIPPED[0] += 1
+    return True
 
 
 def _plain_sample(sample: dict, resolution: int) -> dict:
@@ -120,16 +143,19 @@ def _plain_sample(sample: dict, resolution: int) -> dict:
 
 def _plain_collate(samples: list[dict]) -> dict:
     # default_collate stacks a worker's batch straight into shared memory, as a plain DataLoader does
+    bad, _SKIPPED[0] = _SKIPPED[0], 0
     return {"images": torch.utils.data.default_collate([s["image"] for s in samples]),
-            "captions": [s["caption"] for s in samples], "keys": [s["key"] for s in samples]}
+            "captions": [s["caption"] for s in samples], "keys": [s["key"] for s in samples], "bad": bad}
 
 
 def plain_loader(urls: list[str], resolution: int, batch_size: int, workers: int):
     import functools
 
     import webdataset as wds
-    dataset = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).repeat().decode("pil")
-               .map(functools.partial(_plain_sample, resolution=resolution)))
+    _SKIPPED[0] = 0
+    skip = _skip_and_count
+    dataset = (wds.WebDataset(urls, shardshuffle=False, empty_check=False, handler=skip).repeat()
+               .decode("pil", handler=skip).map(functools.partial(_plain_sample, resolution=resolution), handler=skip))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=_plain_collate, prefetch_factor=PREFETCH if workers else None)
     return iter(loader)
@@ -169,15 +195,18 @@ def _cpu_seconds(procs: list) -> float:
 
 
 def measure(make, workers: int, seconds: float, warmup_batches: int | None = None) -> dict:
-    """Samples/s of the iterator `make()` after a warm-up, over `seconds` of wall time."""
+    """Samples/s of the iterator `make()` after a warm-up, over `seconds` of wall time, and the bad samples
+    it skipped over the whole run (ours: its own counts; plain: what its batches report)."""
     t0 = time.perf_counter()
     it = make()
     warmup = warmup_batches if warmup_batches is not None else workers * PREFETCH + 2
+    skipped = 0
     try:
         first = next(it)
+        skipped += first.get("bad", 0)
         startup_s = time.perf_counter() - t0
         for _ in range(warmup - 1):
-            next(it)
+            skipped += next(it).get("bad", 0)
         shape, lo, hi = tuple(first["images"].shape[1:]), float(first["images"].min()), float(first["images"].max())
         keys: set = set()
         n = 0
@@ -186,6 +215,7 @@ def measure(make, workers: int, seconds: float, warmup_batches: int | None = Non
         start = time.perf_counter()
         while True:
             batch = next(it)
+            skipped += batch.get("bad", 0)
             n += len(batch["keys"])
             keys.update(batch["keys"])
             elapsed = time.perf_counter() - start
@@ -195,10 +225,13 @@ def measure(make, workers: int, seconds: float, warmup_batches: int | None = Non
         if batch["images"].shape[1:] != shape:
             raise AssertionError(f"image shape changed: {shape} -> {tuple(batch['images'].shape[1:])}")
         lo, hi = min(lo, float(batch["images"].min())), max(hi, float(batch["images"].max()))
+        if hasattr(it, "counts"):  # ours: TrainLoader's own bad-sample counts
+            skipped = _ours_bad(it)
     finally:
         _shutdown(it)
     return {"samples": n, "seconds": elapsed, "samples_per_s": n / elapsed, "startup_s": startup_s,
-            "cpu_ms_per_sample": 1000 * cpu / max(1, n), "distinct_keys": len(keys), "image_shape": list(shape), "min": lo, "max": hi}
+            "cpu_ms_per_sample": 1000 * cpu / max(1, n), "distinct_keys": len(keys), "image_shape": list(shape),
+            "min": lo, "max": hi, "bad_samples": skipped}
 
 
 def run(urls: list[str], resolution: int, batch_size: int, workers: list[int], seconds: float,
@@ -216,14 +249,14 @@ def run(urls: list[str], resolution: int, batch_size: int, workers: list[int], s
                 runs[name].append(m)
                 log(f"  {name:5s} workers={w} run {r + 1}/{repeats}: {m['samples_per_s']:8.1f} samples/s "
                     f"({m['samples']} in {m['seconds']:.1f} s, {m['cpu_ms_per_sample']:.2f} CPU ms/sample, "
-                    f"start-up {m['startup_s']:.2f} s)")
+                    f"start-up {m['startup_s']:.2f} s, {m['bad_samples']} bad samples skipped)")
         for name in loaders:
             rates = [m["samples_per_s"] for m in runs[name]]
             results.append({"loader": name, "workers": w, "samples_per_s": statistics.median(rates),
                             "min_samples_per_s": min(rates), "max_samples_per_s": max(rates),
                             "per_worker_samples_per_s": statistics.median(rates) / max(1, w),
                             "cpu_ms_per_sample": statistics.median(m["cpu_ms_per_sample"] for m in runs[name]),
-                            "runs": runs[name]})
+                            "bad_samples": sum(m["bad_samples"] for m in runs[name]), "runs": runs[name]})
     plain = {r["workers"]: r["samples_per_s"] for r in results if r["loader"] == "plain"}
     for r in results:
         r["ratio_vs_plain"] = r["samples_per_s"] / plain[r["workers"]] if r["workers"] in plain else None
@@ -233,22 +266,23 @@ def run(urls: list[str], resolution: int, batch_size: int, workers: list[int], s
 
 def table(report: dict) -> str:
     lines = ["| loader | workers | samples/s (median [min-max]) | per-worker samples/s | ratio vs plain "
-             "| CPU ms/sample (all processes) |", "|---|---:|---:|---:|---:|---:|"]
+             "| CPU ms/sample (all processes) | bad samples skipped |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         ratio = f"{r['ratio_vs_plain']:.2f}" if r["ratio_vs_plain"] is not None else "-"
         lines.append(f"| {r['loader']} | {r['workers']} | {r['samples_per_s']:.0f} "
                      f"[{r['min_samples_per_s']:.0f}-{r['max_samples_per_s']:.0f}] | "
-                     f"{r['per_worker_samples_per_s']:.0f} | {ratio} | {r['cpu_ms_per_sample']:.3f} |")
+                     f"{r['per_worker_samples_per_s']:.0f} | {ratio} | {r['cpu_ms_per_sample']:.3f} | "
+                     f"{r.get('bad_samples', 0)} |")
     return "\n".join(lines)
 
 
 def bench(argv=None) -> dict:
     """The command line; returns the report."""
-    parser = argparse.ArgumentParser(prog="t2i bench-loader", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser("bench-loader", __doc__)
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--shards", default=None, help="shard spec as in data.shards (default: the embedded "
-                     "default's data/shapes/shapes-{000000..000007}.tar)")
+    src.add_argument("--shards", default=None, help="your shards, any spec data.shards takes (brace range, glob, "
+                     "folder, list file); default: the embedded default's data/shapes/ shards, or when `make "
+                     "demo` has not written them a shapes set made once in ~/.cache/t2i (tools/bench_data.py)")
     src.add_argument("--synthetic", default=None, metavar="DIR",
                      help="write (once) JPEG shards of smooth random images into DIR and benchmark them")
     parser.add_argument("--synthetic-shape", default="4x250x640x480", metavar="SHARDSxPERxWxH")
@@ -263,13 +297,14 @@ def bench(argv=None) -> dict:
     parser.add_argument("--json", default=None, help="write the report here")
     args = parser.parse_args(argv)
 
-    from t2i.data.shards import expand_shards
     if args.synthetic:
         n_shards, per_shard, width, height = (int(v) for v in args.synthetic_shape.lower().split("x"))
         urls = write_synthetic_shards(args.synthetic, n_shards, per_shard, width, height)
     else:
         from t2i.config import DataConfig
-        urls = expand_shards(args.shards or DataConfig().shards)
+        from tools.bench_data import choose_shards
+        default = DataConfig().shards
+        _, urls = choose_shards(args.shards, default, default=default)
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     loaders = tuple(name.strip() for name in args.loaders.split(",") if name.strip())
     unknown = set(loaders) - {"ours", "plain"}

@@ -17,10 +17,11 @@ import os
 import time
 from pathlib import Path
 
+from t2i.cmdline import parser as make_parser
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="t2i cache", description=__doc__.split("\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser("cache", __doc__.split("\n")[0], epilog=__doc__)
     p.add_argument("--config", default=None, help="YAML config (default: configs/tiny-cpu.yaml)")
     p.add_argument("--out", required=True, help="cache folder (training: data.cache=<this folder>)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="storage dtype")

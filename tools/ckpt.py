@@ -18,20 +18,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from t2i.cmdline import HelpFormatter, parser as make_parser
 from t2i.errors import CheckpointError
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="t2i ckpt", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser("ckpt", __doc__)
     sub = p.add_subparsers(dest="action", required=True)
-    s = sub.add_parser("list", help="the run's checkpoint tags")
+    s = sub.add_parser("list", help="the run's checkpoint tags",
+                       formatter_class=HelpFormatter)
     s.add_argument("run", help="run folder or its checkpoints/ folder")
-    s = sub.add_parser("consolidate", help="full fp32 raw and/or EMA weights as safetensors")
+    s = sub.add_parser("consolidate", help="full fp32 raw and/or EMA weights as safetensors",
+                       formatter_class=HelpFormatter)
     s.add_argument("ckpt", help="run folder, checkpoints/ (latest) or a tag folder")
     s.add_argument("--out", required=True)
     s.add_argument("--weights", choices=["raw", "ema", "both"], default="both")
-    s = sub.add_parser("export", help="a diffusers folder (transformer/, or a full pipeline with --pipeline)")
+    s = sub.add_parser("export", help="a diffusers folder (transformer/, or a full pipeline with --pipeline)",
+                       formatter_class=HelpFormatter)
     s.add_argument("ckpt", help="run folder, checkpoints/ (latest) or a tag folder")
     s.add_argument("--out", required=True)
     s.add_argument("--weights", choices=["ema", "raw"], default="ema")
@@ -40,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the saved transformer (default float32; bfloat16 halves the files). diffusers "
                         "loads any of them in fp32 unless given from_pretrained(..., torch_dtype=torch.bfloat16)")
-    s = sub.add_parser("universal", help="convert a tag to DeepSpeed's universal checkpoint (<tag>/universal)")
+    s = sub.add_parser("universal", help="convert a tag to DeepSpeed's universal checkpoint (<tag>/universal)",
+                       formatter_class=HelpFormatter)
     s.add_argument("ckpt", help="run folder, checkpoints/ (latest) or a tag folder")
     s.add_argument("--workers", type=int, default=None, help="ds_to_universal extract/merge workers")
     return p

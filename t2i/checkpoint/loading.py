@@ -61,16 +61,20 @@ def load(path: str | Path, ema: bool = True, device="cpu", text=None, vae=None) 
 
 def load_diffusers(folder: str | Path, cfg: Config, device="cpu") -> Loaded:
     """A diffusers SD3 / SD3.5 pipeline folder (transformer/, vae/, text_encoder*/) or a bare
-    transformer folder; text encoders and VAE come from the pipeline folder when it has them, else
-    from `cfg` (which also gives the resolution)."""
+    transformer folder; text encoders and VAE come from a pipeline folder (t2i.sd3_folder.is_pipeline_folder),
+    which must then hold them all (a missing part is one line naming it), and from `cfg` for a bare
+    transformer folder (`cfg` also gives the resolution)."""
     import dataclasses
+
+    from t2i.sd3_folder import is_pipeline_folder, require
 
     folder = Path(folder)
     text_cfg, vae_cfg = cfg.text, cfg.vae
-    if (folder / "text_encoder").is_dir():
+    if is_pipeline_folder(folder):
+        require("--ckpt", str(folder), ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
+                                        "tokenizer_3"], files=True)
         text_cfg = dataclasses.replace(cfg.text, preset="sd3", sd3_folder=str(folder), clip_l=None, clip_g=None,
                                        t5=None, clip_context=77, max_t5_tokens=max(cfg.text.max_t5_tokens, 256))
-    if (folder / "vae").is_dir():
         vae_cfg = dataclasses.replace(cfg.vae, kind="pretrained", path=str(folder))
     cfg = dataclasses.replace(cfg, text=text_cfg, vae=vae_cfg,
                               model=dataclasses.replace(cfg.model, pretrained=str(folder)))
@@ -82,6 +86,8 @@ def load_diffusers(folder: str | Path, cfg: Config, device="cpu") -> Loaded:
 
 def load_any(path: str | Path, cfg: Config, ema: bool = True, device="cpu") -> Loaded:
     """A t2i checkpoint (run folder, checkpoints/ or tag; EMA or raw weights) or a diffusers folder."""
-    if is_diffusers_folder(str(path)) and not (Path(path) / "meta.json").exists():
+    from t2i.sd3_folder import is_pipeline_folder
+
+    if (is_diffusers_folder(str(path)) or is_pipeline_folder(path)) and not (Path(path) / "meta.json").exists():
         return load_diffusers(path, cfg, device)
     return load(path, ema=ema, device=device)

@@ -1,7 +1,10 @@
 """Shard lists and raw tar samples: which shards a spec names, which a (rank, worker) slot reads.
 
-A shard spec is a brace pattern (`data/x-{000000..000099}.tar`), a list, `::`-joined patterns, a
-directory (its *.tar), a list file (one pattern per line, `#` comments) or a `pipe:` / URL.
+A shard spec is a brace pattern (`data/x-{000000..000099}.tar`), a glob (`data/*.tar`,
+`x-0000[67].tar`), a list, `::`-joined patterns, a directory (its *.tar), a list file (one path or
+pattern per line, relative to the list file's folder, `#` comments) or a `pipe:` / URL. Every command
+that takes shards (data.shards, validation.shards, --shards, --fid-shards, --prompts, t2i cache,
+bench-loader) goes through `expand_shards`, and its errors name the key or flag that held the spec.
 
 `pipe:` commands are shell commands. One given directly (the config, the command line) runs; one
 found in a list FILE (data, read at run time) is refused unless `allow_pipe_in_lists` is set
@@ -19,6 +22,7 @@ its tail is never lost silently. Per shard read, at most one event:
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import lzma
@@ -59,19 +63,27 @@ def is_remote(url: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def expand_shards(spec, *, allow_pipe_in_lists: bool = False, key: str = "data.shards") -> list[str]:
-    """Brace patterns, lists, `::`-joined lists, directories (*.tar), list files, `pipe:` URLs.
+SPEC_FORMS = ("a brace range (data/x-{000000..000009}.tar), a glob (data/*.tar, x-0000[67].tar), a folder "
+              "of .tar shards, a list file (one path or pattern per line, relative to the list file), "
+              "or several of these joined with '::'")
 
-    `key` names where the spec came from (a config key or a flag) in error messages. A `pipe:` line of
-    a list file raises DataError unless `allow_pipe_in_lists`; so do unbalanced braces, a list file
-    that is not text, missing and empty (0-byte) shards.
+
+def expand_shards(spec, *, allow_pipe_in_lists: bool = False, key: str = "data.shards") -> list[str]:
+    """Brace patterns, globs (`*`, `?`, `[..]`), lists, `::`-joined lists, directories (*.tar), list files,
+    `pipe:` URLs, in the order given (a glob or a folder sorted by name).
+
+    `key` names where the spec came from (a config key such as `validation.shards`, or a flag such as
+    `--shards`) in every error message. A `pipe:` line of a list file raises DataError unless
+    `allow_pipe_in_lists`; so do unbalanced braces, a glob that matches no shard, a list file that is not
+    text, missing and empty (0-byte) shards. Relative paths in a list file are relative to its folder.
     """
     urls = _expand(spec, key, allow_pipe_in_lists, origin=None)
     local = [u for u in urls if not is_remote(u)]
     missing = [u for u in local if not os.path.exists(u)]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise DataError(f"{key}: {len(missing)} shard(s) not found: {missing[:3]}{more}")
+        raise DataError(f"{key}: {len(missing)} shard(s) not found: {missing[:3]}{more}; {key} takes "
+                        f"{SPEC_FORMS}")
     empty = [u for u in local if os.path.isfile(u) and os.path.getsize(u) == 0]
     if empty:
         more = f" (and {len(empty) - 3} more)" if len(empty) > 3 else ""
@@ -94,6 +106,9 @@ def _braces(item: str, key: str, origin) -> list[str]:
                         f"a range reads e.g. data/x-{{000000..000009}}.tar") from None
 
 
+GLOB_CHARS = re.compile(r"[*?[]")
+
+
 def _expand(spec, key: str, allow_pipe: bool, origin) -> list[str]:
     items = spec if isinstance(spec, (list, tuple)) else str(spec).split("::")
     urls: list[str] = []
@@ -101,23 +116,14 @@ def _expand(spec, key: str, allow_pipe: bool, origin) -> list[str]:
         item = str(item).strip()
         if not item:
             continue
-        path = Path(item)
-        if is_remote(item):
-            found = _braces(item, key, origin)
-        elif path.is_dir():
-            # os.path.join keeps the folder prefix ("./x.tar", not "x.tar"), so no file name can
-            # read as a URL scheme (a file called "pipe:...tar" in ".")
-            found = [os.path.join(item, p.name) for p in sorted(path.glob("*.tar"))]
-            if not found:
-                raise DataError(f"{key}: directory {item}{_where(origin)} holds no .tar shards")
-        elif path.is_file() and path.suffix not in TAR_SUFFIXES:
-            found = []
-            for n, line in enumerate(_list_lines(path, key, origin), 1):
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    found += _expand([line], key, allow_pipe, origin=(path, n))
-        else:
-            found = _braces(item, key, origin)
+        found: list[str] = []
+        for one in _braces(item, key, origin):
+            if is_remote(one):
+                found.append(one)
+                continue
+            if origin is not None and not os.path.isabs(one):  # a list file's paths are relative to it
+                one = os.path.join(os.path.dirname(str(origin[0])), one)
+            found += _local(one, key, allow_pipe, origin)
         if origin is not None and not allow_pipe:
             pipes = [u for u in found if is_pipe(u)]
             if pipes:
@@ -126,6 +132,36 @@ def _expand(spec, key: str, allow_pipe: bool, origin) -> list[str]:
                                 f"data.allow_pipe_in_lists=true (a `pipe:` given directly in {key} runs)")
         urls += found
     return urls
+
+
+def _local(item: str, key: str, allow_pipe: bool, origin) -> list[str]:
+    """One local path after brace expansion: a folder's shards, a list file's, a glob's matches, or itself
+    (a missing file is reported by expand_shards with the others)."""
+    path = Path(item)
+    if path.is_dir():
+        # os.path.join keeps the folder prefix ("./x.tar", not "x.tar"), so no file name can
+        # read as a URL scheme (a file called "pipe:...tar" in ".")
+        found = [os.path.join(item, p.name) for p in sorted(path.glob("*.tar"))]
+        if not found:
+            raise DataError(f"{key}: directory {item}{_where(origin)} holds no .tar shards")
+        return found
+    if path.is_file() and path.suffix not in TAR_SUFFIXES:
+        found = []
+        for n, line in enumerate(_list_lines(path, key, origin), 1):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                found += _expand([line], key, allow_pipe, origin=(path, n))
+        return found
+    if not path.exists() and GLOB_CHARS.search(item):
+        matches = sorted(glob.glob(item))
+        shards = [m for m in matches if os.path.isfile(m) and m.endswith(TAR_SUFFIXES)]
+        if not shards:
+            what = (f"only {len(matches)} non-shard path(s), e.g. {matches[0]!r}" if matches else "nothing")
+            raise DataError(f"{key}: the glob {item!r}{_where(origin)} matches {what}; a glob must match "
+                            f"shard files ({', '.join(TAR_SUFFIXES)})")
+        # same folder prefix rule as above: "./pipe:x.tar", never "pipe:x.tar"
+        return [m if os.path.dirname(m) else os.path.join(".", m) for m in shards]
+    return [item]
 
 
 def _list_lines(path: Path, key: str, origin) -> list[str]:

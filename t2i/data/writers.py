@@ -9,8 +9,10 @@ A `manifest.json` next to them (written last, atomically) lists shard names, per
 (the loader checks shards against them: t2i.data.shards), counts of skipped inputs and the arguments.
 
 An `out_dir` that already holds `*.tar` shards or a manifest.json is refused (a DataError) unless
-`overwrite=True` (--overwrite), which first deletes the manifest, the `<prefix>-*.tar` shards and any
-partial leftovers: a stale shard from a larger earlier run would otherwise be read with the new ones.
+`overwrite=True` (--overwrite), which first deletes the manifest, the shards it lists (an earlier run
+may have used another prefix), the `<prefix>-*.tar` shards and any partial leftovers: a stale shard
+from a larger earlier run would otherwise be read with the new ones. `t2i make-shards` names shards
+after the output folder (`default_prefix`) and prints the `data.shards` pattern (`shard_pattern`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,31 @@ TAR_OPTIONS = dict(mtime=0, mode=0o444, user="t2i", group="t2i", format="PAX_FOR
 PARTIAL = ".partial"  # `.<prefix>-NNNNNN.tar.partial` while a shard is written
 
 
+def default_prefix(out_dir) -> str:
+    """The shard name prefix `t2i make-shards` uses without --prefix: the --out folder's own name
+    (`data/mine` -> `mine`, so data.shards reads data/mine/mine-{000000..000003}.tar), characters
+    other than letters, digits, `.`, `_` and `-` replaced by `_`."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(out_dir).resolve().name).strip(".")
+    return name or "shards"
+
+
+def shard_pattern(out_dir, prefix: str, n_shards: int) -> str:
+    """The `data.shards` spec naming exactly the n shards written: a brace range, or the one file."""
+    first = os.path.join(str(out_dir), f"{prefix}-{0:06d}.tar")
+    if n_shards == 1:
+        return first
+    return os.path.join(str(out_dir), f"{prefix}-{{{0:06d}..{n_shards - 1:06d}}}.tar")
+
+
+def _manifest_shards(manifest: Path) -> list[Path]:
+    """The shard files a make-shards manifest.json lists (none when it is missing or of another schema)."""
+    try:
+        names = [e["name"] for e in json.loads(manifest.read_text())["shards"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [manifest.parent / n for n in names if isinstance(n, str) and "/" not in n and n.endswith(".tar")]
+
+
 class _Shards:
     """A ShardWriter opened on the first sample (so zero samples write zero shards) that counts per
     shard and publishes each shard (rename from its temporary name) only once it is complete."""
@@ -56,10 +83,13 @@ class _Shards:
         if (existing or manifest.exists()) and not overwrite:
             what = f"{len(existing)} shard(s) ({existing[0]}, ...)" if existing else "a manifest.json"
             hint = "" if manifest.exists() else " (and no manifest.json: an earlier run may have been killed)"
-            raise DataError(f"--out {self.out_dir} already holds {what}{hint}; pass --overwrite (overwrite=True) "
-                            f"to replace its '{prefix}-*.tar' shards, or choose another --out")
+            raise DataError(f"--out {self.out_dir} already holds {what}{hint}; pass --overwrite to replace "
+                            f"them (the '{prefix}-*.tar' shards and those its manifest.json lists), or choose "
+                            f"another --out")
         # the manifest first: a killed overwrite must not leave an old manifest next to new shards
-        for path in [manifest, *self.out_dir.glob(f"{prefix}-*.tar"), *self.out_dir.glob(f".{prefix}-*.tar{PARTIAL}")]:
+        listed = _manifest_shards(manifest)  # an earlier run's shards, whatever prefix it used
+        for path in [manifest, *listed, *self.out_dir.glob(f"{prefix}-*.tar"),
+                     *self.out_dir.glob(f".{prefix}-*.tar{PARTIAL}")]:
             path.unlink(missing_ok=True)
         self.pattern = str(self.out_dir / f".{prefix}-%06d.tar{PARTIAL}")
         self.samples_per_shard = samples_per_shard

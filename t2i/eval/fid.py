@@ -1,7 +1,7 @@
 """FID and KID of a folder of generated images against saved reference statistics, fully offline.
 
-    python -m pipelines.fid ref --shards data/shapes-val --resolution 64 --out runs/ref/shapes-val.npz
-    python -m pipelines.fid score --images runs/toy/geneval --ref runs/ref/shapes-val.npz --out fid.json
+    t2i fid ref --shards data/shapes-val --resolution 64 --out runs/ref/shapes-val.npz
+    t2i fid score --images runs/toy/geneval --ref runs/ref/shapes-val.npz --out fid.json
 
 FID = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) over extractor features (clean-fid's `frechet_distance`,
 Σ = np.cov(rowvar=False), i.e. the N−1 denominator, as clean-fid). KID = unbiased MMD² with the
@@ -224,6 +224,7 @@ class ImageSource:
     resolution: int | None = None
     max_images: int | None = None
     counts: dict = field(default_factory=lambda: {"good": 0, "image": 0, "read": 0})
+    key: str = "--shards"           # the flag (or key) that gave `shards`, named in its errors
 
     def __post_init__(self):
         if (self.folder is None) == (self.shards is None):
@@ -234,6 +235,9 @@ class ImageSource:
             raise EvalError(f"image folder not found: {self.folder}")
         if self.shards is not None and self.resolution is None:
             raise ValueError("a shard source needs resolution= (images are centre-cropped to it)")
+        if self.shards is not None:  # a wrong spec fails here, naming its flag, before any extractor is built
+            from t2i.data.shards import expand_shards
+            expand_shards(self.shards, key=self.key)
 
     def describe(self) -> str:
         if self.folder is not None:
@@ -248,7 +252,7 @@ class ImageSource:
         from t2i.data.shards import expand_shards
 
         urls = [u if (u.startswith("pipe:") or "://" in u) else os.path.abspath(u)
-                for u in expand_shards(self.shards, key="--shards")]
+                for u in expand_shards(self.shards, key=self.key)]
         return f"shards:{len(urls)}:{hashlib.sha256(chr(10).join(urls).encode()).hexdigest()[:16]}"
 
     def files(self) -> list[Path]:
@@ -261,7 +265,7 @@ class ImageSource:
             return
         from t2i.data.shards import expand_shards, manifest_counts, raw_samples
 
-        urls = expand_shards(self.shards, key="--shards")
+        urls = expand_shards(self.shards, key=self.key)
         samples = raw_samples(urls, self.counts, manifest_counts(urls))  # a damaged shard counts once
         for i, sample in enumerate(samples):
             if self.max_images is not None and i >= self.max_images:
@@ -439,7 +443,7 @@ def load_reference(path: str | Path, extractor: Extractor | str | None = None) -
     """Stats from `save_reference`; with `extractor` (object or name), refuse stats made by another one."""
     path = Path(path)
     if not path.is_file():
-        raise EvalError(f"reference statistics not found: {path} (make them with `python -m pipelines.fid ref ...`)")
+        raise EvalError(f"reference statistics not found: {path} (make them with `t2i fid ref ...`)")
     try:
         with np.load(path, allow_pickle=False) as data:
             if "meta" not in data.files:

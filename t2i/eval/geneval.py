@@ -178,12 +178,41 @@ def evaluate_image(image: Image.Image, detections: list[Detection], metadata: di
 # ----------------------------------------------------------------------------------------------
 
 
+def is_tagged(meta: dict) -> bool:
+    """A GenEval prompt: it carries a "tag" (a .txt prompt list or shard captions give none)."""
+    return isinstance(meta, dict) and isinstance(meta.get("tag"), str) and bool(meta["tag"])
+
+
+NEEDS_METADATA = ("GenEval needs metadata .jsonl lines with \"tag\" and \"include\" fields: `t2i geneval-prompts "
+                  "--out DIR` writes the shapes-domain set and GenEval's evaluation_metadata.jsonl is the official "
+                  "one; sample it with `t2i sample --prompts <that .jsonl>` (`t2i fid score` and `t2i clipscore` "
+                  "need no tags)")
+
+
+def check_includes(metas: list[dict], names: list[str] | None = None) -> None:
+    """Every prompt has an "include" list: without one every image would be judged correct."""
+    no_include = [i for i, m in enumerate(metas) if not isinstance(m.get("include"), list)]
+    if no_include:
+        i = no_include[0]
+        where = names[i] if names else f"prompt {i}"
+        raise EvalError(f"{len(no_include)} prompt(s) have no GenEval \"include\" list (first: {where}, "
+                        f"{metas[i].get('prompt')!r}); every metadata line needs \"include\": the objects the image "
+                        f"must show, e.g. [{{\"class\": \"circle\", \"count\": 1}}]")
+
+
 def check_tags(metas: list[dict], custom_tags: bool = False, names: list[str] | None = None) -> list[str]:
     """The sorted custom (non-GenEval) tags among `metas`; refused (EvalError) unless `custom_tags`.
 
-    Every prompt needs a string "tag". The error names each unknown tag (with the closest valid one),
-    how many prompts carry it and the first of them (`names[i]` labels metas[i], e.g. its folder)."""
-    untagged = [i for i, m in enumerate(metas) if not isinstance(m.get("tag"), str) or not m.get("tag")]
+    Every prompt needs a string "tag"; prompts with no tag at all are not a GenEval set, and the error
+    says what one is (NEEDS_METADATA). The error for unknown tags names each (with the
+    closest valid one), how many prompts carry it and the first of them (`names[i]` labels metas[i], e.g.
+    its folder)."""
+    untagged = [i for i, m in enumerate(metas) if not is_tagged(m)]
+    if untagged and len(untagged) == len(metas):
+        where = names[0] if names else "prompt 0"
+        raise EvalError(f"no GenEval metadata: none of the {len(metas)} prompt(s) has a \"tag\" (first: {where}, "
+                        f"{metas[0].get('prompt')!r}), as when they come from a .txt prompt list or shard captions. "
+                        + NEEDS_METADATA)
     if untagged:
         i = untagged[0]
         where = names[i] if names else f"prompt {i}"

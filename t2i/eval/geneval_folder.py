@@ -90,12 +90,19 @@ def score(folder: str | Path, *, prompts: str | None = None, images_per_prompt: 
         raise EvalError(f"--max-pixels must be >= 1, got {max_pixels}")
     expected, n_images, settings = expected_prompts(folder, prompts)
     found = geneval.list_images(folder)
+    if found and not any(geneval.is_tagged(m) for m, _ in found.values()):  # before completeness: not GenEval
+        first = min(found)
+        raise EvalError(f"{folder} has no GenEval metadata: its {len(found)} prompt folder(s) carry no \"tag\" "
+                        f"(first: {first:05d}/metadata.jsonl, {found[first][0].get('prompt')!r}), as when sampled "
+                        f"from a .txt prompt list or shard captions. {geneval.NEEDS_METADATA}")
     problems = geneval.validate(found, expected, images_per_prompt or n_images)
     if problems and not allow_incomplete:
         raise EvalError(f"{folder} is incomplete:\n  " + "\n  ".join(problems)
                                         + "\n(finish sampling, or pass --allow-incomplete to score what is there)")
     metas = [m for m, _ in found.values()]
-    custom = geneval.check_tags(metas, custom_tags, names=[f"{i:05d}/metadata.jsonl" for i in found])
+    labels = [f"{i:05d}/metadata.jsonl" for i in found]
+    custom = geneval.check_tags(metas, custom_tags, names=labels)
+    geneval.check_includes(metas, labels)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     # Every rank checks every header (cheap, no decoding), so all ranks take the same decision.
     bad = geneval.bad_images([p for _, imgs in found.values() for p in imgs], max_pixels)

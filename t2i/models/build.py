@@ -36,9 +36,13 @@ def _folder_config(path: str | None, sub: str) -> dict | None:
 
 def check_geometry(cfg: Config) -> None:
     """data.resolution must be a multiple of the VAE's downsampling × the transformer's patch size, or
-    the first step fails with a shape error. Checked before anything is launched (no weights are read)."""
+    the first step fails with a shape error. Checked before anything is launched (no weights are read),
+    after refusing the example configs' placeholder paths (t2i/sd3_folder.py), which would fail later."""
     from t2i.errors import ConfigError
     from t2i.models.mmdit import PRESETS
+    from t2i.sd3_folder import refuse_placeholders
+
+    refuse_placeholders(cfg)
 
     vae = _folder_config(cfg.vae.path, "vae") if cfg.vae.kind == "pretrained" else None
     factor = {"identity": 1, "tiny": 2}.get(cfg.vae.kind) or 2 ** (len((vae or {}).get("block_out_channels", [0] * 4)) - 1)

@@ -14,6 +14,7 @@ from diffusers import SD3Transformer2DModel
 
 from t2i.config import ModelConfig
 from t2i.errors import ConfigError
+from t2i.sd3_folder import LAYOUT, is_placeholder, placeholder_message
 
 # Shapes of the released checkpoints' transformer/config.json (sample_size is in latent pixels).
 PRESETS: dict[str, dict] = {
@@ -99,11 +100,14 @@ def is_diffusers_folder(path: str) -> bool:
 
 def load_pretrained(path: str) -> SD3Transformer2DModel:
     """Load from a diffusers pipeline folder (uses its transformer/) or a transformer folder."""
+    if is_placeholder(path):
+        raise ConfigError(placeholder_message("model.pretrained", path))
     root = Path(path)
     if (root / "transformer" / "config.json").is_file():
         root = root / "transformer"
     if not (root / "config.json").is_file():
-        raise ConfigError(f"model.pretrained={path!r} is not a diffusers folder (no config.json or transformer/)")
+        raise ConfigError(f"model.pretrained={path}: not a diffusers folder (no transformer/config.json (MMDiT) or "
+                          f"config.json in {path}); an SD3/SD3.5 folder has {LAYOUT}")
     return SD3Transformer2DModel.from_pretrained(root, local_files_only=True)
 
 

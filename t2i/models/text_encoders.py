@@ -28,6 +28,8 @@ from transformers import (AutoTokenizer, ByT5Tokenizer, CLIPTextModelWithProject
                           T5Config, T5EncoderModel)
 
 from t2i.config import TextEncoderConfig
+from t2i.errors import ConfigError
+from t2i.sd3_folder import is_placeholder, placeholder_message, require, text_parts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -148,6 +150,20 @@ def encode_clip_tower(model: torch.nn.Module, ids: torch.Tensor, eos_id: int):
 
 # ---------------------------------------------------------------- the module
 
+def check_paths(cfg: TextEncoderConfig) -> None:
+    """Every local path the sd3 preset reads, present: text.sd3_folder with the subfolders it is read for
+    (each model's config.json included), and explicit clip_l / clip_g / t5 paths; placeholders refused.
+    Raises ConfigError naming the key and the missing part."""
+    if cfg.sd3_folder:
+        require("text.sd3_folder", cfg.sd3_folder, text_parts(cfg), files=True)
+    for key in ("clip_l", "clip_g", "t5"):
+        path = getattr(cfg, key)
+        if path and is_placeholder(path):
+            raise ConfigError(placeholder_message(f"text.{key}", path))
+        if path and not os.path.exists(path):
+            raise ConfigError(f"text.{key}={path}: not found")
+
+
 class TextEncoders(torch.nn.Module):
     """Frozen CLIP-L + bigG + T5. Never trains: no parameter requires grad, ``train()`` is a no-op."""
 
@@ -168,6 +184,7 @@ class TextEncoders(torch.nn.Module):
         else:
             folder = cfg.sd3_folder
             dtype = DTYPES[cfg.dtype]
+            check_paths(cfg)  # before any from_pretrained: a missing part is one line, not a hub lookup
             self.clip_l = (_tower_from_open_clip_file(cfg.clip_l, "ViT-L-14-quickgelu") if cfg.clip_l
                            else _tower_from_hf(os.path.join(folder, "text_encoder"), dtype, device))
             self.clip_g = (_tower_from_open_clip_file(cfg.clip_g, "ViT-bigG-14") if cfg.clip_g

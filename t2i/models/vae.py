@@ -14,6 +14,7 @@ from diffusers import AutoencoderKL
 
 from t2i.config import VAEConfig
 from t2i.errors import ConfigError
+from t2i.sd3_folder import LAYOUT, is_placeholder, placeholder_message
 
 
 class FrozenVAE(torch.nn.Module):
@@ -76,9 +77,12 @@ class FrozenVAE(torch.nn.Module):
 
 
 def _load_pretrained(path: Optional[str]) -> AutoencoderKL:
+    if is_placeholder(path):
+        raise ConfigError(placeholder_message("vae.path", path))
     root = Path(path or "")
     if (root / "vae" / "config.json").is_file():
         root = root / "vae"
     if not (root / "config.json").is_file():
-        raise ConfigError(f"vae.path={path!r} is not a diffusers AutoencoderKL folder (no config.json or vae/)")
+        raise ConfigError(f"vae.path={path}: not a diffusers AutoencoderKL folder (no vae/config.json or config.json "
+                          f"in {path}); an SD3/SD3.5 folder has {LAYOUT}")
     return AutoencoderKL.from_pretrained(root, local_files_only=True)
