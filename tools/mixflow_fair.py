@@ -151,7 +151,7 @@ def train(args, run: Path, steps: int, overrides: list[str]) -> float:
     return time.time() - t0
 
 
-def ema_validation(run: Path, val_shards: str) -> dict[int, float]:
+def ema_validation(run: Path, val_shards: str, device: str = "cpu") -> dict[int, float]:
     """Fixed-σ validation loss of the EMA weights of every complete checkpoint of `run`, by step."""
     import torch
 
@@ -162,11 +162,12 @@ def ema_validation(run: Path, val_shards: str) -> dict[int, float]:
     loaded, validation = None, None
     out = {}
     for tag in store.complete_tags(root):
-        loaded = loading.load(root / tag, ema=True, text=loaded and loaded.text, vae=loaded and loaded.vae)
+        loaded = loading.load(root / tag, ema=True, device=device, text=loaded and loaded.text,
+                              vae=loaded and loaded.vae)
         if validation is None:
             cfg = loaded.cfg
             cfg.validation.shards = val_shards
-            validation = FixedSigmaValidation(cfg.validation, cfg.data, loaded.text, loaded.vae, torch.device("cpu"))
+            validation = FixedSigmaValidation(cfg.validation, cfg.data, loaded.text, loaded.vae, torch.device(device))
         out[store.read_meta(root, tag)["step"]] = validation(loaded.model)["val_loss"]
     return out
 
@@ -189,7 +190,7 @@ def train_base(out: Path, args, data: dict, results: dict) -> Path:
     t0 = time.time()
     while True:
         results["time_s"]["base"] = results["time_s"].get("base", 0.0) + train(args, run, steps, common)
-        curve = ema_validation(run, data["val"])
+        curve = ema_validation(run, data["val"], args.device)
         ok, change = converged(curve, args.converged)
         results["base"] = {"steps": steps, "val_loss_ema": curve, "change_last_20pct": change, "converged": ok}
         log(f"base: {steps} steps, EMA val loss {curve[max(curve)]:.5f}, change over the last 20 % {change:.2%}")
@@ -291,7 +292,7 @@ def run_worker(out: Path, args, share: str) -> None:
         if path.exists():
             continue
         if current != label:
-            loaded = loading.load(plan["models"][label], ema=True, text=loaded and loaded.text,
+            loaded = loading.load(plan["models"][label], ema=True, device=args.device, text=loaded and loaded.text,
                                   vae=loaded and loaded.vae)
             current = label
         t0 = time.time()
@@ -312,7 +313,7 @@ def calibrate(models: dict[str, Path], prompts: list[dict], args) -> float:
     from t2i.eval.sampling import generate
 
     torch.set_num_threads(1)
-    loaded = loading.load(next(iter(models.values())), ema=True)
+    loaded = loading.load(models["base"], ema=True, device=args.device)
     batch = [r["caption"] for r in prompts[: min(len(prompts), args.batch_size)]]
     t0 = time.time()
     generate(loaded.model, loaded.text, loaded.vae, batch, resolution=loaded.cfg.data.resolution, steps=4,
@@ -348,7 +349,7 @@ def evaluate(out: Path, args, data: dict, models: dict[str, Path], results: dict
     results["cells"], results["dropped_cells"] = plan["cells"], plan["dropped"]
     t0 = time.time()
     procs = [subprocess.Popen([sys.executable, "-m", "tools.mixflow_fair", "--out", str(out), "--worker",
-                               f"{i}/{args.workers}", "--batch-size", str(args.batch_size)])
+                               f"{i}/{args.workers}", "--batch-size", str(args.batch_size), "--device", args.device])
              for i in range(args.workers)]
     while any(p.poll() is None for p in procs):  # partial results while the workers run
         time.sleep(60)
