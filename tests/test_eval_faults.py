@@ -590,7 +590,7 @@ def test_eval_refuses_a_misspelled_tag_before_sampling_and_reports_custom_tags_a
 def test_slowflow_report_files_are_written_atomically(tmp_path, monkeypatch):
     import matplotlib.figure
 
-    from t2i.eval.slowflow import write_report
+    from t2i.eval.slowflow_report import write_report
 
     results = {"a": {2: {"sigma": [1.0, 0.5, 0.0], "mean_gap": [0.0, 0.1, 0.0], "q10": [0.0, 0.05, 0.0],
                          "q50": [0.0, 0.1, 0.0], "q90": [0.0, 0.2, 0.0], "n_images": 4}}}

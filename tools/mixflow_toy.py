@@ -131,7 +131,9 @@ def main(argv=None) -> None:
     from t2i.models import build
     from t2i.config import load_config
     from t2i.train.diagnostics import FixedSigmaValidation
-    from t2i.eval.slowflow import measure, write_report
+    from t2i.eval.slowflow import measure_steps
+    from t2i.eval.background_sigma import shapes_background
+    from t2i.eval.slowflow_report import write_report
 
     cfg = load_config(overrides=[f"validation.shards={VAL}"])
     text, vae = build.build_frozen(cfg)
@@ -151,8 +153,9 @@ def main(argv=None) -> None:
         loaded = loading.load(path, ema=True, text=text, vae=vae)
         results["val"][label] = validation(loaded.model)
         prompts = [r["caption"] for r in records][: args.slowflow_images]
-        results["slowflow"][label] = {n: measure(loaded.model, text, loaded.latent_shape, prompts, n,
-                                                 guidance=args.guidance) for n in args.step_counts}
+        by_steps = measure_steps(loaded.model, text, loaded.latent_shape, prompts, args.step_counts,
+                                 guidance=args.guidance, background=shapes_background())
+        results["slowflow"][label] = {n: {f"{args.guidance:g}": r} for n, r in by_steps.items()}
         results["accuracy"][label] = {n: shape_accuracy(loaded, records, n, seeds, args.guidance)
                                       for n in args.step_counts}
         log(f"{label}: val {results['val'][label]['val_loss']:.5f}; accuracy "
@@ -166,13 +169,17 @@ def main(argv=None) -> None:
 
 
 def report(results: dict) -> str:
-    from t2i.eval.slowflow import summary_table
+    from t2i.eval.slowflow_report import summary_table
     counts = results["args"]["step_counts"]
     lines = ["### Pretraining: fixed-σ validation loss (EMA) per checkpoint", "",
              "| checkpoint | val loss |", "|---|---:|"]
     lines += [f"| {tag} | {v:.5f} |" for tag, v in results["pretrain_val"].items()]
     lines += ["", "### Exposure bias: mean σ̂ − σ over the inner sampling steps (> 0 = Slow Flow)", "",
               summary_table(results["slowflow"]), "",
+              "### Exposure bias: mean excess σ̂_N − σ̂_ref over a 256-step reference (docs/design/flow.md §6)", "",
+              summary_table(results["slowflow"], "mean_excess"), "",
+              "### Model-free noise level: mean σ_est − σ of the background pixels", "",
+              summary_table(results["slowflow"], "sigma_est_gap"), "",
               f"### Shapes accuracy (GenEval rules, exact detector), mean ± std over "
               f"{results['args']['seeds']} seed groups of {results['args']['eval_images']} held-out prompts", "",
               "| model | " + " | ".join(f"{n} steps" for n in counts) + " |", "|---|" + "---:|" * len(counts)]
