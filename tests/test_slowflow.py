@@ -372,3 +372,47 @@ def test_reports_written_before_guidance_was_a_level_still_render(tmp_path):
                         "q50": [0.0, 0.1, 0.0], "q90": [0.0, 0.2, 0.0], "n_images": 4}}}
     assert "| a | +0.1000 |" in summary_table(legacy) and "| a | — |" in summary_table(legacy, "mean_excess")
     assert write_report(legacy, tmp_path)["png"].stat().st_size > 0
+
+
+# ---------------------------------------------------------------- the command line
+
+
+OLD_RUN = __import__("conftest").REPO / "tests" / "assets" / "pre-layout-run"   # a tiny pixel-space checkpoint
+
+
+def test_t2i_slowflow_reports_cfg_1_and_the_trained_cfg_with_excess_and_sigma_est(tmp_path, capsys):
+    from pipelines.slowflow import main
+
+    (tmp_path / "p.txt").write_text("a photo of a red circle\na photo of two blue squares\n")
+    main(["--ckpt", f"old={OLD_RUN}", "--steps", "2", "4", "--n", "2", "--prompts", str(tmp_path / "p.txt"),
+          "--ref-steps", "8", "--out", str(tmp_path / "sf")])
+    report = json.loads((tmp_path / "sf" / "slowflow.json").read_text())
+    assert set(report) == {"old"} and set(report["old"]) == {"2", "4"}
+    assert set(report["old"]["4"]) == {"1", "3"}                       # CFG 1 and the config's sample.guidance
+    r = report["old"]["4"]["3"]
+    assert (r["guidance"], r["ref_steps"], r["n_images"], len(r["sigma"])) == (3.0, 8, 2, 5)
+    assert {"mean_gap", "ref_gap", "mean_excess", "excess_q90", "sigma_est_gap", "n_sigma_est"} <= set(r)
+    # the excess is the raw gap less the reference's offset, image by image, so also in the mean
+    assert [g - o for g, o in zip(r["mean_gap"], r["ref_gap"])] == pytest.approx(r["mean_excess"], abs=1e-6)
+    text = (tmp_path / "sf" / "slowflow.md").read_text()
+    assert "| old, CFG 1 |" in text and "| old, CFG 3 |" in text and "excess σ̂_N − σ̂_ref" in capsys.readouterr().out
+    main(["--ckpt", f"old={OLD_RUN}", "--steps", "2", "--n", "1", "--prompts", str(tmp_path / "p.txt"),
+          "--guidance", "2", "--ref-steps", "0", "--sigma-est", "off", "--out", str(tmp_path / "sf2")])
+    r = json.loads((tmp_path / "sf2" / "slowflow.json").read_text())["old"]["2"]["2"]
+    assert "mean_excess" not in r and "sigma_est_gap" not in r and r["guidance"] == 2.0
+
+
+def test_slowflow_options_are_checked_before_anything_loads(tmp_path):
+    from pipelines.slowflow import background_for, guidance_scales, main
+    from t2i.errors import EvalError
+
+    assert guidance_scales(["1", "config", "3"], 3.0) == [1.0, 3.0] and guidance_scales(["config"], 1) == [1.0]
+    with pytest.raises(EvalError, match="--guidance high: expected a number or 'config'"):
+        main(["--ckpt", "a=nowhere", "--guidance", "high", "--out", str(tmp_path / "o")])
+    with pytest.raises(EvalError, match="--ref-steps must be >= 0"):
+        main(["--ckpt", "a=nowhere", "--ref-steps", "-1", "--out", str(tmp_path / "o")])
+    assert background_for("auto", "pretrained", "a") is None and background_for("off", "identity", "a") is None
+    assert torch.equal(background_for("auto", "identity", "a"), BG)
+    with pytest.raises(EvalError, match="vae.kind=pretrained, so its states are latents, not pixels"):
+        background_for("on", "pretrained", "a")
+    assert not (tmp_path / "o").exists()
