@@ -153,9 +153,12 @@ def main(argv=None) -> None:
         loaded = loading.load(path, ema=True, text=text, vae=vae)
         results["val"][label] = validation(loaded.model)
         prompts = [r["caption"] for r in records][: args.slowflow_images]
-        by_steps = measure_steps(loaded.model, text, loaded.latent_shape, prompts, args.step_counts,
-                                 guidance=args.guidance, background=shapes_background())
-        results["slowflow"][label] = {n: {f"{args.guidance:g}": r} for n, r in by_steps.items()}
+        results["slowflow"][label] = {n: {} for n in args.step_counts}
+        for guidance in dict.fromkeys([1.0, args.guidance]):            # CFG 1 isolates the model
+            by_steps = measure_steps(loaded.model, text, loaded.latent_shape, prompts, args.step_counts,
+                                     guidance=guidance, background=shapes_background())
+            for n, r in by_steps.items():
+                results["slowflow"][label][n][f"{guidance:g}"] = r
         results["accuracy"][label] = {n: shape_accuracy(loaded, records, n, seeds, args.guidance)
                                       for n in args.step_counts}
         log(f"{label}: val {results['val'][label]['val_loss']:.5f}; accuracy "
