@@ -96,11 +96,11 @@ def main(argv=None) -> dict:
         raise EvalError(f"--ref-steps must be >= 0 (0: no reference run), got {args.ref_steps}")
     guidance_scales(args.guidance, None)  # the spelling, before any checkpoint is loaded
 
+    import torch
+
     from t2i.checkpoint import loading
     from t2i.eval.slowflow import DEFAULT_REF_STEPS, measure_steps
     from t2i.eval.slowflow_report import present, summary_table, write_report
-
-    import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     results, prompts = {}, None

@@ -12,7 +12,6 @@
 """
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -178,8 +177,8 @@ def test_a_mixtures_exact_field_has_euler_drift_as_excess_shrinking_like_one_ove
 
 
 def sluggish_chord(sigmas, kappa):
-    """Chord statistic of Euler on v = κ(x − x*)/σ, by hand: x_i − x* = P_i·(ε − x*), P_i = Π_{j<i}(1 − κ(1 − σ_{j+1}/σ_j)),
-    so σ̂_i = (P_i − P_N)/(1 − P_N) for every image."""
+    """Chord statistic of Euler on v = κ(x − x*)/σ, by hand: x_i − x* = P_i·(ε − x*) with
+    P_i = Π_{j<i}(1 − κ(1 − σ_{j+1}/σ_j)), so σ̂_i = (P_i − P_N)/(1 − P_N) for every image."""
     s = sigmas.double().tolist()
     p = [1.0]
     for a, b in zip(s[:-1], s[1:]):
@@ -326,7 +325,8 @@ def test_guidance_reaches_the_reference_too():
 
     class Text(NoText):
         def encode(self, prompts):
-            return torch.tensor([[0.0] if p == "" else [1.0] for p in prompts]).view(-1, 1, 1), torch.zeros(len(prompts), 4)
+            context = torch.tensor([0.0 if p == "" else 1.0 for p in prompts]).view(-1, 1, 1)
+            return context, torch.zeros(len(prompts), 4)
 
     target = torch.full((3, 4, 4), 0.3)
     by_steps = measure_steps(Conditional(target), Text(), (3, 4, 4), ["p"] * 3, [4, 8], guidance=0.8, ref_steps=256)
