@@ -66,8 +66,11 @@ def main(cfg: Config, config_path: str | None, overrides: list[str], nproc: int 
     report = None
     if mixflow_steps > 0:
         print("[demo] 3/4 exposure bias (Slow Flow) of both checkpoints", flush=True)
+        # CFG 1 and the trained CFG, each with a 64-step reference: 8 images keep the cost of the former
+        # single-CFG, reference-free report of 32 images
         rc = _t2i("slowflow", None, None, ["--ckpt", f"pretrain={pretrain}", "--ckpt", f"mixflow={mixflow}",
-                                           "--steps", "4", "8", "16", "--n", "32", "--out", str(mixflow / "samples")])
+                                           "--steps", "4", "8", "16", "--n", "8", "--ref-steps", "64",
+                                           "--out", str(mixflow / "samples")])
         if rc != 0:
             print(f"[demo] Slow Flow report failed with exit code {rc}", file=sys.stderr)
             return rc

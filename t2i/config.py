@@ -51,9 +51,10 @@ class TextEncoderConfig:
     t5: Optional[str] = None            # transformers folder with a T5EncoderModel + its tokenizer
     max_t5_tokens: Optional[int] = None  # T5 tokens; unset: 64 for tiny, 256 for sd3 (the SD3 pipeline's)
     clip_context: int = 32              # CLIP tokens; must be 77 for real CLIP weights
-    dropout_clip_l: float = 0.0         # per-encoder, per-sample caption dropout probability (CFG)
-    dropout_clip_g: float = 0.0
-    dropout_t5: float = 0.0
+    dropout_all: float = 0.0            # per sample: drop ALL text together (CFG's unconditional input) ...
+    dropout_clip_l: float = 0.0         # ... otherwise drop each encoder independently with its probability;
+    dropout_clip_g: float = 0.0         # P(no text) = all + (1 - all)*clip_l*clip_g*t5 (t2i.caption_dropout,
+    dropout_t5: float = 0.0             # docs/design/flow.md §5.1)
     dtype: str = "float32"              # float32 | bfloat16 | float16
     seed: int = 0                       # init seed of the tiny random towers (same on every rank)
     t5_padding: str = "keep"            # keep: T5 outputs at pad positions as the SD3 pipeline leaves them
@@ -75,7 +76,7 @@ class TextEncoderConfig:
         for key in ("max_t5_tokens", "clip_context"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 2:
                 raise ValueError(f"{key}: must be an integer >= 2, got {getattr(self, key)!r}")
-        for key in ("dropout_clip_l", "dropout_clip_g", "dropout_t5"):
+        for key in ("dropout_all", "dropout_clip_l", "dropout_clip_g", "dropout_t5"):
             p = getattr(self, key)
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
                 raise ValueError(f"{key}: caption dropout probability must be in [0, 1], got {p!r}")

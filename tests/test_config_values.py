@@ -25,6 +25,7 @@ BAD = {
     "logging.sigma_bins=0": "logging.sigma_bins must be >= 1",
     "sample.guidance=-1": "sample.guidance must be >= 0",
     "text.dropout_t5=1.5": "text.dropout_t5: caption dropout probability must be in [0, 1]",
+    "text.dropout_all=-0.5": "text.dropout_all: caption dropout probability must be in [0, 1]",
 }
 
 

@@ -642,7 +642,7 @@ def test_geneval_on_a_folder_sampled_from_a_txt_list_says_what_it_needs(tmp_path
 def test_slowflow_report_files_are_written_atomically(tmp_path, monkeypatch):
     import matplotlib.figure
 
-    from t2i.eval.slowflow import write_report
+    from t2i.eval.slowflow_report import write_report
 
     results = {"a": {2: {"sigma": [1.0, 0.5, 0.0], "mean_gap": [0.0, 0.1, 0.0], "q10": [0.0, 0.05, 0.0],
                          "q50": [0.0, 0.1, 0.0], "q90": [0.0, 0.2, 0.0], "n_images": 4}}}

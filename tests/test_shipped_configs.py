@@ -1,5 +1,6 @@
 """Every shipped config resolves (with its placeholder paths pointed at a folder of the right shape),
-the SD3.5 stage pairs differ in the objective only, and the documented SLURM commands name them."""
+trains CFG's unconditional branch on at least 10 % of samples, the SD3.5 stage pairs differ in the
+objective only, and the documented SLURM commands name them."""
 
 import re
 
@@ -52,6 +53,17 @@ def test_every_shipped_config_resolves(path, tmp_path):
         assert cfg.model.preset.startswith("sd3") and cfg.deepspeed.precision == "bf16"
     from t2i.models.build import check_geometry
     check_geometry(cfg)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(DEFAULT_CONFIG.parent)))
+def test_every_shipped_config_drops_all_text_in_at_least_10_percent_of_samples(path, tmp_path):
+    from t2i.caption_dropout import config_probabilities, unconditional_fraction
+
+    cfg = load_config(path, _overrides(path, _release_folder(tmp_path)))
+    p_all, (p_l, p_g, p_t5) = config_probabilities(cfg.text)
+    implied = p_all + (1 - p_all) * p_l * p_g * p_t5          # the formula, written out independently
+    assert unconditional_fraction(p_all, (p_l, p_g, p_t5)) == pytest.approx(implied)
+    assert implied >= 0.10, (path.name, implied)
 
 
 @pytest.mark.parametrize("size,preset,resolution", [("medium", "sd3.5-medium", 512), ("large", "sd3.5-large", 1024)])

@@ -111,6 +111,8 @@ def main(argv=None) -> None:
     parser.add_argument("--slowflow-images", type=int, default=64)
     parser.add_argument("--step-counts", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--ref-steps", type=int, default=256,
+                        help="Slow Flow reference run (docs/design/flow.md §6.2); 0 = raw gap and sigma_est only")
     args = parser.parse_args(argv)
     out = Path(args.out)
     t_start = time.time()
@@ -131,7 +133,9 @@ def main(argv=None) -> None:
     from t2i.models import build
     from t2i.config import load_config
     from t2i.train.diagnostics import FixedSigmaValidation
-    from t2i.eval.slowflow import measure, write_report
+    from t2i.eval.slowflow import measure_steps
+    from t2i.eval.background_sigma import shapes_background
+    from t2i.eval.slowflow_report import write_report
 
     cfg = load_config(overrides=[f"validation.shards={VAL}"])
     text, vae = build.build_frozen(cfg)
@@ -151,8 +155,12 @@ def main(argv=None) -> None:
         loaded = loading.load(path, ema=True, text=text, vae=vae)
         results["val"][label] = validation(loaded.model)
         prompts = [r["caption"] for r in records][: args.slowflow_images]
-        results["slowflow"][label] = {n: measure(loaded.model, text, loaded.latent_shape, prompts, n,
-                                                 guidance=args.guidance) for n in args.step_counts}
+        results["slowflow"][label] = {n: {} for n in args.step_counts}
+        for guidance in dict.fromkeys([1.0, args.guidance]):            # CFG 1 isolates the model
+            by_steps = measure_steps(loaded.model, text, loaded.latent_shape, prompts, args.step_counts,
+                                     guidance=guidance, ref_steps=args.ref_steps, background=shapes_background())
+            for n, r in by_steps.items():
+                results["slowflow"][label][n][f"{guidance:g}"] = r
         results["accuracy"][label] = {n: shape_accuracy(loaded, records, n, seeds, args.guidance)
                                       for n in args.step_counts}
         log(f"{label}: val {results['val'][label]['val_loss']:.5f}; accuracy "
@@ -166,13 +174,18 @@ def main(argv=None) -> None:
 
 
 def report(results: dict) -> str:
-    from t2i.eval.slowflow import summary_table
+    from t2i.eval.slowflow_report import summary_table
     counts = results["args"]["step_counts"]
     lines = ["### Pretraining: fixed-σ validation loss (EMA) per checkpoint", "",
              "| checkpoint | val loss |", "|---|---:|"]
     lines += [f"| {tag} | {v:.5f} |" for tag, v in results["pretrain_val"].items()]
     lines += ["", "### Exposure bias: mean σ̂ − σ over the inner sampling steps (> 0 = Slow Flow)", "",
               summary_table(results["slowflow"]), "",
+              f"### Exposure bias: mean excess σ̂_N − σ̂_ref over a {results['args'].get('ref_steps', 256)}-step reference "
+              "(docs/design/flow.md §6)", "",
+              summary_table(results["slowflow"], "mean_excess"), "",
+              "### Model-free noise level: mean σ_est − σ of the background pixels", "",
+              summary_table(results["slowflow"], "sigma_est_gap"), "",
               f"### Shapes accuracy (GenEval rules, exact detector), mean ± std over "
               f"{results['args']['seeds']} seed groups of {results['args']['eval_images']} held-out prompts", "",
               "| model | " + " | ".join(f"{n} steps" for n in counts) + " |", "|---|" + "---:|" * len(counts)]

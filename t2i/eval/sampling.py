@@ -148,20 +148,27 @@ def initial_noise(first: int, count: int, seed: int, shape: tuple, device, dtype
 
 
 @torch.no_grad()
-def sample_batch(model, text, prompts: list[str], noise: torch.Tensor, sigmas: torch.Tensor, guidance: float,
-                 callback: Optional[Callable] = None) -> torch.Tensor:
-    """Euler + CFG from `noise` along `sigmas` (1 -> 0); returns the final latents.
+def guided_velocity(model, text, prompts: list[str], guidance: float, device, dtype) -> Callable:
+    """velocity_fn(x, σ) of `model` for `prompts` under CFG scale `guidance` (t2i.flow.cfg_velocity), the
+    unconditional branch being every encoder's encoding of "". Conditioning is cast to `dtype` on `device`.
 
     The timestep 1000·σ reaches the model in float32 whatever the model's dtype (as in diffusers'
     pipeline: the transformer builds its sinusoidal embedding in fp32; in bf16 750 would become 752)."""
-    dtype, device = noise.dtype, noise.device
     context, pooled = text.encode(prompts)
     empty_context, empty_pooled = text.encode_empty(len(prompts))
     cond = {"context": context.to(device, dtype), "pooled": pooled.to(device, dtype)}
     uncond = {"context": empty_context.to(device, dtype), "pooled": empty_pooled.to(device, dtype)}
     model_fn = lambda x, t, c: velocity(model, x, t.float(), c)  # noqa: E731
-    return flow.euler_sample(flow.cfg_velocity(model_fn, cond, uncond, guidance), noise, sigmas.to(device),
-                             callback=callback)
+    return flow.cfg_velocity(model_fn, cond, uncond, guidance)
+
+
+@torch.no_grad()
+def sample_batch(model, text, prompts: list[str], noise: torch.Tensor, sigmas: torch.Tensor, guidance: float,
+                 callback: Optional[Callable] = None) -> torch.Tensor:
+    """Euler + CFG (`guided_velocity`) from `noise` along `sigmas` (1 -> 0); returns the final latents,
+    in noise's dtype."""
+    velocity_fn = guided_velocity(model, text, prompts, guidance, noise.device, noise.dtype)
+    return flow.euler_sample(velocity_fn, noise, sigmas.to(noise.device), callback=callback)
 
 
 @torch.no_grad()

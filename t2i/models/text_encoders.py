@@ -27,6 +27,7 @@ from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from transformers import (AutoTokenizer, ByT5Tokenizer, CLIPTextModelWithProjection, CLIPTokenizer,
                           T5Config, T5EncoderModel)
 
+from t2i import caption_dropout
 from t2i.config import TextEncoderConfig
 from t2i.errors import ConfigError
 from t2i.sd3_folder import is_placeholder, placeholder_message, require, text_parts
@@ -256,7 +257,7 @@ class TextEncoders(torch.nn.Module):
     def encode(self, captions: list[str], generator: Optional[torch.Generator] = None,
                dropout: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """captions -> (context [B, seq_len, context_dim], pooled [B, pooled_dim]).
-        With ``dropout``, apply per-encoder caption dropout (see ``apply_caption_dropout``)."""
+        With ``dropout``, apply caption dropout (see ``apply_caption_dropout``)."""
         if len(captions) == 0:
             return self.encode_empty(0)
         ids = {k: v.to(self.t5.device) for k, v in self.tokenize(captions).items()}
@@ -300,15 +301,13 @@ class TextEncoders(torch.nn.Module):
     @torch.no_grad()
     def apply_caption_dropout(self, context: torch.Tensor, pooled: torch.Tensor,
                               generator: Optional[torch.Generator] = None):
-        """Per sample and per encoder (CLIP-L, bigG, T5) independently, with the config's
-        probability, replace that encoder's part by its encoding of "". Draws B x 3 uniforms from
-        ``generator`` on every call (so the stream position does not depend on the probabilities).
-        Works on fresh or cached encodings alike; returns new tensors."""
-        c = self.cfg
-        probs = torch.tensor([c.dropout_clip_l, c.dropout_clip_g, c.dropout_t5], dtype=torch.float64)
-        u = torch.rand(len(context), 3, generator=generator, dtype=torch.float64,
-                       device=generator.device if generator is not None else "cpu")
-        drop = (u.cpu() < probs).to(context.device)
+        """Replace the dropped encoders' parts (CLIP-L, bigG, T5) by their encoding of "": per sample,
+        all three together with probability ``dropout_all``, otherwise each independently with its
+        ``dropout_<encoder>`` probability (t2i.caption_dropout.draw_masks decides, drawing B x 4
+        uniforms from ``generator`` on every call). A fully dropped sample equals ``encode_empty``,
+        the unconditional input of CFG. Works on fresh or cached encodings alike; returns new tensors."""
+        drop = caption_dropout.draw_masks(len(context), *caption_dropout.config_probabilities(self.cfg),
+                                          generator).to(context.device)
         empty_ctx, empty_pooled = self.encode_empty(1)
         context, pooled = context.clone(), pooled.clone()
         for k, (rows, cols, pcols) in enumerate(self._parts()):
