@@ -267,9 +267,29 @@ def evaluate_cell(loaded, prompts: list[dict], cell, args, extractor) -> dict[st
             "features": compute_features(list(arrays), extractor)}
 
 
-def jobs(out: Path, models: dict[str, Path], kept: list) -> list[tuple[str, tuple]]:
-    return [(label, cell) for label in models for cell in kept
-            if not (out / "eval" / label / f"{cell_name(cell)}.npz").exists()]
+def job_path(out: Path, label: str, cell) -> Path:
+    name = f"slowflow-g{cell[1]:g}.json" if cell[0] == "slowflow" else f"{cell_name(cell)}.npz"
+    return out / "eval" / label / name
+
+
+def jobs(out: Path, models: dict[str, Path], kept: list, slowflow: bool) -> list[tuple[str, tuple]]:
+    """(model, cell) for every kept cell, plus (model, ("slowflow", g)) per CFG scale: Slow Flow v2 at the
+    kept step counts of that scale."""
+    extra = [("slowflow", g) for g in sorted({c[1] for c in kept})] if slowflow else []
+    return [(label, cell) for label in models for cell in [*kept, *extra]
+            if not job_path(out, label, cell).exists()]
+
+
+def slowflow_job(loaded, prompts: list[dict], steps: list[int], guidance: float, args) -> dict:
+    """Slow Flow v2 (t2i.eval.slowflow) of one model at one CFG scale: per N, the per-step summary."""
+    from t2i.eval.background_sigma import shapes_background
+    from t2i.eval.slowflow import measure_steps
+
+    param = next(loaded.model.parameters())
+    background = shapes_background(param.device) if loaded.cfg.vae.kind == "identity" else None
+    return measure_steps(loaded.model, loaded.text, loaded.latent_shape, [r["caption"] for r in prompts], steps,
+                         guidance=guidance, seed=EVAL_SEED, batch_size=args.batch_size, ref_steps=args.ref_steps,
+                         background=background)
 
 
 def run_worker(out: Path, args, share: str) -> None:
@@ -288,7 +308,7 @@ def run_worker(out: Path, args, share: str) -> None:
         if k % n != i:
             continue
         cell = tuple(cell)
-        path = out / "eval" / label / f"{cell_name(cell)}.npz"
+        path = job_path(out, label, cell)
         if path.exists():
             continue
         if current != label:
@@ -296,8 +316,15 @@ def run_worker(out: Path, args, share: str) -> None:
                                   vae=loaded and loaded.vae)
             current = label
         t0 = time.time()
-        result = evaluate_cell(loaded, prompts, cell, args, extractor)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if cell[0] == "slowflow":
+            steps = sorted({int(c[0]) for c in plan["cells"] if c[1] == cell[1]})
+            summary = slowflow_job(loaded, prompts[: plan["slowflow_images"]], steps, cell[1], args)
+            from t2i.io import write_json
+            write_json(path, {str(n): v for n, v in summary.items()})
+            log(f"worker {i}: {label} Slow Flow v2 at CFG {cell[1]:g} ({time.time() - t0:.0f} s)")
+            continue
+        result = evaluate_cell(loaded, prompts, cell, args, extractor)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.npz")
         np.savez(tmp, seconds=time.time() - t0, **result)
         os.replace(tmp, path)
@@ -335,13 +362,17 @@ def evaluate(out: Path, args, data: dict, models: dict[str, Path], results: dict
         per_nfe = calibrate(models, prompts, args) / max(1, args.workers)
         spent = time.time() - results["started"]
         left = max(0.0, args.budget_min * 60 - spent)
+        # Slow Flow v2 first: per model and scale one reference run of ref_steps plus the kept step counts
+        slow = sum(args.ref_steps * (1 if g == 1.0 else 2) for g in {c[1] for c in all_cells})
+        left -= slow * args.slowflow_images * len(models) * per_nfe
         kept, dropped = fit_budget(all_cells, per_nfe, args.images, len(models), left)
         from t2i.checkpoint import loading
         resolution = loading.load(models["base"], ema=True).cfg.data.resolution
         plan = {"prompts": data["prompts"], "images": args.images, "resolution": resolution, "models": {k: str(v) for k, v in models.items()},
                 "cells": kept, "dropped": dropped, "seconds_per_nfe_image": per_nfe, "trained_guidance": trained,
+                "slowflow_images": args.slowflow_images, "ref_steps": args.ref_steps,
                 "estimate_s": sum(nfe(c) for c in kept) * args.images * len(models) * per_nfe}
-        plan["jobs"] = jobs(out, models, [tuple(c) for c in kept])
+        plan["jobs"] = jobs(out, models, [tuple(c) for c in kept], args.slowflow_images > 0)
         plan_path.parent.mkdir(parents=True, exist_ok=True)
         plan_path.write_text(json.dumps(plan, indent=1))
         log(f"evaluation: {len(kept)} cells × {len(models)} models × {args.images} images, estimated "
@@ -349,7 +380,8 @@ def evaluate(out: Path, args, data: dict, models: dict[str, Path], results: dict
     results["cells"], results["dropped_cells"] = plan["cells"], plan["dropped"]
     t0 = time.time()
     procs = [subprocess.Popen([sys.executable, "-m", "tools.mixflow_fair", "--out", str(out), "--worker",
-                               f"{i}/{args.workers}", "--batch-size", str(args.batch_size), "--device", args.device])
+                               f"{i}/{args.workers}", "--batch-size", str(args.batch_size), "--device", args.device,
+                               "--ref-steps", str(args.ref_steps)])
              for i in range(args.workers)]
     while any(p.poll() is None for p in procs):  # partial results while the workers run
         time.sleep(60)
@@ -380,10 +412,28 @@ def reference_features(out: Path, data: dict, n: int, resolution: int) -> np.nda
         images.append(((sample["image"].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
         if len(images) == n:
             break
+    from t2i.eval.shapes_detector import off_palette_fraction
+
     feats = compute_features(images, RandomConvExtractor())
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, feats)
+    (path.parent / "reference_off_palette.json").write_text(json.dumps(
+        float(off_palette_fraction(np.stack(images)).mean())))
     return feats
+
+
+def slowflow_means(out: Path, label: str, cell) -> dict:
+    """Mean over the inner steps (0 < σ < 1) of the Slow Flow v2 excess and of σ_est − σ, if measured."""
+    path = job_path(out, label, ("slowflow", cell[1]))
+    if not path.exists():
+        return {}
+    summary = json.loads(path.read_text()).get(str(cell[0]))
+    out_ = {}
+    for key, name in (("mean_excess", "slowflow_excess"), ("sigma_est_gap", "sigma_est_gap")):
+        inner = [v for v in (summary or {}).get(key, [None, None])[1:-1] if v is not None]
+        if inner:
+            out_[name] = float(np.mean(inner))
+    return out_
 
 
 def analyse(out: Path, results: dict, data: dict) -> None:
@@ -395,6 +445,7 @@ def analyse(out: Path, results: dict, data: dict) -> None:
         return
     plan = json.loads(plan_path.read_text())
     ref = reference_features(out, data, plan["images"], plan["resolution"])
+    results["reference_off_palette"] = json.loads((out / "eval" / "reference_off_palette.json").read_text())
     table = {}
     for cell in map(tuple, plan["cells"]):
         got = {}
@@ -406,7 +457,8 @@ def analyse(out: Path, results: dict, data: dict) -> None:
         row = {}
         for label, r in got.items():
             row[label] = {"accuracy": float(r["correct"].mean()), "off_palette": float(r["off_palette"].mean()),
-                          "fid": fid(r["features"], ref), "kid": kid(r["features"], ref)}
+                          "fid": fid(r["features"], ref), "kid": kid(r["features"], ref),
+                          **slowflow_means(out, label, cell)}
         tests = {}
         for arm in ARMS:
             for against in ("control", "gamma0"):
@@ -475,24 +527,29 @@ def report(results: dict) -> str:
                   "primary family); FID / KID (×1000) against held-out images, random-conv features; off-palette "
                   "= mean fraction of pixels off the palette.", ""]
         for cell, v in table.items():
-            lines += [f"### {cell}", "", "| arm | accuracy | FID | KID×1000 | off-palette | vs control: b/c, p | "
-                      "vs gamma0: b/c, p |", "|---|---:|---:|---:|---:|---:|---:|"]
+            lines += [f"### {cell}", "", "| arm | accuracy | FID | KID×1000 | off-palette | Slow Flow excess | "
+                      "σ_est − σ | vs control: b/c, p | vs gamma0: b/c, p |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for arm in ["base", *ARMS]:
                 rows = [r for label, r in v["models"].items() if label == arm or label.startswith(f"{arm}-s")]
                 if not rows:
                     continue
                 def ms(key, scale=1.0):  # noqa: E306
-                    xs = [r[key] * scale for r in rows]
-                    return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
+                    xs = [r[key] * scale for r in rows if key in r]
+                    if not xs:
+                        return "–"
+                    return f"{statistics.mean(xs):.4f}" + (f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else "")
                 cols = []
                 for against in ("control", "gamma0"):
                     t = v["tests"].get(f"{arm} vs {against}")
                     cols.append("" if t is None else f"{t['b_only']}/{t['a_only']}, {t['p']:.3g}"
                                 + (f" [{t['p_holm']:.3g}]" if "p_holm" in t else ""))
                 lines.append(f"| {arm} | {ms('accuracy')} | {ms('fid')} | {ms('kid', 1000)} | {ms('off_palette')} | "
-                             + " | ".join(cols) + " |")
+                             f"{ms('slowflow_excess')} | {ms('sigma_est_gap')} | " + " | ".join(cols) + " |")
             lines.append("")
-        lines += ["b/c: images only the arm / only the comparison model got right.", ""]
+        lines += ["b/c: images only the arm / only the comparison model got right. Slow Flow excess: mean over the "
+                  "inner steps of σ̂_N − σ̂_ref (> 0: behind the model's own many-step ODE); σ_est − σ: noise level read "
+                  f"off background pixels minus the step's σ. Held-out images' off-palette fraction: "
+                  f"{results.get('reference_off_palette', float('nan')):.4f}.", ""]
     lines += ["## Verdicts (pre-registered criteria)", ""] + [f"- {v}" for v in verdicts(results)]
     return "\n".join(lines) + "\n"
 
