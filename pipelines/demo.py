@@ -1,6 +1,8 @@
 """The embedded default, end to end on a CPU: synthetic shapes shards -> 2-rank training of the
-tiny MMDiT under DeepSpeed -> checkpoint -> labelled sample grid + loss curve -> MixFlow post-training
--> Slow Flow report -> evaluation of both checkpoints (shapes GenEval, FID/KID, report + grid).
+tiny MMDiT under DeepSpeed -> checkpoint -> labelled sample grid + loss curve -> two post-training arms of
+equal length from the same parent (control: flow matching; MixFlow) -> Slow Flow v2 report -> evaluation of
+the three checkpoints side by side (shapes GenEval with 95 % intervals and paired McNemar tests, FID/KID,
+report + grid).
 
     t2i demo                  # what the README's main command runs
     t2i demo train.steps=50   # overrides go to the training config
@@ -45,32 +47,42 @@ def _t2i(command: str, config_path: str | None, nproc: int | None, args: list[st
     return subprocess.call([sys.executable, "-m", "t2i.cli", *argv])
 
 
+def post_train(config_path, nproc, out: Path, name: str, parent: Path, steps: int, overrides: list[str],
+               objective: list[str]) -> int:
+    """One post-training arm from the parent's EMA weights; the arms differ in `objective` only."""
+    every = max(1, steps // 3)
+    return _t2i("train", config_path, nproc, [f"run.output_dir={out}", f"run.name={name}", *overrides,
+                                              f"train.init_from={parent}", f"train.steps={steps}", "train.lr=2e-4",
+                                              "train.schedule=constant", "train.warmup_steps=10",
+                                              f"train.ckpt_every={steps}", f"train.log_every={every}",
+                                              f"validation.every={every}", *objective])
+
+
 def main(cfg: Config, config_path: str | None, overrides: list[str], nproc: int = 2, mixflow_steps: int = 100) -> int:
     t0 = time.time()
     ensure_shapes_shards(Path("data"))
     out = Path(cfg.run.output_dir) / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    pretrain, mixflow = out / "pretrain", out / "mixflow"
-    print(f"[demo] 1/3 pretrain the tiny MMDiT (flow matching) -> {pretrain}", flush=True)
+    pretrain, control, mixflow = out / "pretrain", out / "control", out / "mixflow"
+    print(f"[demo] 1/4 pretrain the tiny MMDiT (flow matching) -> {pretrain}", flush=True)
     rc = _t2i("train", config_path, nproc, [f"run.output_dir={out}", "run.name=pretrain", *overrides])
     if rc == 0 and mixflow_steps > 0:
-        print(f"[demo] 2/3 post-train it with MixFlow (gamma {cfg.train.mixflow_gamma}) -> {mixflow}", flush=True)
-        rc = _t2i("train", config_path, nproc, [f"run.output_dir={out}", "run.name=mixflow", *overrides,
-                                         f"train.init_from={pretrain}", "train.objective=mixflow",
-                                         f"train.steps={mixflow_steps}", "train.lr=2e-4", "train.schedule=constant",
-                                         "train.warmup_steps=10", f"train.ckpt_every={mixflow_steps}",
-                                         f"train.log_every={max(1, mixflow_steps // 3)}",
-                                         f"validation.every={max(1, mixflow_steps // 3)}"])
+        # The paper's comparison: two arms of equal length from the same parent, differing in the objective only
+        print(f"[demo] 2/4 post-train it twice for {mixflow_steps} steps: control (flow matching) -> {control}, "
+              f"MixFlow (gamma {cfg.train.mixflow_gamma}) -> {mixflow}", flush=True)
+        rc = post_train(config_path, nproc, out, "control", pretrain, mixflow_steps, overrides,
+                        ["train.objective=flow_matching"])
+        rc = rc or post_train(config_path, nproc, out, "mixflow", pretrain, mixflow_steps, overrides,
+                              ["train.objective=mixflow"])
     if rc != 0:
         print(f"[demo] training failed with exit code {rc}", file=sys.stderr)
         return rc
     report = None
+    arms = [f"pretrain={pretrain}"] + ([f"control={control}", f"mixflow={mixflow}"] if mixflow_steps > 0 else [])
     if mixflow_steps > 0:
-        print("[demo] 3/4 exposure bias (Slow Flow) of both checkpoints", flush=True)
-        # CFG 1 and the trained CFG, each with a 64-step reference: 8 images keep the cost of the former
-        # single-CFG, reference-free report of 32 images
-        rc = _t2i("slowflow", None, None, ["--ckpt", f"pretrain={pretrain}", "--ckpt", f"mixflow={mixflow}",
-                                           "--steps", "4", "8", "16", "--n", "8", "--ref-steps", "64",
-                                           "--out", str(mixflow / "samples")])
+        print("[demo] 3/4 exposure bias (Slow Flow v2) of the three checkpoints", flush=True)
+        # CFG 1 and the trained CFG, each against a 32-step reference of the same model: 8 images keep it cheap
+        rc = _t2i("slowflow", None, None, [a for c in arms for a in ("--ckpt", c)]
+                  + ["--steps", "4", "8", "--n", "8", "--ref-steps", "32", "--out", str(mixflow / "samples")])
         if rc != 0:
             print(f"[demo] Slow Flow report failed with exit code {rc}", file=sys.stderr)
             return rc
@@ -78,8 +90,7 @@ def main(cfg: Config, config_path: str | None, overrides: list[str], nproc: int 
 
     evaluation = out / "eval"
     print(f"[demo] 4/4 evaluate: shapes GenEval + FID/KID against the held-out shards -> {evaluation}", flush=True)
-    checkpoints = [f"pretrain={pretrain}"] + ([f"mixflow={mixflow}"] if mixflow_steps > 0 else [])
-    rc = _t2i("eval", config_path, nproc, [a for c in checkpoints for a in ("--ckpt", c)]
+    rc = _t2i("eval", config_path, nproc, [a for c in arms for a in ("--ckpt", c)]
                + ["--out", str(evaluation), "--fid-shards", str(Path("data") / "shapes-val")])
     if rc != 0:
         print(f"[demo] evaluation failed with exit code {rc}", file=sys.stderr)
@@ -91,12 +102,13 @@ def main(cfg: Config, config_path: str | None, overrides: list[str], nproc: int 
     tail = sum(r["loss"] for r in records[-20:]) / min(20, len(records))
     print(f"[demo] done in {time.time() - t0:.0f} s: pretrain loss {head:.4f} (first 20 steps) -> {tail:.4f} (last 20)")
     print(f"[demo] runs:        {out}")
-    for run in (pretrain, mixflow):
+    for run in (pretrain, control, mixflow):
         grids = sorted((run / "samples").glob("step*.png"))
         if grids:
             print(f"[demo] samples:     {grids[-1]}")
     print(f"[demo] loss curve:  {pretrain / 'loss.png'}")
     if report:
         print(f"[demo] Slow Flow:   {report}")
-    print(f"[demo] evaluation:  {evaluation / 'report.md'}  (grid: {evaluation / 'grid.png'})")
+    print(f"[demo] evaluation:  {evaluation / 'report.md'}  (grid: {evaluation / 'grid.png'}; the paired comparison "
+          "there says which differences are larger than sampling noise)")
     return 0

@@ -16,7 +16,7 @@ def test_demo_writes_shards_trains_on_two_ranks_and_draws_samples(tmp_path, caps
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
     cmd = [sys.executable, "-m", "t2i.cli", "demo", "--mixflow-steps=6", "train.steps=60", "train.warmup_steps=5", "train.log_every=10",
            "train.micro_batch_size=16", "sample.steps=4"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert len(list((tmp_path / "data" / "shapes").glob("shapes-*.tar"))) == 8
 
@@ -40,18 +40,28 @@ def test_demo_writes_shards_trains_on_two_ranks_and_draws_samples(tmp_path, caps
     assert post[0]["step"] == 0 and "val_loss" in post[0]              # the parent's validation loss
     assert [r["step"] for r in post[1:]] == list(range(1, 7))
     assert all(r["sigma_gap"]["mean"] > 0.1 for r in post if "sigma_gap" in r)   # MixFlow's slowed inputs
+    control = json.loads((demo / "control" / "parent.json").read_text())
+    assert control == parent                                           # both arms start from the same weights
+    control_post = [json.loads(line) for line in (demo / "control" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in control_post[1:]] == list(range(1, 7))  # equal length
+    assert all(r["sigma_gap"]["mean"] == 0 for r in control_post if "sigma_gap" in r)   # standard inputs
     report = json.loads((mixflow / "samples" / "slowflow.json").read_text())
-    assert set(report) == {"pretrain", "mixflow"} and set(report["mixflow"]) == {"4", "8", "16"}
+    assert set(report) == {"pretrain", "control", "mixflow"} and set(report["mixflow"]) == {"4", "8"}
     assert Image.open(mixflow / "samples" / "slowflow.png").size[0] > 600
     assert "stage mixflow" in proc.stderr
 
     evaluation = json.loads((demo / "eval" / "report.json").read_text())
-    assert set(evaluation["checkpoints"]) == {"pretrain", "mixflow"}
+    assert set(evaluation["checkpoints"]) == {"pretrain", "control", "mixflow"}
+    pairs = {(t["a"], t["b"]): t for t in evaluation["paired"]["pairs"]}
+    assert set(pairs) == {("pretrain", "control"), ("pretrain", "mixflow"), ("control", "mixflow")}
+    for label, acc in evaluation["paired"]["accuracy"].items():
+        assert acc["images"] == 73 * 4 and acc["ci95"][0] <= acc["correct"] / acc["images"] <= acc["ci95"][1]
     for row in evaluation["checkpoints"].values():
         assert 0 <= row["geneval"]["overall"] <= 1 and row["geneval"]["images"] == 73 * 4
         assert row["fid"]["n_reference"] == 512 and row["fid"]["fid"] > 0
     assert evaluation["settings"]["steps"] == 4 and evaluation["settings"]["images_per_prompt"] == 4
-    assert "| pretrain |" in (demo / "eval" / "report.md").read_text()
+    text = (demo / "eval" / "report.md").read_text()
+    assert "| pretrain |" in text and "| control vs mixflow |" in text and "95 % interval" in text
     assert Image.open(demo / "eval" / "grid.png").size[0] == 8 * 160
 
     # shards are written once: a second demo reuses them (checked on the function, not a second demo run)

@@ -58,3 +58,26 @@ def test_off_palette_fraction_counts_pixels_far_from_every_palette_colour():
     assert out.shape == (2,) and out[0] == 0.0 and out[1] == pytest.approx(9 / 16)
     assert off_palette_fraction(img[1], max_color_dist=60.0) == pytest.approx(8 / 16)
     assert off_palette_fraction(img[1], max_color_dist=130.0) == 0.0
+
+
+def test_eval_pairs_images_by_prompt_folder_and_sample(tmp_path):
+    """t2i eval's paired comparison matches images across checkpoints by <prompt>/samples/<k>.png."""
+    import json
+
+    from pipelines.evaluate import paired_geneval, paired_markdown
+
+    outcomes = {"a": [1, 1, 0, 0, 1, 0], "b": [1, 0, 1, 1, 1, 1]}
+    folders = {}
+    for label, correct in outcomes.items():
+        folders[label] = tmp_path / label
+        folders[label].mkdir()
+        rows = [{"filename": str(folders[label] / f"{i // 2:05d}" / "samples" / f"{i % 2:04d}.png"), "correct": c,
+                 "tag": "single_object"} for i, c in enumerate(correct)]
+        (folders[label] / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[::-1]))
+    paired = paired_geneval(folders)
+    assert paired["accuracy"]["a"]["correct"] == 3 and paired["accuracy"]["b"]["images"] == 6
+    (pair,) = paired["pairs"]
+    assert (pair["a"], pair["b"], pair["a_only"], pair["b_only"]) == ("a", "b", 1, 3)
+    assert pair["p"] == pytest.approx(2 * (1 + 4) / 16)  # 2·P(X ≤ 1), X ~ Bin(4, 1/2)
+    text = "\n".join(paired_markdown(paired))
+    assert "| a vs b | 1 | 3 | +0.333 | 0.625 |" in text
