@@ -28,8 +28,9 @@ def under_launcher() -> bool:
 
 
 def relaunch(nproc: int, argv: list[str]) -> int:
-    """Re-run `t2i <argv>` under torchrun with `nproc` local ranks (--nproc removed); its exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    """Re-run `t2i <argv>` under torchrun with `nproc` local ranks (--nproc removed); the ranks' exit
+    code (t2i.launch: 2 for a user error, 99 when preempted, without torchrun's failure report)."""
+    cmd = [sys.executable, "-m", "t2i.launch", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "t2i.cli", *strip_nproc(argv)]
     return subprocess.call(cmd)
 
