@@ -72,6 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"] and under_launcher():  # a training rank: a requeue signal must not kill it
         from t2i.train.preemption import install_early
         install_early()
+    args = parse(argv)
+    try:
+        return run(args, argv)
+    except T2IError as e:  # the one place user errors are reported: one line, exit 2
+        print(f"t2i {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_USER
+    except Preempted as e:
+        print(f"t2i: {e}; exiting with {EXIT_PREEMPTED} (requeue and resume with --auto-resume)", file=sys.stderr)
+        return EXIT_PREEMPTED
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line -> its namespace; `key=value` overrides anywhere (t2i.cliargs) in `.overrides`.
+    A tool command (TOOLS) gets the rest of the line verbatim in `.rest`."""
     parser = argparse.ArgumentParser(prog="t2i", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,18 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=TOOLS[name][1], add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
     if argv and argv[0] in TOOLS:  # their own argparse takes the rest verbatim
-        args = argparse.Namespace(command=argv[0], rest=argv[1:])
-    else:
-        args = parse_with_overrides(parser, argv, subparsers=sub, optional_values=("resume",))
-
-    try:
-        return run(args, argv)
-    except T2IError as e:  # the one place user errors are reported: one line, exit 2
-        print(f"t2i {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_USER
-    except Preempted as e:
-        print(f"t2i: {e}; exiting with {EXIT_PREEMPTED} (requeue and resume with --auto-resume)", file=sys.stderr)
-        return EXIT_PREEMPTED
+        return argparse.Namespace(command=argv[0], rest=argv[1:])
+    return parse_with_overrides(parser, argv, subparsers=sub, optional_values=("resume",))
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
