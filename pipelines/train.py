@@ -2,9 +2,8 @@
 
     t2i train                                   # the tiny CPU config, one rank
     t2i train --nproc 2 train.steps=100         # two ranks on this machine (re-launches under torchrun)
-    t2i train --config my.yaml --resume         # continue from <run>/checkpoints/latest
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 \\
-        -m t2i.cli train --config my.yaml       # a cluster
+    t2i train run.name=r --resume               # continue from <run>/checkpoints/latest with its config.yaml
+    sbatch --nodes 2 slurm/train.sbatch --config my.yaml   # a cluster: one srun task per rank (slurm/README.md)
 
 Reads top to bottom: distributed setup -> run folder -> frozen encoders + VAE -> model under
 DeepSpeed -> EMA -> resume -> data -> loop (loss, step, EMA, log, evaluate, checkpoint) -> samples + plots.

@@ -143,6 +143,7 @@ def _order(a: dict, b: dict):
     return lambda k: keys.index(k)
 
 
-def _show(value, limit: int = 70) -> str:
+def _show(value, limit: int = 160) -> str:
+    """repr, long ones cut in the middle (a path's file name stays visible)."""
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[:limit // 2 - 2] + " ... " + text[-(limit // 2 - 3):]
