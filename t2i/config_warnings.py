@@ -8,6 +8,8 @@ later made long, or a long config cut short with `train.steps=20`:
 * cadences longer than the run (ckpt_every, sample.every, validation.every, log_every > steps):
   what they schedule happens only at the last step, or not at all;
 * `sample.geneval_per_tag` without `sample.every`: the live GenEval never runs;
+* classifier-free guidance in the samples of a model trained from scratch without caption dropout:
+  the unconditional prediction it extrapolates from is never trained;
 * a cosine floor above the peak is refused elsewhere; a schedule that ends inside warm-up is the
   first case.
 """
@@ -37,6 +39,12 @@ def odd_values(cfg: Config) -> list[str]:
     if s.geneval_per_tag > 0 and s.every == 0:
         out.append(f"sample.geneval_per_tag={s.geneval_per_tag} without sample.every: the live GenEval never "
                    f"runs (it scores at every sample.every steps)")
+    x = cfg.text
+    if (s.guidance != 1.0 and x.dropout_clip_l == x.dropout_clip_g == x.dropout_t5 == 0.0
+            and not cfg.model.pretrained and not t.init_from):
+        out.append(f"sample.guidance={s.guidance:g} but no caption dropout (text.dropout_clip_l / _clip_g / _t5 "
+                   f"are 0): a model trained from scratch never learns the unconditional prediction that "
+                   f"guidance extrapolates from; set e.g. text.dropout_t5=0.1, or sample.guidance=1")
     v = cfg.validation
     if v.shards is not None and v.every > t.steps:
         out.append(f"validation.every={v.every} > train.steps={t.steps}: the validation loss is computed at the "

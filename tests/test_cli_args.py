@@ -89,21 +89,21 @@ def test_the_ranks_exit_code_passes_through_the_launcher():
 
 
 @pytest.mark.slow
-def test_a_rank_user_error_under_torchrun_is_one_line_and_exit_2(make_shards, tmp_path):
-    """The run folder's lock is held by a live process (this test): rank 0 refuses to start after the
-    ranks launched. No ChildFailedError report, exit code 2, the rank's one line."""
-    import json
-    import os
-    import socket
-
+def test_a_rank_user_error_under_torchrun_is_one_line_and_exit_2(tmp_path):
+    """Shards whose images do not decode: only the ranks' loaders see that (the start-up checks read
+    captions, not pixels), and they stop on too many bad samples. No ChildFailedError report, exit
+    code 2, the ranks' one line, then the launcher's."""
+    from conftest import sample_members, write_tar
     from helpers import tiny_train_args
-    shards = make_shards(n_shards=2, per_shard=8)
-    run = tmp_path / "runs" / "held"
-    run.mkdir(parents=True)
-    (run / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "now"}))
-    proc = run_t2i("train", "--nproc", 2, *tiny_train_args(f"{shards[0]}::{shards[1]}", tmp_path / "runs", "held"),
-                   check=False)
+
+    shards = []
+    for s in range(2):
+        members = [m for i in range(8) for m in sample_members(f"s{s}_{i}", caption=f"caption {s} {i}")]
+        members = [(name, b"not a png" if name.endswith(".png") else data) for name, data in members]
+        shards.append(str(write_tar(tmp_path / f"bad-{s}.tar", members)))
+    proc = run_t2i("train", "--nproc", 2, *tiny_train_args(f"{shards[0]}::{shards[1]}", tmp_path / "runs", "bad"),
+                   "data.max_bad_fraction=0", "data.bad_check_after=2", check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert f"is in use by process {os.getpid()}" in proc.stderr
+    assert "t2i train: DataError: " in proc.stderr and "data.max_bad_fraction=0.0%" in proc.stderr
     assert "ChildFailedError" not in proc.stderr and "Traceback" not in proc.stderr
     assert "rank(s) exited (rank 0: 2" in proc.stderr and "stopped on a user error (above)" in proc.stderr

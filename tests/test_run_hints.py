@@ -36,6 +36,11 @@ def test_a_short_run_of_the_default_config_warns_about_each_odd_value():
     assert odd_values(load_config(overrides=["sample.every=0"])) == [
         "sample.geneval_per_tag=4 without sample.every: the live GenEval never runs (it scores at every "
         "sample.every steps)"]
+    no_dropout = ["text.dropout_clip_l=0", "text.dropout_clip_g=0", "text.dropout_t5=0"]
+    assert odd_values(load_config(overrides=no_dropout))[0].startswith(
+        "sample.guidance=3 but no caption dropout (text.dropout_clip_l / _clip_g / _t5 are 0)")
+    assert odd_values(load_config(overrides=[*no_dropout, "sample.guidance=1"])) == []
+    assert odd_values(load_config(overrides=[*no_dropout, "train.init_from=runs/x"])) == []  # post-training
     assert odd_values(load_config(overrides=["train.log_every=1000"]))[0].startswith(
         "train.log_every=1000 > train.steps=900: one log line")
 

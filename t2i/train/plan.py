@@ -5,8 +5,8 @@ every rank calls it again with the same command line (under torchrun or srun) an
 answer. So a mistake ends as one line and exit code 2 before a rank exists, instead of in N ranks at
 once under torchrun's failure report:
 
-1. where the run is (run.output_dir / run.name of the command line) and which checkpoint a resume
-   continues from (`--resume` without one fails here);
+1. where the run is (run.output_dir / run.name of the command line), that no live run holds it, and
+   which checkpoint a resume continues from (`--resume` without one fails here);
 2. the config (its geometry checked first): on a resume the run's own config.yaml with the allowed overrides over it
    (t2i.train.resume_config); on a fresh start defaults <- --config <- overrides, with the shapes
    defaults following the data (t2i.train.follow_data);
@@ -19,6 +19,7 @@ once under torchrun's failure report:
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from t2i.checkpoint import store
@@ -27,6 +28,7 @@ from t2i.config_warnings import odd_values
 from t2i.data.shards import expand_shards
 from t2i.models.build import check_geometry
 from t2i.train import follow_data, resume_config
+from t2i.train.lock import RunLock
 from t2i.train.run import resume_tag
 
 Note = tuple[int, str]  # (logging level, message)
@@ -38,6 +40,8 @@ def plan_training(config_path: str | None, overrides: list[str], resume: bool | 
     TAG). Raises T2IError subclasses for everything a user can fix."""
     where = resume_config.location(config_path, overrides)
     run_dir = Path(where[0]) / where[1]
+    if "RANK" not in os.environ:  # the process the user started; ranks check it when they take the lock
+        RunLock(run_dir).check_free()  # a run in use is named as such, before "already holds a run"
     tag = resume_tag(run_dir, resume)
     notes: list[Note] = []
     stored = None
