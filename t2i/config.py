@@ -288,8 +288,8 @@ class Config:
         if self.data.resolution < 8:
             raise ConfigError(f"data.resolution must be >= 8, got {self.data.resolution}")
         _positive(self, "train.lr", "train.timesteps.shift", "train.timesteps.std", "sample.shift")
-        _at_least(self, 0, "train.warmup_steps", "train.log_every", "train.weight_decay", "train.grad_clip", "sample.guidance",
-                  "data.num_workers", "validation.every", "data.min_size")
+        _at_least(self, 0, "train.warmup_steps", "train.log_every", "train.weight_decay", "train.grad_clip",
+                  "sample.guidance", "data.num_workers", "validation.every", "data.min_size")
         _at_least(self, 1, "train.max_consecutive_nonfinite", "sample.steps", "data.shuffle_buffer",
                   "data.bad_check_after", "data.max_caption_bytes", "data.max_image_pixels",
                   "validation.num_samples", "validation.num_sigmas", "validation.batch_size", "logging.sigma_bins")

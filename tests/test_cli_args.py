@@ -91,7 +91,7 @@ def test_the_ranks_exit_code_passes_through_the_launcher():
 @pytest.mark.slow
 def test_a_rank_user_error_under_torchrun_is_one_line_and_exit_2(tmp_path):
     """Shards whose images do not decode: only the ranks' loaders see that (the start-up checks read
-    captions, not pixels), and they stop on too many bad samples. No ChildFailedError report, exit
+    captions, not pixels), and they stop when a slot reads no usable sample. No ChildFailedError report, exit
     code 2, the ranks' one line, then the launcher's."""
     from conftest import sample_members, write_tar
     from helpers import tiny_train_args
@@ -102,8 +102,8 @@ def test_a_rank_user_error_under_torchrun_is_one_line_and_exit_2(tmp_path):
         members = [(name, b"not a png" if name.endswith(".png") else data) for name, data in members]
         shards.append(str(write_tar(tmp_path / f"bad-{s}.tar", members)))
     proc = run_t2i("train", "--nproc", 2, *tiny_train_args(f"{shards[0]}::{shards[1]}", tmp_path / "runs", "bad"),
-                   "data.max_bad_fraction=0", "data.bad_check_after=2", check=False)
+                   check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "t2i train: DataError: " in proc.stderr and "data.max_bad_fraction=0.0%" in proc.stderr
+    assert "t2i train: DataError: slot 0/2 read no usable sample in epoch 0 from 1 shard(s)" in proc.stderr
     assert "ChildFailedError" not in proc.stderr and "Traceback" not in proc.stderr
     assert "rank(s) exited (rank 0: 2" in proc.stderr and "stopped on a user error (above)" in proc.stderr

@@ -7,9 +7,9 @@ once under torchrun's failure report:
 
 1. where the run is (run.output_dir / run.name of the command line), that no live run holds it, and
    which checkpoint a resume continues from (`--resume` without one fails here);
-2. the config (its geometry checked first): on a resume the run's own config.yaml with the allowed overrides over it
-   (t2i.train.resume_config); on a fresh start defaults <- --config <- overrides, with the shapes
-   defaults following the data (t2i.train.follow_data);
+2. the config, its geometry checked first: on a resume the run's own config.yaml with the allowed
+   overrides over it (t2i.train.resume_config); on a fresh start defaults <- --config <- overrides,
+   with the shapes defaults following the data (t2i.train.follow_data);
 3. the data: every shard of data.shards and validation.shards exists (the message names the key,
    and on a resume the run's config.yaml it came from);
 4. notes for the run's log: what the resume changed, what followed the data, odd values

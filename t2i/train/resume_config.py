@@ -104,7 +104,8 @@ def review(stored: Config, new: Config, run_dir: Path, step: int, *, force: bool
     for key, old, val in diff:
         source = _source(key, overrides, config_path)
         if is_mutable(key):
-            notes.append((logging.INFO, f"resume: {key} {_show(old)} -> {_show(val)} ({source}){_lr_note(key, stored, new, step)}"))
+            lr = _lr_note(key, stored, new, step)
+            notes.append((logging.INFO, f"resume: {key} {_show(old)} -> {_show(val)} ({source}){lr}"))
         else:
             notes.append((logging.WARNING, f"resume: {key} {_show(old)} -> {_show(val)} ({source}; --force-override: "
                                            f"this changes what the run is)"))
