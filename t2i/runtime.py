@@ -13,8 +13,13 @@ def configure_environment() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")           # weights come from local folders only
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
     import warnings
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated")  # DeepSpeed's calls
+    # bitsandbytes (imported by diffusers / transformers) warns on CPUs with AVX512-BF16 that an optional
+    # 4-bit kernel package is missing; t2i never runs 4-bit kernels, and the line would precede every
+    # one-line error of a command that builds a model
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import torch
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")      # DeepSpeed's CPU accelerator + gloo

@@ -26,7 +26,6 @@ from t2i.checkpoint import store
 from t2i.config import Config, load_config
 from t2i.config_warnings import odd_values
 from t2i.data.shards import expand_shards
-from t2i.models.build import check_geometry
 from t2i.train import follow_data, resume_config
 from t2i.train.lock import RunLock
 from t2i.train.run import resume_tag
@@ -38,6 +37,7 @@ def plan_training(config_path: str | None, overrides: list[str], resume: bool | 
                   force_override: bool = False) -> tuple[Config, list[Note]]:
     """(the config to train with, notes to log). `resume`: False, True, "auto" or a tag (as --resume
     TAG). Raises T2IError subclasses for everything a user can fix."""
+    from t2i.models.build import check_geometry  # imports diffusers: after the cheap checks' imports
     where = resume_config.location(config_path, overrides)
     run_dir = Path(where[0]) / where[1]
     if "RANK" not in os.environ:  # the process the user started; ranks check it when they take the lock
@@ -54,13 +54,15 @@ def plan_training(config_path: str | None, overrides: list[str], resume: bool | 
     else:
         stored = resume_config.load_run_config(run_dir)
         layer = resume_config.requested(config_path, overrides)
-        if _asks_for_shapes_settings(layer):
-            layer = follow_data.drop_shapes_requests(layer, follow_data.peek_data(stored, _stored_key(run_dir)))
         cfg = resume_config.overlay(stored, layer, where)
-        check_geometry(cfg)
+        if _asks_for_shapes_settings(layer):  # judged on the data the resumed run reads (a forced new one too)
+            key = f"data.shards (from {run_dir / 'config.yaml'})" if cfg.data.shards == stored.data.shards else None
+            data = follow_data.peek_data(cfg, key or "data.shards")
+            cfg = resume_config.overlay(stored, follow_data.drop_shapes_requests(layer, data), where)
         step = store.read_meta(run_dir / "checkpoints", tag)["step"]
         notes = resume_config.review(stored, cfg, run_dir, step, force=force_override, overrides=overrides,
                                      config_path=config_path)
+        check_geometry(cfg)
     check_shards(cfg, stored, run_dir)
     notes += [(logging.WARNING, line) for line in odd_values(cfg)]
     return cfg, notes
@@ -75,10 +77,6 @@ def check_shards(cfg: Config, stored: Config | None = None, run_dir: Path | None
         if spec is not None:
             where = f" (from {run_dir / 'config.yaml'})" if stored is not None and spec == before else ""
             expand_shards(spec, allow_pipe_in_lists=cfg.data.allow_pipe_in_lists, key=key + where)
-
-
-def _stored_key(run_dir: Path) -> str:
-    return f"data.shards (from {run_dir / 'config.yaml'})"
 
 
 def _asks_for_shapes_settings(layer: dict) -> bool:
