@@ -57,6 +57,11 @@ def test_your_own_validation_and_prompts_are_kept(here):
                        "sample.prompts=[a photo of my dog]", tmp=here)
     assert cfg.validation.shards == shards[2] and cfg.sample.prompts == ["a photo of my dog"]
     assert [m.split(":")[0] for _, m in notes if "not the shapes domain" in m] == ["live GenEval off"]
+    cfg, notes = start(f"data.shards={shards[0]}", "sample.geneval_per_tag=1", "sample.every=2", tmp=here)
+    assert cfg.sample.geneval_per_tag == 1  # asked for with another count than the default's: kept, warned
+    warned = [m for lv, m in notes if lv == logging.WARNING and m.startswith("sample.geneval_per_tag=1 kept as set")]
+    assert len(warned) == 1 and warned[0].endswith(
+        "images-000000.tar is not the shapes domain: the live GenEval scores shapes prompts with the shapes detector")
 
 
 def test_shapes_data_elsewhere_keeps_every_shapes_setting(here):
