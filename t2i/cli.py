@@ -161,7 +161,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             print(f"t2i config: warning: {line}", file=sys.stderr)
         return 0
     configure_environment()
-    if args.command in ("train", "demo"):
+    if args.command == "demo":  # (train: t2i.train.plan checked it)
         from t2i.models.build import check_geometry
         check_geometry(cfg)  # before torchrun, DeepSpeed or any model starts
     if args.command == "demo":
