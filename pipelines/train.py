@@ -2,9 +2,8 @@
 
     t2i train                                   # the tiny CPU config, one rank
     t2i train --nproc 2 train.steps=100         # two ranks on this machine (re-launches under torchrun)
-    t2i train --config my.yaml --resume         # continue from <run>/checkpoints/latest
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 \\
-        -m t2i.cli train --config my.yaml       # a cluster
+    t2i train run.name=r --resume               # continue from <run>/checkpoints/latest with its config.yaml
+    sbatch --nodes 2 slurm/train.sbatch --config my.yaml   # a cluster: one srun task per rank (slurm/README.md)
 
 Reads top to bottom: distributed setup -> run folder -> frozen encoders + VAE -> model under
 DeepSpeed -> EMA -> resume -> data -> loop (loss, step, EMA, log, evaluate, checkpoint) -> samples + plots.
@@ -16,12 +15,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
 from t2i.checkpoint.ema import ShardedEMA
-from t2i.config import Config
+from t2i.config import Config, log_interval
 from t2i.data import cache as cache_lib
 from t2i.data.loader import TrainLoader, bad_counts, note_counts
 from t2i.errors import Preempted
@@ -35,28 +35,33 @@ from t2i.train.live_eval import LiveEval
 from t2i.train.logger import RunLogger, log, setup_logging
 from t2i.train.preemption import PreemptionGuard
 from t2i.train.lock import run_lock
-from t2i.train.run import accept, finish, prepare_run_dir, run_dir_of
+from t2i.train.run import accept, finish, prepare_run_dir, resume_command, run_dir_of
 from t2i.train.step import NonFiniteGuard, compute_loss
 from t2i.train.timing import Phases, comm_seconds, peak_memory_gb
 
 
-def main(cfg: Config, resume: bool | str = False, stop_at: int | None = None, save_last: bool = True) -> Path:
+def main(cfg: Config, resume: bool | str = False, stop_at: int | None = None, save_last: bool = True,
+         notes: Sequence[tuple[int, str]] = ()) -> Path:
     """Train to cfg.train.steps (or stop and checkpoint at `stop_at`; `t2i bench` passes save_last=False).
     `resume="auto"` continues from the run's latest checkpoint when there is one (what a requeued SLURM
-    job does). SIGUSR1 / SIGTERM checkpoint at the next step boundary and raise `Preempted`."""
+    job does). SIGUSR1 / SIGTERM checkpoint at the next step boundary and raise `Preempted`. `notes`:
+    (level, line) pairs from t2i.train.plan (resume changes, settings that followed the data, odd
+    values), logged by rank 0 into the run's log."""
     guard = PreemptionGuard()  # first: a signal during start-up must not kill the process half-way
     rank, world = engine_lib.init_distributed()
     with run_lock(run_dir_of(cfg), rank):  # one run per folder; the second start fails at once
-        return train(cfg, guard, rank, world, resume, stop_at, save_last)
+        return train(cfg, guard, rank, world, resume, stop_at, save_last, notes)
 
 
 def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bool | str, stop_at: int | None,
-          save_last: bool) -> Path:
+          save_last: bool, notes: Sequence[tuple[int, str]] = ()) -> Path:
     device = engine_lib.device()
     run_dir, resume_tag = prepare_run_dir(cfg, rank, resume)
     setup_logging(run_dir, rank)
     log.info("run %s: stage %s, %d rank(s), device %s, ZeRO-%d, %s", run_dir, cfg.stage, world, device.type,
              cfg.deepspeed.zero_stage, cfg.deepspeed.precision)
+    for level, line in notes if rank == 0 else ():
+        log.log(level, line)
 
     # Frozen conditioning and autoencoder: built identically on every rank, never optimised.
     text, vae = build_frozen(cfg, device)
@@ -97,6 +102,7 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
     phases = Phases(cfg.logging.phase_times, device, comm=comm_seconds)  # off by default: it syncs the GPU
 
     end = min(cfg.train.steps, stop_at or cfg.train.steps)
+    log_every = log_interval(cfg.train)
     t_loop = time.perf_counter()
     if (signum := guard.agreed(device)) and step < end:  # signalled during start-up: nothing new to save
         logger.close()
@@ -130,7 +136,7 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
                    "elapsed_s": time.perf_counter() - t_loop, **phases.collect()}
         if phases.enabled:
             metrics["peak_mem_gb"] = peak_memory_gb(device)
-        if step % cfg.train.log_every == 0 or step == end:
+        if step % log_every == 0 or step == end:
             metrics.update(sigma_stats.summary(device))
         if validation and ((cfg.validation.every and step % cfg.validation.every == 0) or step == end):
             metrics.update(validation(engine, dtype))
@@ -153,5 +159,8 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
         keys_file.close()
     if rank == 0 and step == cfg.train.steps:
         finish(cfg, run_dir, text, vae, checkpointer.root, device)
+    elif step == stop_at and checkpointer.last_saved == step:
+        log.info("stopped at step %d of %d (--stop-at); resume with: %s", step, cfg.train.steps,
+                 resume_command(cfg, world))
     dist.barrier()
     return run_dir

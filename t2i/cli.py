@@ -1,7 +1,7 @@
 """The `t2i` command.
 
     t2i demo  [--nproc 2] [key=value ...]          shapes shards -> train the tiny model -> samples + loss plot
-    t2i train [--config C] [--resume] [--nproc N] [key=value ...]
+    t2i train [--config C] [--resume [TAG] | --auto-resume] [--nproc N] [--stop-at S] [key=value ...]
     t2i config [--config C] [key=value ...]        print the resolved, validated config
     t2i make-shards {shapes,folder} ...            write WebDataset shards (tools/make_shards.py)
     t2i slowflow --ckpt LABEL=RUN ... --steps 4 8 16 32 --out DIR   exposure-bias report (pipelines/slowflow.py)
@@ -14,7 +14,8 @@
     t2i ckpt {list,consolidate,export,universal}   checkpoint tools: safetensors, diffusers folder (tools/ckpt.py)
     t2i cache --config C --out DIR [--nproc N]     precompute text encodings + VAE latents (data.cache=DIR)
 
-Nothing is ever downloaded from a model hub: every pretrained component is a local path.
+Config overrides (key.path=value) may go anywhere on the line. Nothing is ever downloaded from a
+model hub: every pretrained component is a local path.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import importlib
 import sys
 
+from t2i.cliargs import add_overrides_argument, parse_with_overrides
 from t2i.cmdline import HelpFormatter
 from t2i.errors import EXIT_PREEMPTED, EXIT_USER, Preempted, T2IError
 from t2i.runtime import configure_environment, relaunch, under_launcher
@@ -71,6 +73,20 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"] and under_launcher():  # a training rank: a requeue signal must not kill it
         from t2i.train.preemption import install_early
         install_early()
+    args = parse(argv)
+    try:
+        return run(args, argv)
+    except T2IError as e:  # the one place user errors are reported: one line, exit 2
+        print(f"t2i {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_USER
+    except Preempted as e:
+        print(f"t2i: {e}; exiting with {EXIT_PREEMPTED} (requeue and resume with --auto-resume)", file=sys.stderr)
+        return EXIT_PREEMPTED
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line -> its namespace; `key=value` overrides anywhere (t2i.cliargs) in `.overrides`.
+    A tool command (TOOLS) gets the rest of the line verbatim in `.rest`."""
     parser = argparse.ArgumentParser(prog="t2i", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                         ("config", "print the resolved config")]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", default=None, help="YAML config (default: configs/tiny-cpu.yaml)")
-        p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+        add_overrides_argument(p)
         if name in ("train", "demo"):
             p.add_argument("--nproc", type=int, default=2 if name == "demo" else 1,
                            help="local ranks to launch with torchrun (ignored when already under a launcher)")
@@ -89,9 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         if name == "train":
             p.add_argument("--resume", nargs="?", const=True, default=False, metavar="TAG",
                            help="continue from <run>/checkpoints/latest, or from TAG (a tag name or folder of "
-                                "this run, e.g. when the newest checkpoint is damaged)")
+                                "this run, e.g. when the newest checkpoint is damaged), with the run's own "
+                                "config.yaml; overrides may only change what may change mid-run (docs/resume.md)")
             p.add_argument("--auto-resume", action="store_true",
                            help="resume when <run>/checkpoints/latest exists, else start (for requeued jobs)")
+            p.add_argument("--force-override", action="store_true",
+                           help="with --resume: also apply overrides that change the run's identity (model, "
+                                "data, objective, seed, ZeRO stage, batch ...), e.g. after moving the data")
             p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                            help="checkpoint and stop at this step (resume later with --resume)")
     p = sub.add_parser("sample", help="sample a prompt set into GenEval's folder layout (pipelines/sample.py)",
@@ -105,26 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.choices[name]
         p.add_argument("--config", default=None, help="config for a diffusers --ckpt (default: configs/tiny-cpu.yaml)")
         p.add_argument("--nproc", type=int, default=1, help="local ranks to launch with torchrun")
-        p.add_argument("overrides", nargs="*", help="key.path=value overrides of --config")
+        add_overrides_argument(p)
     for name in TOOLS:
         p = sub.add_parser(name, help=TOOLS[name][1], add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
     if argv and argv[0] in TOOLS:  # their own argparse takes the rest verbatim
-        args = argparse.Namespace(command=argv[0], rest=argv[1:])
-    else:
-        args = parser.parse_args(argv)
-        if isinstance(getattr(args, "resume", None), str) and "=" in args.resume:  # `--resume key=value`
-            args.overrides.insert(0, args.resume)
-            args.resume = True
-
-    try:
-        return run(args, argv)
-    except T2IError as e:  # the one place user errors are reported: one line, exit 2
-        print(f"t2i {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_USER
-    except Preempted as e:
-        print(f"t2i: {e}; exiting with {EXIT_PREEMPTED} (requeue and resume with --auto-resume)", file=sys.stderr)
-        return EXIT_PREEMPTED
+        return argparse.Namespace(command=argv[0], rest=argv[1:])
+    return parse_with_overrides(parser, argv, subparsers=sub, optional_values=("resume",))
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -139,13 +146,23 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     from t2i.config import load_config
 
-    cfg = load_config(args.config, args.overrides)  # a config error ends here, before any heavy import
+    notes = []
+    if args.command == "train":  # the run's own config on a resume, the data checked: before any rank starts
+        configure_environment()
+        from t2i.train.plan import plan_training
+        cfg, notes = plan_training(args.config, args.overrides, "auto" if args.auto_resume else args.resume,
+                                   force_override=args.force_override)
+    else:
+        cfg = load_config(args.config, args.overrides)  # a config error ends here, before any heavy import
     if args.command == "config":
         from t2i.config import describe
+        from t2i.config_warnings import odd_values
         print(describe(args.config, args.overrides), end="")  # + what model.pretrained implied, placeholders
+        for line in odd_values(cfg):
+            print(f"t2i config: warning: {line}", file=sys.stderr)
         return 0
     configure_environment()
-    if args.command in ("train", "demo"):
+    if args.command == "demo":  # (train: t2i.train.plan checked it)
         from t2i.models.build import check_geometry
         check_geometry(cfg)  # before torchrun, DeepSpeed or any model starts
     if args.command == "demo":
@@ -157,7 +174,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         module = importlib.import_module("pipelines.sample" if args.command == "sample" else "pipelines.evaluate")
         return module.main(args, cfg)
     from pipelines.train import main as train
-    train(cfg, resume="auto" if args.auto_resume else args.resume, stop_at=args.stop_at)
+    train(cfg, resume="auto" if args.auto_resume else args.resume, stop_at=args.stop_at, notes=notes)
     return 0
 
 

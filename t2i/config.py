@@ -170,7 +170,8 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 3  # non-finite loss/grad steps are skipped; this many in a row stop the run
     ckpt_every: int = 300
     keep_last: int = 3              # keep the newest N complete checkpoints (+ the one `latest` names); 0 = all
-    log_every: int = 25
+    log_every: int = 0              # a log line (+ sigma-bin losses) every N steps; 0 = auto: min(25, steps // 10),
+                                    # so a short run still logs ~10 times (log_interval)
 
 
 @dataclass
@@ -273,7 +274,7 @@ class Config:
         _choice("sample.sigmas", self.sample.sigmas, ["auto", "t2i", "diffusers"])
         if not 0.0 <= self.train.mixflow_gamma <= 1.0:
             raise ConfigError(f"train.mixflow_gamma must be in [0, 1], got {self.train.mixflow_gamma}")
-        for key in ("steps", "micro_batch_size", "grad_accum", "ckpt_every", "log_every"):
+        for key in ("steps", "micro_batch_size", "grad_accum", "ckpt_every"):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self.train, key)}")
         if self.train.keep_last < 0:
@@ -292,8 +293,8 @@ class Config:
         if self.data.resolution < 8:
             raise ConfigError(f"data.resolution must be >= 8, got {self.data.resolution}")
         _positive(self, "train.lr", "train.timesteps.shift", "train.timesteps.std", "sample.shift")
-        _at_least(self, 0, "train.warmup_steps", "train.weight_decay", "train.grad_clip", "sample.guidance",
-                  "data.num_workers", "validation.every", "data.min_size")
+        _at_least(self, 0, "train.warmup_steps", "train.log_every", "train.weight_decay", "train.grad_clip",
+                  "sample.guidance", "data.num_workers", "validation.every", "data.min_size")
         _at_least(self, 1, "train.max_consecutive_nonfinite", "sample.steps", "data.shuffle_buffer",
                   "data.bad_check_after", "data.max_caption_bytes", "data.max_image_pixels",
                   "validation.num_samples", "validation.num_sigmas", "validation.batch_size", "logging.sigma_bins")
@@ -317,6 +318,12 @@ class Config:
         if kind != "auto":
             return kind
         return "mixflow" if self.train.objective == "mixflow" else "logit_normal"
+
+
+def log_interval(train: TrainConfig) -> int:
+    """Steps between log lines: train.log_every, or with 0 (auto) every 25 steps but at least ~10
+    times per run (a 100-step MixFlow stage logs every 10 steps, a 20-step test every 2)."""
+    return train.log_every or max(1, min(25, train.steps // 10))
 
 
 def _get(cfg: "Config", key: str):

@@ -13,8 +13,13 @@ def configure_environment() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")           # weights come from local folders only
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
     import warnings
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated")  # DeepSpeed's calls
+    # bitsandbytes (imported by diffusers / transformers) warns on CPUs with AVX512-BF16 that an optional
+    # 4-bit kernel package is missing; t2i never runs 4-bit kernels, and the line would precede every
+    # one-line error of a command that builds a model
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import torch
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")      # DeepSpeed's CPU accelerator + gloo
@@ -28,8 +33,9 @@ def under_launcher() -> bool:
 
 
 def relaunch(nproc: int, argv: list[str]) -> int:
-    """Re-run `t2i <argv>` under torchrun with `nproc` local ranks (--nproc removed); its exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    """Re-run `t2i <argv>` under torchrun with `nproc` local ranks (--nproc removed); the ranks' exit
+    code (t2i.launch: 2 for a user error, 99 when preempted, without torchrun's failure report)."""
+    cmd = [sys.executable, "-m", "t2i.launch", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "t2i.cli", *strip_nproc(argv)]
     return subprocess.call(cmd)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_t2i(*args, timeout=600, check=True, env=None) -> subprocess.CompletedProcess:
+def run_t2i(*args, timeout=600, check=True, env=None, cwd=REPO) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
                     PYTHONPATH=str(REPO), **(env or {}))
-    proc = subprocess.run([sys.executable, "-m", "t2i.cli", *map(str, args)], cwd=REPO, env=full_env,
+    proc = subprocess.run([sys.executable, "-m", "t2i.cli", *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"t2i {' '.join(map(str, args))} failed ({proc.returncode}):\n"

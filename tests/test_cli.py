@@ -77,8 +77,10 @@ def test_a_run_from_before_the_regrouping_resumes(make_shards, tmp_path):
     shards = make_shards(n_shards=2, per_shard=16)
     runs = tmp_path / "runs"
     shutil.copytree(OLD_RUN, runs / "old")
+    # the copied run's data is elsewhere now: a data override on a resume needs --force-override
     proc = run_t2i("train", "--config", runs / "old" / "config.yaml", "--resume", f"run.output_dir={runs}",
-                   "run.name=old", f"data.shards={shards[0]}::{shards[1]}", "train.steps=3", "sample.steps=2")
+                   "run.name=old", f"data.shards={shards[0]}::{shards[1]}", "train.steps=3", "sample.steps=2",
+                   "--force-override")
     assert "resumed from" in proc.stderr + proc.stdout and "at step 2" in proc.stderr + proc.stdout
     assert store.latest_tag(runs / "old" / "checkpoints") == "step00000003"
 

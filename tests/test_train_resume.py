@@ -1,6 +1,7 @@
 """Exact resume on 2 gloo ranks under real DeepSpeed: k steps + stop + resume k == 2k straight."""
 
 import glob
+import shlex
 
 import pytest
 
@@ -44,3 +45,38 @@ def test_stop_and_resume_gives_the_same_losses_and_samples(make_shards, tmp_path
     evals = [r for r in read_records(straight) if "geneval" in r]
     assert [r["step"] for r in evals] == [2, 4, 6]
     assert all(set(r["geneval"]) == {"overall", *TAGS} and 0 <= r["geneval"]["overall"] <= 1 for r in evals)
+
+
+@pytest.mark.slow
+def test_a_resume_takes_the_runs_own_config_and_an_allowed_override_extends_it(make_shards, tmp_path):
+    """The issue's case: a run on the user's data, stopped, resumed with only its name (the command
+    --stop-at prints) from a folder where the default config's data does not exist: it continues on
+    its own data with the same losses as a straight run. Then train.steps is extended (logged), and a
+    data override is refused naming the key."""
+    shards = make_shards(n_shards=2, per_shard=12)
+    runs = tmp_path / "runs"
+    common = {"train.steps": 4, "validation.shards": "null"}  # + the tiny settings of tiny_train_args
+    run_t2i("train", *tiny_train_args(f"{shards[0]}::{shards[1]}", runs, "straight", **common))
+    stopped = run_t2i("train", *tiny_train_args(f"{shards[0]}::{shards[1]}", runs, "split", **common), "--stop-at", 2)
+    hint = [line for line in stopped.stderr.splitlines() if "(--stop-at); resume with: " in line]
+    assert len(hint) == 1 and hint[0].endswith(f"stopped at step 2 of 4 (--stop-at); resume with: t2i train "
+                                               f"run.name=split run.output_dir={runs} --resume")
+    command = shlex.split(hint[0].split("resume with: ")[1])
+    assert command[:2] == ["t2i", "train"]
+
+    resumed = run_t2i(*command[1:], cwd=tmp_path)  # no data/ here: the default data.shards does not exist
+    assert f"resumed from {runs / 'split/checkpoints/step00000002'} at step 2" in resumed.stderr
+    a, b = losses(runs / "straight"), losses(runs / "split")
+    assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-6, (a, b)
+
+    extended = run_t2i(*command[1:], "train.steps=6", cwd=tmp_path)
+    log = (runs / "split" / "train.log").read_text()
+    assert f"config: the run's own {runs / 'split/config.yaml'} + 1 change(s)" in log
+    assert "resume: train.steps 4 -> 6 (command line); the cosine schedule now ends at step 6" in log
+    assert "resumed from" in extended.stderr and len(losses(runs / "split")) == 6
+    assert "steps: 6" in (runs / "split" / "config.yaml").read_text()  # the next resume starts from 6
+
+    refused = run_t2i(*command[1:], f"data.shards={shards[0]}", cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "would change what" in refused.stderr and "data.shards '/" in refused.stderr
+    assert f"shard-000001.tar' -> '{shards[0]}'; start a new run" in refused.stderr

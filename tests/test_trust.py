@@ -125,7 +125,7 @@ def test_resume_and_init_from_refuse_a_planted_checkpoint(planted, make_shards, 
     shards = make_shards(n_shards=2, per_shard=8)
     run, path, marker = planted("optimizer")
     args = tiny_train_args(f"{shards[0]}::{shards[1]}", run.parent, run.name, **{"train.steps": 3})
-    resumed = run_t2i("train", "--config", run / "config.yaml", "--resume", *args, check=False)
+    resumed = run_t2i("train", "--config", run / "config.yaml", "--resume", "--force-override", *args, check=False)
     assert resumed.returncode == 2 and path in resumed.stderr and "posix.system" in resumed.stderr
     child = run_t2i("train", "--config", run / "config.yaml", *tiny_train_args(
         shards[0], tmp_path / "runs", "child", **{"train.steps": 2, "train.init_from": run,

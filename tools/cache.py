@@ -21,6 +21,8 @@ from t2i.cmdline import parser as make_parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from t2i.cliargs import add_overrides_argument, parse_with_overrides
+
     p = make_parser("cache", __doc__.split("\n")[0], epilog=__doc__)
     p.add_argument("--config", default=None, help="YAML config (default: configs/tiny-cpu.yaml)")
     p.add_argument("--out", required=True, help="cache folder (training: data.cache=<this folder>)")
@@ -30,8 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                          "every nproc-th shard)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("overrides", nargs="*", help="key.path=value overrides of --config")
-    return p.parse_intermixed_args(argv)
+    add_overrides_argument(p)
+    return parse_with_overrides(p, argv)
 
 
 def main(argv=None) -> int:

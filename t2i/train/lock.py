@@ -43,6 +43,11 @@ def _stale(other: dict, me: dict) -> bool:
         other.get("host") != me["host"] or other.get("pid") != me["pid"])
 
 
+def _me() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "slurm_job": os.environ.get("SLURM_JOB_ID")}
+
+
 class RunLock:
     """`with RunLock(run_dir):` or acquire() / release(). Owned by one process (rank 0)."""
 
@@ -56,10 +61,16 @@ class RunLock:
         except (FileNotFoundError, ValueError):
             return None
 
+    def check_free(self) -> None:
+        """Raise the ConfigError `acquire` would raise if the folder is held by a live run, without
+        taking the lock (t2i.train.plan: a busy run folder is named before any rank starts)."""
+        other = self.holder()
+        if other and not _stale(other, _me()):
+            raise ConfigError(self._busy_message(other))
+
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "slurm_job": os.environ.get("SLURM_JOB_ID")}
+        me = _me()
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

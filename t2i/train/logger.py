@@ -12,6 +12,8 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from t2i.config import log_interval
+
 log = logging.getLogger("t2i")
 
 
@@ -36,11 +38,11 @@ class _TqdmHandler(logging.Handler):
 
 
 class RunLogger:
-    """Per-step metrics to metrics.jsonl (every step) and wandb; a console line every `log_every`."""
+    """Per-step metrics to metrics.jsonl (every step) and wandb; a console line every log_interval steps."""
 
     def __init__(self, run_dir: Path, cfg, rank: int, start_step: int):
         self.rank, self.cfg = rank, cfg
-        self.log_every = cfg.train.log_every
+        self.log_every = log_interval(cfg.train)
         self.wandb = None
         if rank != 0:
             return

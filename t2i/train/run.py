@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import shlex
 from pathlib import Path
 
 import torch.distributed as dist
 
 from t2i.checkpoint import loading, store
-from t2i.config import Config, save_config
+from t2i.config import Config, RunConfig, save_config
 from t2i.errors import ConfigError
 
 log = logging.getLogger("t2i")
@@ -16,6 +17,15 @@ log = logging.getLogger("t2i")
 
 def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.run.output_dir) / cfg.run.name
+
+
+def resume_command(cfg: Config, world: int) -> str:
+    """The shortest command line that continues this run: the run folder holds its config, so its
+    name (and output folder, when not the default) is all a resume needs."""
+    args = ["t2i", "train", *(["--nproc", str(world)] if world > 1 else []), f"run.name={cfg.run.name}"]
+    if cfg.run.output_dir != RunConfig().output_dir:
+        args.append(f"run.output_dir={cfg.run.output_dir}")
+    return shlex.join([*args, "--resume"])
 
 
 def holds_a_run(run_dir: Path) -> bool:
@@ -30,6 +40,11 @@ def prepare_run_dir(cfg: Config, rank: int, resume: bool | str) -> tuple[Path, s
     (a job killed before its first checkpoint). `resume` may also name a tag of this run (or its
     folder): a resume from an older checkpoint than `latest`. Writes nothing (see `accept`)."""
     run_dir = run_dir_of(cfg)
+    return run_dir, resume_tag(run_dir, resume)
+
+
+def resume_tag(run_dir: Path, resume: bool | str) -> str | None:
+    """The tag `resume` names in `run_dir` (see prepare_run_dir); raises ConfigError as it does."""
     ckpt_root = run_dir / "checkpoints"
     if resume == "auto":
         tag = store.latest_tag(ckpt_root)
@@ -44,7 +59,7 @@ def prepare_run_dir(cfg: Config, rank: int, resume: bool | str) -> tuple[Path, s
         tag = None
         if holds_a_run(run_dir):
             raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or set run.name")
-    return run_dir, tag
+    return tag
 
 
 def _named_tag(ckpt_root: Path, spec: str) -> str:
