@@ -494,7 +494,7 @@ def verdicts(results: dict) -> list[str]:
     helped, hurt = [], []
     for cell, v in table.items():
         for name, t in v["tests"].items():
-            if "p_holm" not in t:
+            if "p_holm" not in t or not name.endswith("vs control"):
                 continue
             same_sign = all(d > 0 for d in t["diff_per_seed"]) or all(d < 0 for d in t["diff_per_seed"])
             if t["p_holm"] < 0.05 and same_sign:

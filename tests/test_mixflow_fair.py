@@ -1,0 +1,53 @@
+"""The fair MixFlow driver's decisions: the pre-registered cut order of cells, the convergence rule, and the
+mechanical verdicts (the full run is `python -m tools.mixflow_fair`; `SMOKE=1 bash tools/mixflow_fair_gpu.sh`
+runs every stage on a tiny model in minutes)."""
+
+import pytest
+
+from tools.mixflow_fair import cells, converged, fit_budget, nfe, verdicts
+
+
+class Args:
+    steps = [2, 4, 8, 16, 32]
+    guidance = None
+
+
+def test_cells_are_steps_times_cfg_one_and_the_trained_scale():
+    got = cells(Args, 3.0)
+    assert got == [(n, 1.0) for n in Args.steps] + [(n, 3.0) for n in Args.steps]
+    assert nfe((8, 1.0)) == 8 and nfe((8, 3.0)) == 16  # CFG evaluates the model twice
+
+
+def test_budget_cuts_cfg_one_first_then_the_middle_step_counts_never_more_than_needed():
+    all_cells = cells(Args, 3.0)
+    per = 1.0 / (2000 * 13)  # one second per NFE per image over all models and images
+    kept, dropped = fit_budget(all_cells, per, 2000, 13, budget_s=1e9)
+    assert kept == all_cells and dropped == []
+    full_cfg = sum(nfe(c) for c in all_cells if c[1] == 3.0)         # 124
+    kept, dropped = fit_budget(all_cells, per, 2000, 13, budget_s=full_cfg)
+    assert dropped == [(n, 1.0) for n in Args.steps] and kept == [(n, 3.0) for n in Args.steps]
+    kept, dropped = fit_budget(all_cells, per, 2000, 13, budget_s=2 * (2 + 32 + 16))
+    assert kept == [(2, 3.0), (16, 3.0), (32, 3.0)] and dropped[-2:] == [(4, 3.0), (8, 3.0)]
+
+
+def test_convergence_compares_the_last_checkpoint_with_the_one_at_80_percent():
+    curve = {100 * k: 1.0 / k for k in range(1, 11)}        # 1/k: 0.125 at 800, 0.1 at 1000
+    ok, change = converged(curve, 0.01)
+    assert not ok and change == pytest.approx(0.25)
+    flat = {**curve, 800: 0.1009}
+    assert converged(flat, 0.01) == (True, pytest.approx(0.009))
+
+
+def test_verdicts_need_holm_significance_and_the_same_sign_in_every_seed():
+    base = {"converged": True, "change_last_20pct": 0.004}
+    test = {"a_only": 40, "b_only": 90, "p": 1e-5, "p_holm": 6e-5, "diff_per_seed": [0.02, 0.03, 0.01]}
+    results = {"converged_tol": 0.01, "base": base,
+               "cells_table": {"N4-g3": {"tests": {"mixflow-g0.8 vs control": test,
+                                                   "mixflow-g0.8 vs gamma0": {**test, "p": 0.2}}}}}
+    lines = verdicts(results)
+    assert lines[0].endswith("yes (0.40%)")
+    assert "C1 MixFlow beats control at few steps (Holm p < 0.05, same sign in every seed): " \
+           "mixflow-g0.8 vs control at N4-g3" in lines
+    assert lines[-1].endswith(": no")  # C2: not significant against gamma0
+    test["diff_per_seed"] = [0.02, -0.01, 0.03]                  # one seed disagrees: not counted
+    assert "C1 MixFlow beats control at few steps (Holm p < 0.05, same sign in every seed): no" in verdicts(results)
