@@ -27,8 +27,9 @@ from t2i.data.loader import TrainLoader, bad_counts, note_counts
 from t2i.errors import Preempted
 from t2i.io import write_json
 from t2i.models.build import build_for, build_frozen
-from t2i.models.mmdit import count_parameters
-from t2i.train import engine as engine_lib, faults
+from t2i.models import attention
+from t2i.models.mmdit import checkpointed_blocks, count_parameters
+from t2i.train import engine as engine_lib, faults, optim, step_profile
 from t2i.train.checkpointer import Checkpointer, init_from_parent
 from t2i.train.diagnostics import FixedSigmaValidation, SigmaStats
 from t2i.train.live_eval import LiveEval
@@ -70,12 +71,17 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
             write_json(run_dir / "parent.json", parent, indent=1)
         log.info("initialised %s weights from %s", parent.get("weights", "diffusers"), parent["path"])
     engine, optimizer = engine_lib.initialize(model, cfg)
+    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+    log_speed_setup(cfg, model, optimizer, text, vae, dtype, device)
     ema = ShardedEMA(engine.module, cfg.train.ema_decay)
     generator = torch.Generator().manual_seed(1_000_003 * cfg.run.seed + rank)  # noise, sigma, dropout
 
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg, engine, ema, generator, world, save_last)
     faults.install(guard, checkpointer)  # test-suite hooks, only when their variables are set
     step, data_state, skipped = checkpointer.restore(resume_tag) if resume_tag else (0, None, 0)
+    if resume_tag:  # the checkpoint restored its own param-group settings; the config's apply
+        optim.restore_settings(optimizer, cfg, device)
+        log.info("optimizer after resume: %s", optim.describe(optimizer))
     nonfinite = NonFiniteGuard(cfg.train.max_consecutive_nonfinite, skipped)
 
     cache_identity = cache_lib.identity(text, vae, cfg) if cfg.data.cache else None
@@ -87,7 +93,6 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
     logger = RunLogger(run_dir, cfg, rank, start_step=step)
     live_eval = LiveEval(cfg, text, vae, device, run_dir)
     sigma_stats = SigmaStats(cfg.logging.sigma_bins)
-    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
     validation = FixedSigmaValidation(cfg.validation, cfg.data, text, vae, device) if cfg.validation.shards else None
     if validation and step == 0 and cfg.train.init_from:  # the parent's validation loss, for reference
         logger.validation(0, validation(engine, dtype))
@@ -95,9 +100,10 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
     keys_file = open(run_dir / f"sample_keys.rank{rank}.jsonl", "a") if cfg.logging.sample_keys else None
     images_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
     phases = Phases(cfg.logging.phase_times, device, comm=comm_seconds)  # off by default: it syncs the GPU
+    step_profile.install(optimizer, phases)  # DeepSpeed's step by part (opt.* phases), with phase_times only
 
     end = min(cfg.train.steps, stop_at or cfg.train.steps)
-    t_loop = time.perf_counter()
+    t_loop, cpu_loop = time.perf_counter(), time.process_time()
     if (signum := guard.agreed(device)) and step < end:  # signalled during start-up: nothing new to save
         logger.close()
         raise Preempted(step, signum, saved=False)
@@ -128,8 +134,9 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
                    "bad": bad_counts(loader, engine_lib.sum_over_ranks),
                    "notes": note_counts(loader, engine_lib.sum_over_ranks),
                    "elapsed_s": time.perf_counter() - t_loop, **phases.collect()}
-        if phases.enabled:
-            metrics["peak_mem_gb"] = peak_memory_gb(device)
+        if phases.enabled:  # CPU time of this process (all threads) since the loop began: steadier than
+            metrics.update(peak_mem_gb=peak_memory_gb(device), cpu_s=time.process_time() - cpu_loop)  # wall time
+
         if step % cfg.train.log_every == 0 or step == end:
             metrics.update(sigma_stats.summary(device))
         if validation and ((cfg.validation.every and step % cfg.validation.every == 0) or step == end):
@@ -155,3 +162,15 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
         finish(cfg, run_dir, text, vae, checkpointer.root, device)
     dist.barrier()
     return run_dir
+
+
+def log_speed_setup(cfg: Config, model, optimizer, text, vae, dtype, device) -> None:
+    """One line each: the optimizer, the attention kernel (probed at the model's shapes; a forced
+    model.attention_backend that cannot run is refused here) and the checkpointed blocks."""
+    log.info("optimizer: %s", optim.describe(optimizer))
+    shape = attention.model_shape(model.config, vae.latent_size(cfg.data.resolution), text.seq_len)
+    probed = attention.probe(**shape, dtype=dtype, device=device)
+    log.info(attention.describe(probed, attention.resolve(cfg.model.attention_backend, probed)))
+    blocks = checkpointed_blocks(len(model.transformer_blocks), cfg.model.gradient_checkpointing)
+    if blocks:
+        log.info("activation checkpointing: blocks %s of %d", ",".join(map(str, blocks)), len(model.transformer_blocks))

@@ -1,4 +1,4 @@
-"""Distributed setup and the DeepSpeed engine: ZeRO stage, precision, AdamW, LR schedule.
+"""Distributed setup and the DeepSpeed engine: ZeRO stage, precision, the optimizer, LR schedule.
 
 Launch with torchrun (or srun -> torchrun). On a machine without CUDA, DeepSpeed runs on its CPU
 accelerator with the gloo backend (`DS_ACCELERATOR=cpu`, set by t2i/cli.py before the import).
@@ -6,14 +6,16 @@ accelerator with the gloo backend (`DS_ACCELERATOR=cpu`, set by t2i/cli.py befor
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import socket
 
 import torch
 
-from t2i.config import Config, TrainConfig, deep_merge
+from t2i.config import Config, TrainConfig
+from t2i.errors import ConfigError
+from t2i.train import optim
+from t2i.train.ds_config import deepspeed_config  # noqa: F401  (the generated DeepSpeed JSON; re-exported)
 
 
 def init_distributed() -> tuple[int, int]:
@@ -65,30 +67,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed_config(cfg: Config) -> dict:
-    """The DeepSpeed JSON config generated from ours; `deepspeed.extra` is merged on top."""
-    ds = {
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "gradient_clipping": cfg.train.grad_clip,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-        # Skip (and report through was_step_applied) any step whose gradient norm is not finite.
-        "bf16": {"enabled": cfg.deepspeed.precision == "bf16", "check_grad_overflow": True},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if cfg.logging.phase_times:  # time DeepSpeed's collectives (t2i.train.timing.comm_seconds); syncs each op
-        ds["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False, "debug": False}
-    return deep_merge(ds, copy.deepcopy(cfg.deepspeed.extra))
-
-
 def initialize(model: torch.nn.Module, cfg: Config):
-    """(engine, optimizer). The optimizer is torch's AdamW (no JIT build); ZeRO partitions it."""
+    """(engine, optimizer). The optimizer is t2i's choice (t2i.train.optim: fused torch AdamW by default);
+    ZeRO partitions it. hpZ's secondary partition must divide the world size."""
     import deepspeed
 
-    t = cfg.train
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
-                                  betas=tuple(t.betas), weight_decay=t.weight_decay)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    hpz = cfg.deepspeed.zero_hpz_partition_size
+    if hpz > 1 and world % hpz:
+        raise ConfigError(f"deepspeed.zero_hpz_partition_size={hpz} must divide the world size {world} "
+                          f"(set it to the GPUs per node)")
+    if cfg.deepspeed.zero_quantized_weights and not torch.cuda.is_available():
+        raise ConfigError("deepspeed.zero_quantized_weights needs a GPU: DeepSpeed's weight quantizer has no CPU "
+                          "kernel (zero_quantized_gradients and zero_hpz_partition_size do run on the CPU)")
+    optimizer = optim.build([p for p in model.parameters() if p.requires_grad], cfg, device())
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=deepspeed_config(cfg))
     return engine, optimizer
