@@ -23,7 +23,7 @@ import torch.distributed as dist
 from t2i.checkpoint.ema import ShardedEMA
 from t2i.config import Config
 from t2i.data import cache as cache_lib
-from t2i.data.loader import TrainLoader, bad_counts, note_counts
+from t2i.data.loader import BAD_REASONS, CAPTION_NOTES, TrainLoader
 from t2i.errors import Preempted
 from t2i.io import write_json
 from t2i.models.build import build_for, build_frozen
@@ -128,15 +128,13 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
         if nonfinite.update(engine.was_step_applied()):  # else DeepSpeed skipped a non-finite update
             with phases("ema"):
                 ema.update(engine.module)
-        metrics = {"loss": engine_lib.mean_over_ranks(torch.stack(losses).mean()), "lr": lr,
-                   "images_per_s": images_per_step / (time.perf_counter() - t0),
+        t_book = time.perf_counter()  # the loop's own bookkeeping from here on: the `loop` phase
+        mean_loss, bad, notes = engine_lib.step_values_over_ranks(losses, loader.counts(), BAD_REASONS, CAPTION_NOTES)
+        metrics = {"loss": mean_loss, "lr": lr, "images_per_s": images_per_step / (time.perf_counter() - t0),
                    "grad_norm": engine_lib.grad_norm(engine), "skipped_nonfinite": nonfinite.skipped,
-                   "bad": bad_counts(loader, engine_lib.sum_over_ranks),
-                   "notes": note_counts(loader, engine_lib.sum_over_ranks),
-                   "elapsed_s": time.perf_counter() - t_loop, **phases.collect()}
-        if phases.enabled:  # CPU time of this process (all threads) since the loop began: steadier than
-            metrics.update(peak_mem_gb=peak_memory_gb(device), cpu_s=time.process_time() - cpu_loop)  # wall time
-
+                   "bad": bad, "notes": notes, "elapsed_s": time.perf_counter() - t_loop, **phases.collect()}
+        if phases.enabled:  # cpu_s: this process's CPU time (all threads) since the loop began (t2i bench)
+            metrics.update(peak_mem_gb=peak_memory_gb(device), cpu_s=time.process_time() - cpu_loop)
         if step % cfg.train.log_every == 0 or step == end:
             metrics.update(sigma_stats.summary(device))
         if validation and ((cfg.validation.every and step % cfg.validation.every == 0) or step == end):
@@ -153,6 +151,7 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
             checkpointer.save(step, loader, nonfinite.skipped, force=True)
             logger.close()
             raise Preempted(step, signum, saved=True)
+        phases.add("loop", time.perf_counter() - t_book)  # reported with the next step's phases
 
     logger.close()
     guard.restore()

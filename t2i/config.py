@@ -108,7 +108,7 @@ class ModelConfig:
     gradient_checkpointing: Union[bool, int] = False  # true: every block | k: blocks 0, k, 2k, ... (selective;
                                     # recomputes 1/k of the blocks) | false: none
     compile: bool = False           # torch.compile each whole transformer block (adaLN, norms, QK-norm, attention,
-                                    # MLP), the embedders and final adaLN, and the loss (t2i/models/mmdit.py)
+                                    # MLP), the patch embedding, final adaLN and the loss (t2i/models/mmdit.py)
     attention_backend: str = "auto"  # SDPA kernel: auto (torch picks) | flash | cudnn | efficient | math
     kwargs: dict = field(default_factory=dict)  # extra SD3Transformer2DModel arguments over the preset
 
@@ -205,6 +205,8 @@ class DeepSpeedConfig:
                                     # ranks (the GPUs of a node), so backward all-gathers stay in the node
     zero_quantized_weights: bool = False    # ZeRO-3 qwZ (ZeRO++): int8 weight all-gathers (CUDA)
     zero_quantized_gradients: bool = False  # ZeRO-3 qgZ (ZeRO++): int4/8 gradient reduce-scatter (CUDA)
+    overflow_check: str = "grad_norm"  # bf16 ZeRO-1/2: grad_norm (a non-finite gradient norm skips the step) |
+                                    # per_tensor (DeepSpeed's extra inf/NaN pass over every gradient first)
     extra: dict = field(default_factory=dict)  # merged into the generated DeepSpeed JSON config; a key t2i
                                     # already sets from a typed key is refused (t2i.train.engine)
 
@@ -361,6 +363,7 @@ def _validate_performance(cfg: "Config") -> None:
     if o.kind != "adamw" and o.implementation != "auto":
         raise ConfigError(f"optimizer.implementation={o.implementation!r} chooses among torch's AdamW code paths; "
                           f"optimizer.kind={o.kind!r} has its own kernel (leave implementation at 'auto')")
+    _choice("deepspeed.overflow_check", ds.overflow_check, ["grad_norm", "per_tensor"])
     _positive(cfg, "optimizer.eps", "deepspeed.reduce_bucket_size", "deepspeed.allgather_bucket_size",
               "deepspeed.zero_hpz_partition_size")
     from t2i.train.ds_config import check_extra  # no torch import: refuses extra keys a typed key sets

@@ -49,7 +49,7 @@ FULL = ("t2i", "mixflow", "cache")
 _RUN_IDS = itertools.count()  # run folders of one worker process (--repeats, --in-process)
 MODEL_ONLY = ("zero1", "zero2", "zero3", "ddp", "bare")
 ALL = FULL + MODEL_ONLY
-PHASES = ("data", "encode", "forward", "backward", "step", "ema", "comm")
+PHASES = ("data", "encode", "forward", "backward", "step", "ema", "loop", "comm")
 # SD3 / SD3.5 conditioning shapes, for --synthetic with real-size presets.
 SD3_SHAPES = {"latent_channels": 16, "downsample": 8, "context_dim": 4096, "pooled_dim": 2048,
               "clip_context": 77, "max_t5_tokens": 256}
@@ -241,6 +241,7 @@ def worker(args) -> int:
             merged = dict(gathered[0], peak_mem_gb_per_rank=[g["peak_mem_gb"] for g in gathered],
                           spec=spec, repeat=int(repeat))
             append_result(args.results, merged)
+            write_report(Path(args.out), Path(args.results), args)  # after every variant: a cut-off keeps it
             print(f"[bench] {spec}: {merged['images_per_s']:.2f} images/s, micro-batch {merged['micro_batch']}, "
                   f"peak {max(merged['peak_mem_gb_per_rank']):.1f} GB"
                   + (f", MFU {100 * merged['mfu']:.1f} %" if merged.get("mfu") else ""), flush=True)
@@ -546,7 +547,7 @@ def summarize(results: list[dict], args) -> dict:
         if r is None:
             return
         cpu = round_ratio(results, a, b, "cpu_ms_median")
-        setting = f" (checkpointing {'on' if a[1] else 'off'}, compile {'on' if a[2] else 'off'})"
+        setting = f" (checkpointing {_ckpt(a[1])}, compile {'on' if a[2] else 'off'})"
         ratios.append({"ratio": label + setting, "value": r[0], "min": r[1], "max": r[2], "rounds": r[3],
                        "cpu": cpu[0] if cpu else None, "means": what})
 
@@ -586,7 +587,7 @@ def summarize(results: list[dict], args) -> dict:
         ph = " | ".join(f"{r['phases_ms'].get(p, 0.0):.1f}" if r["phases_ms"].get(p) else "-" for p in PHASES)
         mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "-"
         spread = f" {' / '.join(f'{x:.0f}' for x in r['step_ms_rounds'])} |" if repeats > 1 else ""
-        lines.append(f"| {r.get('spec', r['variant'])} | {'on' if r['ckpt'] else 'off'} | "
+        lines.append(f"| {r.get('spec', r['variant'])} | {_ckpt(r['ckpt'])} | "
                      f"{'on' if r['compile'] else 'off'} | {zero} | {r['world']} x {r['micro_batch']} | "
                      f"{r['images_per_s']:.1f} | {r['images_per_s_per_rank']:.1f} | {r['step_ms']:.1f} | "
                      f"{r['step_ms_median']:.1f} | {_fmt(r.get('cpu_ms_median'))} |{spread} {ph} | "
@@ -598,7 +599,7 @@ def summarize(results: list[dict], args) -> dict:
         att = r.get("attention") or {}
         parts = r.get("optimizer_ms") or {}
         cells = " | ".join(f"{parts[p]:.2f}" if p in parts else "-" for p in step_profile_parts())
-        lines.append(f"| {r.get('spec', r['variant'])} | {'on' if r['ckpt'] else 'off'} | "
+        lines.append(f"| {r.get('spec', r['variant'])} | {_ckpt(r['ckpt'])} | "
                      f"{'on' if r['compile'] else 'off'} | {r.get('optimizer', '-')} | "
                      f"{att.get('kernel', '-')} ({', '.join(att.get('usable', []))}) | "
                      f"{r['phases_ms'].get('step', 0.0):.2f} | {cells} |")
@@ -619,6 +620,13 @@ def summarize(results: list[dict], args) -> dict:
             "settings": {"steps": args.steps, "warmup": args.warmup, "nproc": args.nproc, "repeats": args.repeats,
                          "config": args.config, "overrides": args.overrides, "synthetic": args.synthetic,
                          "time": time.strftime("%Y-%m-%d %H:%M:%S")}}
+
+
+def _ckpt(value) -> str:
+    """model.gradient_checkpointing for the table: off, all (every block), 1/k (every k-th block)."""
+    if value is False or value == 0:
+        return "off"
+    return "all" if value is True or value == 1 else f"1/{value}"
 
 
 def _fmt(x, digits: int = 1) -> str:

@@ -83,7 +83,35 @@ def initialize(model: torch.nn.Module, cfg: Config):
     optimizer = optim.build([p for p in model.parameters() if p.requires_grad], cfg, device())
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=deepspeed_config(cfg))
+    if cfg.deepspeed.overflow_check == "grad_norm":
+        overflow_from_grad_norm(optimizer)
     return engine, optimizer
+
+
+def overflow_from_grad_norm(optimizer) -> bool:
+    """bf16 ZeRO-1/2: let the gradient norm alone decide that a step is non-finite. True if applied.
+
+    With `bf16.check_grad_overflow` (which t2i sets, so that a non-finite step is skipped), DeepSpeed's
+    ZeRO-1/2 step first checks every gradient for inf/NaN (`check_overflow`: an amax and an amin per tensor,
+    an all-reduce and a host sync), then computes the global gradient norm and skips the step when that
+    norm is not finite either (deepspeed.runtime.zero.stage_1_and_2, `step`). A gradient holding inf or
+    NaN makes the norm inf or NaN, so the first pass decides nothing the second does not; ZeRO-3 and fp32
+    ZeRO-1/2 already use the norm alone. The pass is not free: 349 of a 533 ms optimizer step in the CPU
+    dry run of tools/gpu_bench.sh (docs/performance.md §5). This replaces the instance's `check_overflow`
+    by one that leaves `overflow` False; the norm check that follows flags the step. Not applied with
+    ZeRO-Offload (its norm is computed on another path) or when DeepSpeed would not compute the norm."""
+    try:
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    except ImportError:
+        return False
+    applies = (type(optimizer) is DeepSpeedZeroOptimizer and getattr(optimizer, "dtype", None) == torch.bfloat16
+               and getattr(optimizer, "check_grad_overflow", False) and getattr(optimizer, "compute_grad_norm", False)
+               and not getattr(optimizer, "cpu_offload", True))
+    if applies:
+        def check_overflow(partition_gradients=True):
+            optimizer.overflow = False
+        optimizer.check_overflow = check_overflow
+    return applies
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -116,6 +144,19 @@ def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
 
 def mean_over_ranks(value: torch.Tensor) -> float:
     return sum_over_ranks(value.float()).item() / torch.distributed.get_world_size()
+
+
+def step_values_over_ranks(losses: list[torch.Tensor], counts: dict, bad_keys, note_keys) -> tuple[float, dict, dict]:
+    """The log line's values over ranks in one all-reduce (and one host sync) instead of one per value:
+    (mean loss, {bad reason: total}, {caption note: total}); reasons with a zero total are left out.
+    `counts` is the loader's per-rank counts (TrainLoader.counts)."""
+    keys = [*bad_keys, *note_keys]
+    local = torch.cat([torch.stack(losses).mean().double().reshape(1).to(device()),
+                       torch.tensor([counts[k] for k in keys], dtype=torch.float64, device=device())])
+    total = sum_over_ranks(local).tolist()
+    by_key = dict(zip(keys, (int(n) for n in total[1:])))
+    return (total[0] / torch.distributed.get_world_size(), {k: by_key[k] for k in bad_keys if by_key[k]},
+            {k: by_key[k] for k in note_keys if by_key[k]})
 
 
 def grad_norm(engine) -> float:
