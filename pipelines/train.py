@@ -23,12 +23,13 @@ import torch.distributed as dist
 from t2i.checkpoint.ema import ShardedEMA
 from t2i.config import Config, log_interval
 from t2i.data import cache as cache_lib
-from t2i.data.loader import TrainLoader, bad_counts, note_counts
+from t2i.data.loader import BAD_REASONS, CAPTION_NOTES, TrainLoader
 from t2i.errors import Preempted
 from t2i.io import write_json
 from t2i.models.build import build_for, build_frozen
-from t2i.models.mmdit import count_parameters
-from t2i.train import engine as engine_lib, faults
+from t2i.models import attention
+from t2i.models.mmdit import checkpointed_blocks, count_parameters
+from t2i.train import engine as engine_lib, faults, optim, step_profile
 from t2i.train.checkpointer import Checkpointer, init_from_parent
 from t2i.train.diagnostics import FixedSigmaValidation, SigmaStats
 from t2i.train.live_eval import LiveEval
@@ -75,12 +76,17 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
             write_json(run_dir / "parent.json", parent, indent=1)
         log.info("initialised %s weights from %s", parent.get("weights", "diffusers"), parent["path"])
     engine, optimizer = engine_lib.initialize(model, cfg)
+    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+    log_speed_setup(cfg, model, optimizer, text, vae, dtype, device)
     ema = ShardedEMA(engine.module, cfg.train.ema_decay)
     generator = torch.Generator().manual_seed(1_000_003 * cfg.run.seed + rank)  # noise, sigma, dropout
 
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg, engine, ema, generator, world, save_last)
     faults.install(guard, checkpointer)  # test-suite hooks, only when their variables are set
     step, data_state, skipped = checkpointer.restore(resume_tag) if resume_tag else (0, None, 0)
+    if resume_tag:  # the checkpoint restored its own param-group settings; the config's apply
+        optim.restore_settings(optimizer, cfg, device)
+        log.info("optimizer after resume: %s", optim.describe(optimizer))
     nonfinite = NonFiniteGuard(cfg.train.max_consecutive_nonfinite, skipped)
 
     cache_identity = cache_lib.identity(text, vae, cfg) if cfg.data.cache else None
@@ -92,7 +98,6 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
     logger = RunLogger(run_dir, cfg, rank, start_step=step)
     live_eval = LiveEval(cfg, text, vae, device, run_dir)
     sigma_stats = SigmaStats(cfg.logging.sigma_bins)
-    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
     validation = FixedSigmaValidation(cfg.validation, cfg.data, text, vae, device) if cfg.validation.shards else None
     if validation and step == 0 and cfg.train.init_from:  # the parent's validation loss, for reference
         logger.validation(0, validation(engine, dtype))
@@ -100,10 +105,11 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
     keys_file = open(run_dir / f"sample_keys.rank{rank}.jsonl", "a") if cfg.logging.sample_keys else None
     images_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
     phases = Phases(cfg.logging.phase_times, device, comm=comm_seconds)  # off by default: it syncs the GPU
+    step_profile.install(optimizer, phases)  # DeepSpeed's step by part (opt.* phases), with phase_times only
 
     end = min(cfg.train.steps, stop_at or cfg.train.steps)
     log_every = log_interval(cfg.train)
-    t_loop = time.perf_counter()
+    t_loop, cpu_loop = time.perf_counter(), time.process_time()
     if (signum := guard.agreed(device)) and step < end:  # signalled during start-up: nothing new to save
         logger.close()
         raise Preempted(step, signum, saved=False)
@@ -128,14 +134,13 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
         if nonfinite.update(engine.was_step_applied()):  # else DeepSpeed skipped a non-finite update
             with phases("ema"):
                 ema.update(engine.module)
-        metrics = {"loss": engine_lib.mean_over_ranks(torch.stack(losses).mean()), "lr": lr,
-                   "images_per_s": images_per_step / (time.perf_counter() - t0),
+        t_book = time.perf_counter()  # the loop's own bookkeeping from here on: the `loop` phase
+        mean_loss, bad, notes = engine_lib.step_values_over_ranks(losses, loader.counts(), BAD_REASONS, CAPTION_NOTES)
+        metrics = {"loss": mean_loss, "lr": lr, "images_per_s": images_per_step / (time.perf_counter() - t0),
                    "grad_norm": engine_lib.grad_norm(engine), "skipped_nonfinite": nonfinite.skipped,
-                   "bad": bad_counts(loader, engine_lib.sum_over_ranks),
-                   "notes": note_counts(loader, engine_lib.sum_over_ranks),
-                   "elapsed_s": time.perf_counter() - t_loop, **phases.collect()}
-        if phases.enabled:
-            metrics["peak_mem_gb"] = peak_memory_gb(device)
+                   "bad": bad, "notes": notes, "elapsed_s": time.perf_counter() - t_loop, **phases.collect()}
+        if phases.enabled:  # cpu_s: this process's CPU time (all threads) since the loop began (t2i bench)
+            metrics.update(peak_mem_gb=peak_memory_gb(device), cpu_s=time.process_time() - cpu_loop)
         if step % log_every == 0 or step == end:
             metrics.update(sigma_stats.summary(device))
         if validation and ((cfg.validation.every and step % cfg.validation.every == 0) or step == end):
@@ -152,6 +157,7 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
             checkpointer.save(step, loader, nonfinite.skipped, force=True)
             logger.close()
             raise Preempted(step, signum, saved=True)
+        phases.add("loop", time.perf_counter() - t_book)  # reported with the next step's phases
 
     logger.close()
     guard.restore()
@@ -164,3 +170,15 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
                  resume_command(cfg, world))
     dist.barrier()
     return run_dir
+
+
+def log_speed_setup(cfg: Config, model, optimizer, text, vae, dtype, device) -> None:
+    """One line each: the optimizer, the attention kernel (probed at the model's shapes; a forced
+    model.attention_backend that cannot run is refused here) and the checkpointed blocks."""
+    log.info("optimizer: %s", optim.describe(optimizer))
+    shape = attention.model_shape(model.config, vae.latent_size(cfg.data.resolution), text.seq_len)
+    probed = attention.probe(**shape, dtype=dtype, device=device)
+    log.info(attention.describe(probed, attention.resolve(cfg.model.attention_backend, probed)))
+    blocks = checkpointed_blocks(len(model.transformer_blocks), cfg.model.gradient_checkpointing)
+    if blocks:
+        log.info("activation checkpointing: blocks %s of %d", ",".join(map(str, blocks)), len(model.transformer_blocks))

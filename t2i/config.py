@@ -102,12 +102,18 @@ class RunConfig:
     seed: int = 0                   # model init, data order, noise: everything derives from it
 
 
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # t2i.models.attention
+
+
 @dataclass
 class ModelConfig:
     preset: str = "tiny"            # tiny | sd3-medium | sd3.5-medium | sd3.5-large (see t2i/models/mmdit.py)
     pretrained: Optional[str] = None  # local diffusers folder (a pipeline folder or its transformer/)
-    gradient_checkpointing: bool = False
-    compile: bool = False           # torch.compile each transformer block (one compile per distinct block)
+    gradient_checkpointing: Union[bool, int] = False  # true: every block | k: blocks 0, k, 2k, ... (selective;
+                                    # recomputes 1/k of the blocks) | false: none
+    compile: bool = False           # torch.compile each whole transformer block (adaLN, norms, QK-norm, attention,
+                                    # MLP), the patch embedding, final adaLN and the loss (t2i/models/mmdit.py)
+    attention_backend: str = "auto"  # SDPA kernel: auto (torch picks) | flash | cudnn | efficient | math
     kwargs: dict = field(default_factory=dict)  # extra SD3Transformer2DModel arguments over the preset
 
 
@@ -174,11 +180,40 @@ class TrainConfig:
                                     # so a short run still logs ~10 times (log_interval)
 
 
+OPTIMIZER_KINDS = ("adamw", "deepspeed_adam", "cpu_adam", "adamw_8bit")  # t2i.train.optim
+ADAMW_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
+
+
+@dataclass
+class OptimizerConfig:
+    """Which AdamW implementation updates the weights (t2i/train/optim.py). The hyperparameters stay in
+    train.* (lr and its schedule, betas, weight_decay): every kind here is the same AdamW update."""
+    kind: str = "adamw"             # adamw: torch.optim.AdamW | deepspeed_adam: DeepSpeed's FusedAdam |
+                                    # cpu_adam: DeepSpeedCPUAdam + ZeRO-Offload (optimizer state and step on
+                                    # the CPU, for GPUs short of memory) | adamw_8bit: bitsandbytes AdamW8bit
+    implementation: str = "auto"    # adamw only: auto (fused where torch has it: CUDA, CPU) | fused | foreach |
+                                    # for_loop
+    eps: float = 1.0e-8
+    offload_pin_memory: bool = True  # cpu_adam: page-locked CPU buffers for the gradient/weight copies
+
+
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 2             # 1 | 2 | 3
     precision: str = "fp32"         # fp32 | bf16 (bf16 on GPU)
-    extra: dict = field(default_factory=dict)  # merged into the generated DeepSpeed JSON config
+    # Communication (docs/performance.md §5 has the measurements and DeepSpeed's guidance behind the defaults)
+    overlap_comm: bool = True       # reduce gradient buckets on a side stream while backward runs (CUDA)
+    contiguous_gradients: bool = True  # copy gradients into one buffer as they are produced (less fragmentation)
+    reduce_bucket_size: int = 50_000_000     # elements per gradient reduction (ZeRO-1/2/3)
+    allgather_bucket_size: int = 50_000_000  # elements per weight all-gather after the step (ZeRO-1/2)
+    zero_hpz_partition_size: int = 1  # ZeRO-3 hpZ (ZeRO++): a secondary weight copy sharded over this many
+                                    # ranks (the GPUs of a node), so backward all-gathers stay in the node
+    zero_quantized_weights: bool = False    # ZeRO-3 qwZ (ZeRO++): int8 weight all-gathers (CUDA)
+    zero_quantized_gradients: bool = False  # ZeRO-3 qgZ (ZeRO++): int4/8 gradient reduce-scatter (CUDA)
+    overflow_check: str = "grad_norm"  # bf16 ZeRO-1/2: grad_norm (a non-finite gradient norm skips the step) |
+                                    # per_tensor (DeepSpeed's extra inf/NaN pass over every gradient first)
+    extra: dict = field(default_factory=dict)  # merged into the generated DeepSpeed JSON config; a key t2i
+                                    # already sets from a typed key is refused (t2i.train.engine)
 
 
 @dataclass
@@ -236,6 +271,7 @@ class Config:
     vae: VAEConfig = field(default_factory=VAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -302,6 +338,7 @@ class Config:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.train.min_lr_ratio}")
         if not all(0.0 <= b < 1.0 for b in self.train.betas):
             raise ConfigError(f"train.betas must both be in [0, 1), got {self.train.betas}")
+        _validate_performance(self)
         return self
 
 
@@ -324,6 +361,32 @@ def log_interval(train: TrainConfig) -> int:
     """Steps between log lines: train.log_every, or with 0 (auto) every 25 steps but at least ~10
     times per run (a 100-step MixFlow stage logs every 10 steps, a 20-step test every 2)."""
     return train.log_every or max(1, min(25, train.steps // 10))
+
+
+def _validate_performance(cfg: "Config") -> None:
+    """The optimizer, DeepSpeed communication and model speed keys (docs/performance.md)."""
+    m, o, ds = cfg.model, cfg.optimizer, cfg.deepspeed
+    if not isinstance(m.gradient_checkpointing, bool) and m.gradient_checkpointing < 0:
+        raise ConfigError(f"model.gradient_checkpointing must be true, false or k >= 0 (every k-th block; 0 = none), "
+                          f"got {m.gradient_checkpointing}")
+    _choice("model.attention_backend", m.attention_backend, list(ATTENTION_BACKENDS))
+    _choice("optimizer.kind", o.kind, list(OPTIMIZER_KINDS))
+    _choice("optimizer.implementation", o.implementation, list(ADAMW_IMPLEMENTATIONS))
+    if o.kind != "adamw" and o.implementation != "auto":
+        raise ConfigError(f"optimizer.implementation={o.implementation!r} chooses among torch's AdamW code paths; "
+                          f"optimizer.kind={o.kind!r} has its own kernel (leave implementation at 'auto')")
+    _choice("deepspeed.overflow_check", ds.overflow_check, ["grad_norm", "per_tensor"])
+    _positive(cfg, "optimizer.eps", "deepspeed.reduce_bucket_size", "deepspeed.allgather_bucket_size",
+              "deepspeed.zero_hpz_partition_size")
+    from t2i.train.ds_config import check_extra  # no torch import: refuses extra keys a typed key sets
+    check_extra(ds.extra)
+    zero3 = {"zero_hpz_partition_size": ds.zero_hpz_partition_size > 1,
+             "zero_quantized_weights": ds.zero_quantized_weights,
+             "zero_quantized_gradients": ds.zero_quantized_gradients}
+    for key, used in zero3.items():
+        if used and ds.zero_stage != 3:
+            raise ConfigError(f"deepspeed.{key} is a ZeRO-3 (ZeRO++) setting; it needs deepspeed.zero_stage=3, "
+                              f"got {ds.zero_stage}")
 
 
 def _get(cfg: "Config", key: str):
@@ -514,8 +577,14 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+        number = value
+        if isinstance(value, str):  # YAML 1.1 reads `5e7` (DeepSpeed's bucket-size idiom) as a string
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if isinstance(number, float) and number.is_integer():
+            return int(number)
         raise _type_error(key, value, tp)
     if tp in (str, bool, list, dict):
         if isinstance(value, tp):

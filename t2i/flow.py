@@ -114,23 +114,30 @@ def sample_mixflow(n, gamma, generator=None, shift=1.0):
     return mixflow_sigmas(u, r, gamma, shift)
 
 
-def mixflow_loss(model_fn, x, noise, sigma, sigma_in):
+def mixflow_loss(model_fn, x, noise, sigma, sigma_in, interpolate_fn=None, error_fn=None):
     """Per-sample loss [B] = mean over non-batch dims of (model_fn(x_{σ_in}, 1000·σ) − (ε − x))².
 
     The input sits at σ_in, the conditioning timestep stays the ORIGINAL σ, the target is unchanged.
     model_fn(x_in, timestep) -> predicted velocity, same shape as x. The squared error is taken in float32.
+    `interpolate_fn` / `error_fn` replace `interpolate` / `squared_error` by equal functions (the training
+    step passes torch.compile'd ones with model.compile, which fuse each into one kernel).
     """
-    pred = model_fn(interpolate(x, noise, sigma_in), timestep(sigma))
+    pred = model_fn((interpolate_fn or interpolate)(x, noise, sigma_in), timestep(sigma))
+    return (error_fn or squared_error)(pred, x, noise)
+
+
+def squared_error(pred, x, noise):
+    """Per-sample mean of (pred − (ε − x))² in float32 [B]."""
     err = pred.float() - velocity_target(x, noise).float()
     return err.pow(2).flatten(1).mean(1)
 
 
-def flow_matching_loss(model_fn, x, noise, sigma):
+def flow_matching_loss(model_fn, x, noise, sigma, interpolate_fn=None, error_fn=None):
     """Per-sample loss [B] = mean over non-batch dims of (model_fn(x_σ, 1000·σ) − (ε − x))².
 
     Standard flow matching, i.e. mixflow_loss with σ_in = σ.
     """
-    return mixflow_loss(model_fn, x, noise, sigma, sigma)
+    return mixflow_loss(model_fn, x, noise, sigma, sigma, interpolate_fn, error_fn)
 
 
 def sampling_sigmas(steps, shift=1.0):

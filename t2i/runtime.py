@@ -13,6 +13,7 @@ def configure_environment() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")           # weights come from local folders only
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    set_allocator_default()
     import logging
     import warnings
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated")  # DeepSpeed's calls
@@ -25,6 +26,19 @@ def configure_environment() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")      # DeepSpeed's CPU accelerator + gloo
     from t2i import trust
     trust.protect_process()                                # every torch.load is weights-only (t2i.trust)
+
+
+# The CUDA caching allocator's settings t2i starts with (a user's PYTORCH_CUDA_ALLOC_CONF or PYTORCH_ALLOC_CONF wins).
+ALLOCATOR_DEFAULT = "expandable_segments:True"
+
+
+def set_allocator_default() -> None:
+    """expandable_segments: the allocator grows a segment in place instead of caching many fixed-size
+    blocks, so the memory freed between forward, backward and DeepSpeed's step is reused without
+    fragmentation (PyTorch's CUDA memory notes recommend it when the batch shapes vary or memory is tight).
+    It is read when CUDA's allocator starts, so it is set before torch is imported; harmless on a CPU."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_DEFAULT
 
 
 def under_launcher() -> bool:

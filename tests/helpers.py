@@ -10,8 +10,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run_t2i(*args, timeout=600, check=True, env=None, cwd=REPO) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
-                    PYTHONPATH=str(REPO), **(env or {}))
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+                "PYTHONPATH": str(REPO), **(env or {})}  # `env` may replace any of them, PYTHONPATH included
     proc = subprocess.run([sys.executable, "-m", "t2i.cli", *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

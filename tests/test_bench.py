@@ -121,3 +121,59 @@ def test_a_bench_run_writes_the_table_and_the_ratios(tmp_path):
     assert any(label.startswith("t2i / bare") for label in labels)
     assert any(label.startswith("zero2 / bare") for label in labels)
     assert "| t2i |" in (out / "bench.md").read_text()
+    for v in ("t2i", "zero2"):  # DeepSpeed's step by part (fp32 on the CPU: no overflow check runs)
+        parts = by[v]["optimizer_ms"]
+        assert parts["update"] > 0 and parts["grad_norm"] > 0 and parts["allgather"] > 0 and parts["overflow"] == 0
+        assert sum(parts.values()) == pytest.approx(by[v]["phases_ms"]["step"], rel=1e-6)
+        assert by[v]["optimizer"] == "adamw (fused)"
+    assert by["bare"]["optimizer_ms"] == {} and by["bare"]["optimizer"] == "adamw (fused)"
+    assert all(r["attention"]["kernel"] == "flash" and "math" in r["attention"]["usable"] for r in by.values())
+    assert all(r["cpu_ms_median"] > 0 for r in by.values())
+
+
+def test_variant_overrides_and_round_ratios():
+    from tools.bench import base_variant, round_ratio, summarize, variant_overrides
+
+    assert base_variant("t2i+optimizer.implementation=foreach+deepspeed.overlap_comm=false") == "t2i"
+    assert variant_overrides("t2i+optimizer.implementation=foreach+deepspeed.overlap_comm=false") == [
+        "optimizer.implementation=foreach", "deepspeed.overlap_comm=false"]
+    assert variant_overrides("bare") == []
+
+    def rec(spec, repeat, ms, cpu):
+        return {"variant": base_variant(spec), "spec": spec, "repeat": repeat, "ckpt": False, "compile": False,
+                "step_ms": ms, "step_ms_median": ms, "cpu_ms_median": cpu, "zero_stage": 2, "world": 2,
+                "micro_batch": 4, "images_per_s": 1e3 / ms, "images_per_s_per_rank": 5e2 / ms, "phases_ms": {},
+                "optimizer_ms": {}, "achieved_tflops_per_rank": 0.0, "peak_mem_gb_per_rank": [1.0], "device": "cpu",
+                "preset": "tiny", "resolution": 32}
+    # round 0 under load (everything 2x slower), round 1 quiet: the paired ratios stay 1.2
+    results = [rec("t2i", 0, 240, 110), rec("bare", 0, 200, 100), rec("t2i+x=1", 0, 220, 105),
+               rec("t2i", 1, 120, 110), rec("bare", 1, 100, 100), rec("t2i+x=1", 1, 110, 105),
+               rec("t2i", 2, 130, 110), rec("bare", 2, 100, 100), rec("t2i+x=1", 2, 105, 105)]
+    key = lambda s: (s, False, False)  # noqa: E731
+    assert round_ratio(results, key("t2i"), key("bare")) == pytest.approx((1.2, 1.2, 1.3, 3))
+    assert round_ratio(results, key("t2i"), key("bare"), "cpu_ms_median")[0] == pytest.approx(1.1)
+
+    class Args:
+        warmup, steps, nproc, repeats, config, overrides, synthetic = 1, 3, 2, 3, None, [], False
+    report = summarize(results, Args)
+    ratios = {q["ratio"].split(" (")[0]: q for q in report["ratios"]}
+    assert ratios["t2i / bare"]["value"] == pytest.approx(1.2) and ratios["t2i / bare"]["cpu"] == pytest.approx(1.1)
+    assert ratios["t2i+x=1 / t2i"]["value"] == pytest.approx(220 / 240)
+    assert ratios["t2i+x=1 / bare"]["rounds"] == 3
+    rows = {r["spec"]: r for r in report["rows"]}
+    assert rows["t2i"]["step_ms"] == 130 and rows["t2i"]["step_ms_rounds"] == [240, 120, 130]  # the median round
+    assert "| t2i+x=1 / t2i (checkpointing off, compile off) | 0.917 | 0.808-0.917 (3 rounds) | 0.955 |" \
+        in report["markdown"]
+
+
+def test_the_optimizer_step_breakdown_adds_up_to_the_step():
+    from t2i.train.step_profile import breakdown
+
+    times = {"step": 0.100, "opt.overflow": 0.010, "opt.grad_norm": 0.020, "opt.grads_to_fp32": 0.015,
+             "opt.update": 0.030, "opt.update_and_copy_back": 0.035, "opt.allgather": 0.012}
+    parts = breakdown(times)
+    assert parts == pytest.approx({"overflow": 0.010, "grad_norm": 0.020, "grads_to_fp32": 0.015, "update": 0.030,
+                                   "copy_back": 0.005, "allgather": 0.012, "other": 0.008})
+    assert breakdown({"step": 0.1, "forward": 1.0}) == {}
+    zero3 = breakdown({"step": 0.1, "opt.update": 0.05, "opt.copy_back": 0.02})  # ZeRO-3 times the copy itself
+    assert zero3["copy_back"] == pytest.approx(0.02) and zero3["other"] == pytest.approx(0.03)

@@ -25,11 +25,59 @@ def test_constant_schedule_stays_at_lr_after_warmup():
 def test_deepspeed_config_reflects_ours_and_extra_is_merged_deeply():
     cfg = load_config(overrides=["deepspeed.zero_stage=3", "deepspeed.precision=bf16", "train.grad_accum=4",
                                  "train.micro_batch_size=8", "train.grad_clip=0.5",
-                                 "deepspeed.extra={zero_optimization: {overlap_comm: true}}"])
+                                 "deepspeed.extra={zero_optimization: {round_robin_gradients: true}}"])
     ds = deepspeed_config(cfg)
-    assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+    assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+                                       "reduce_bucket_size": 50_000_000, "zero_hpz_partition_size": 1,
+                                       "zero_quantized_weights": False, "zero_quantized_gradients": False,
+                                       "round_robin_gradients": True}
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (8, 4, 0.5)
     assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    assert "optimizer" not in ds and "zero_allow_untested_optimizer" not in ds
+
+
+def test_the_communication_keys_reach_deepspeeds_zero_section():
+    zero2 = deepspeed_config(load_config(overrides=[
+        "deepspeed.overlap_comm=false", "deepspeed.contiguous_gradients=false", "deepspeed.reduce_bucket_size=5e6",
+        "deepspeed.allgather_bucket_size=2e7"]))["zero_optimization"]
+    assert zero2 == {"stage": 2, "overlap_comm": False, "contiguous_gradients": False, "reduce_bucket_size": 5_000_000,
+                     "allgather_bucket_size": 20_000_000}
+    zero3 = deepspeed_config(load_config(overrides=[
+        "deepspeed.zero_stage=3", "deepspeed.zero_hpz_partition_size=8", "deepspeed.zero_quantized_weights=true",
+        "deepspeed.zero_quantized_gradients=true"]))["zero_optimization"]
+    assert (zero3["zero_hpz_partition_size"], zero3["zero_quantized_weights"], zero3["zero_quantized_gradients"]) == \
+        (8, True, True)
+    assert "allgather_bucket_size" not in zero3  # ZeRO-3 gathers by prefetch buckets, not this key
+    offload = deepspeed_config(load_config(overrides=["optimizer.kind=cpu_adam", "optimizer.offload_pin_memory=false"]))
+    assert offload["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    assert deepspeed_config(load_config(overrides=["optimizer.kind=adamw_8bit"]))["zero_allow_untested_optimizer"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    ("{optimizer: {type: AdamW, params: {lr: 0.001}}}",
+     r"deepspeed.extra.optimizer is set by t2i; use the optimizer section \(optimizer.kind"),
+    ("{scheduler: {type: WarmupLR}}", r"deepspeed.extra.scheduler is set by t2i; use train.schedule"),
+    ("{zero_optimization: {overlap_comm: false}}",
+     r"deepspeed.extra.zero_optimization.overlap_comm is set by t2i; use deepspeed.overlap_comm instead"),
+    ("{zero_optimization: {offload_optimizer: {device: cpu}}}", r"use optimizer.kind=cpu_adam"),
+    ("{gradient_clipping: 0.5}", r"use train.grad_clip"),
+    ("{bf16: {enabled: true}}", r"deepspeed.extra.bf16.enabled is set by t2i; use deepspeed.precision"),
+    ("{zero_optimization: {mics_shard_size: 8}}", r"MiCS is not offered: DeepSpeed 0.19 removed"),
+    ("{zero_optimization: {reduce_bucket_sise: 8}}",
+     r"reduce_bucket_sise looks like zero_optimization.reduce_bucket_size, which t2i sets; use deepspeed.reduce_bucket_size"),
+])
+def test_an_extra_key_that_t2i_sets_is_refused_naming_the_key_to_use(extra, message):
+    from t2i.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[f"deepspeed.extra={extra}"])
+
+
+def test_extra_keys_t2i_does_not_set_pass_through():
+    cfg = load_config(overrides=["deepspeed.extra={bf16: {check_grad_overflow: false}, "
+                                 "zero_optimization: {round_robin_gradients: true}}"])
+    ds = deepspeed_config(cfg)
+    assert ds["bf16"]["check_grad_overflow"] is False and ds["zero_optimization"]["round_robin_gradients"] is True
 
 
 def test_the_training_timestep_reaches_a_bf16_model_in_fp32():

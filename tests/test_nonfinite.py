@@ -54,3 +54,48 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(make_shards, tmp_path):
     after = store.load_weights(root, "step00000005", ema=False)
     assert any(not torch.equal(skipped[n], after[n]) for n in before)
     assert all(torch.isfinite(t).all() for t in after.values())
+
+
+OVERFLOW_SCRIPT = """
+import json, sys, torch
+from t2i.runtime import configure_environment
+configure_environment()
+from t2i.config import load_config
+from t2i.models.mmdit import build_model
+from t2i.train import engine as engine_lib
+engine_lib.init_distributed()
+cfg = load_config(None, ["model.kwargs={num_layers: 1}", "train.micro_batch_size=2", "deepspeed.precision=bf16",
+                         f"deepspeed.overflow_check={sys.argv[1]}"])
+model = build_model(cfg.model, in_channels=3, sample_size=8, joint_attention_dim=16, pooled_projection_dim=8).to(torch.bfloat16)
+engine, opt = engine_lib.initialize(model, cfg)
+calls = [0]
+has_overflow = opt.has_overflow
+def counted(*a, **k):
+    calls[0] += 1
+    return has_overflow(*a, **k)
+opt.has_overflow = counted
+out = []
+for scale in (float("nan"), 1.0, float("inf")):
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    y = engine(hidden_states=torch.randn(2, 3, 8, 8, dtype=torch.bfloat16), timestep=torch.ones(2),
+               encoder_hidden_states=torch.randn(2, 4, 16, dtype=torch.bfloat16),
+               pooled_projections=torch.randn(2, 8, dtype=torch.bfloat16), return_dict=False)[0]
+    engine.backward((y.float() - 1).square().mean() * scale)
+    engine.step()
+    moved = any(not torch.equal(a, p.detach()) for a, p in zip(before, engine.module.parameters()))
+    out.append([engine.was_step_applied(), moved])
+print(json.dumps({"steps": out, "per_tensor_checks": calls[0]}))
+"""
+
+
+@pytest.mark.parametrize("mode,checks", [("grad_norm", 0), ("per_tensor", 3)])
+def test_a_bf16_zero2_step_with_a_non_finite_gradient_is_skipped_by_the_norm_alone(tmp_path, mode, checks):
+    """deepspeed.overflow_check=grad_norm (the default) drops DeepSpeed's per-tensor inf/NaN pass: a NaN or
+    inf gradient still skips the step (weights unchanged, was_step_applied False) through the non-finite
+    gradient norm, exactly as with the pass (per_tensor), and a finite step is applied."""
+    out = subprocess.run([sys.executable, "-c", OVERFLOW_SCRIPT, mode], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["steps"] == [[False, False], [True, True], [False, False]]
+    assert got["per_tensor_checks"] == checks

@@ -40,6 +40,8 @@ def test_stop_and_resume_gives_the_same_losses_and_samples(make_shards, tmp_path
         assert all(len(keys) == 4 * grad_accum for keys in sample_keys(straight, rank))
     assert (split / "samples").is_dir() and (split / "loss.png").is_file()
     assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= shm_before   # DeepSpeed's CPU shm: removed
+    resumed_log = (split / "train.log").read_text()
+    assert "optimizer after resume: torch.optim.adamw.AdamW fused, betas (0.9, 0.99)" in resumed_log
     assert [p.name for p in sorted((straight / "samples").glob("*.png"))] == [
         "step00000002.png", "step00000004.png", "step00000006.png"]
     evals = [r for r in read_records(straight) if "geneval" in r]
@@ -80,3 +82,46 @@ def test_a_resume_takes_the_runs_own_config_and_an_allowed_override_extends_it(m
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert "would change what" in refused.stderr and "data.shards '/" in refused.stderr
     assert f"shard-000001.tar' -> '{shards[0]}'; start a new run" in refused.stderr
+
+
+def _optimizer_available(kind: str) -> tuple[bool, str, dict]:
+    """(runs here, why not, extra env for the subprocess) for an optimizer kind."""
+    if kind == "adamw_8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            return False, "bitsandbytes is not installed (optional: pip install 't2i[bnb]')", {}
+        from pathlib import Path
+        from helpers import REPO
+        site = str(Path(bitsandbytes.__file__).resolve().parent.parent)
+        return True, "", {"PYTHONPATH": f"{REPO}:{site}"}
+    from deepspeed.ops.op_builder import CPUAdamBuilder, FusedAdamBuilder
+    builder = {"cpu_adam": CPUAdamBuilder, "deepspeed_adam": FusedAdamBuilder}[kind]()
+    if not builder.is_compatible():
+        return False, f"DeepSpeed cannot build {builder.NAME} here (its JIT C++ build needs a compiler)", {}
+    return True, "", {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,name", [("cpu_adam", "deepspeed.ops.adam.cpu_adam.DeepSpeedCPUAdam"),
+                                       ("deepspeed_adam", "deepspeed.ops.adam.fused_adam.FusedAdam"),
+                                       ("adamw_8bit", "bitsandbytes.optim.adamw.AdamW8bit")])
+def test_every_optimizer_that_runs_on_a_cpu_resumes_exactly(make_shards, tmp_path, kind, name):
+    """The same k + resume k == 2k check for the other optimizer kinds (ZeRO-2, 2 gloo ranks): DeepSpeedCPUAdam
+    under ZeRO-Offload, DeepSpeed's FusedAdam (its CPU build) and bitsandbytes' AdamW8bit. The first use builds
+    DeepSpeed's op (a JIT C++ build, minutes; cached in ~/.cache/torch_extensions)."""
+    ok, why, env = _optimizer_available(kind)
+    if not ok:
+        pytest.skip(why)
+    shards = make_shards(n_shards=4, per_shard=12)
+    common = {"optimizer.kind": kind, "train.steps": 2 * K, "text.dropout_t5": 0.3}
+    run_t2i("train", "--nproc", 2, *tiny_train_args(shards, tmp_path / "runs", "straight", **common), env=env,
+            timeout=1800)
+    run_t2i("train", "--nproc", 2, "--stop-at", K, *tiny_train_args(shards, tmp_path / "runs", "split", **common),
+            env=env, timeout=1800)
+    run_t2i("train", "--nproc", 2, "--resume", *tiny_train_args(shards, tmp_path / "runs", "split", **common), env=env,
+            timeout=1800)
+    a, b = losses(tmp_path / "runs" / "straight"), losses(tmp_path / "runs" / "split")
+    assert len(a) == len(b) == 2 * K and a[0] != a[1]
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6, (a, b)
+    assert f"optimizer after resume: {name}, betas (0.9, 0.99)" in (tmp_path / "runs" / "split" / "train.log").read_text()

@@ -12,13 +12,21 @@ Variants, each in its own process group (so its peak memory is its own), same mo
   cache        the same reading the precomputed text + VAE cache of the shards (built first by `t2i cache`)
   zero1..3     DeepSpeed's step alone: t2i's loss on one fixed, pre-encoded batch (no data, encoders, EMA)
   ddp          torch DistributedDataParallel + AdamW, the same batch and loss
-  bare         a plain PyTorch loop: the model, AdamW, the flow-matching loss written out, no
-               distribution; bf16 as diffusers' training examples do it (fp32 weights under autocast)
+  bare         a plain PyTorch loop: the model, AdamW (fused where torch has it, as t2i's default), the
+               flow-matching loss written out, no distribution; bf16 as diffusers' training examples do it
+               (fp32 weights under autocast)
 Data: --shards (or data.shards in --config / an override); with neither, the embedded default's
 data/shapes/ shards, or when `make demo` has not written them a small shapes set made once in
 ~/.cache/t2i (tools/bench_data.py, announced in the log).
+A variant may carry config overrides after `+`, to compare settings side by side in one run:
+  t2i bench --variants t2i,t2i+optimizer.implementation=foreach,bare --repeats 3
+  t2i bench --variants zero2,zero2+deepspeed.overlap_comm=false,zero2+deepspeed.reduce_bucket_size=5e8
+--repeats N runs the whole list N times, round by round (A B C A B C ...), and reports the median step
+time per variant with its spread and each ratio as the median of the per-round ratios, so load from
+other jobs on the machine hits both sides of a ratio alike.
 Printed: images/s, per-phase ms, peak memory per rank, achieved FLOP/s and MFU (t2i/models/flops.py has the
-formula), and the ratios t2i/bare (pipeline overhead), zeroK/ddp, mixflow/t2i, cache/t2i.
+formula), the ratios t2i/bare (pipeline overhead), zeroK/ddp, mixflow/t2i, cache/t2i, and per variant the
+SDPA kernel that ran and DeepSpeed's optimizer step by part (t2i/train/step_profile.py).
 --synthetic replaces data and encoders by random latents and text states of the config's shapes
 (SD3: 16 latent channels at 1/8 resolution, 77 + 256 tokens of width 4096, pooled 2048), so
 full-size MMDiTs can be measured without their text encoders' weights; only model-step variants.
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -41,22 +50,28 @@ from t2i.errors import ConfigError
 from t2i.io import write_json, write_jsonl, write_text
 
 FULL = ("t2i", "mixflow", "cache")
+_RUN_IDS = itertools.count()  # run folders of one worker process (--repeats, --in-process)
 MODEL_ONLY = ("zero1", "zero2", "zero3", "ddp", "bare")
 ALL = FULL + MODEL_ONLY
-PHASES = ("data", "encode", "forward", "backward", "step", "ema", "comm")
+PHASES = ("data", "encode", "forward", "backward", "step", "ema", "loop", "comm")
 # SD3 / SD3.5 conditioning shapes, for --synthetic with real-size presets.
 SD3_SHAPES = {"latent_channels": 16, "downsample": 8, "context_dim": 4096, "pooled_dim": 2048,
               "clip_context": 77, "max_t5_tokens": 256}
 
 
 def parse_args(argv):
+    from t2i.cliargs import add_overrides_argument, parse_with_overrides
+
     p = make_parser("bench", __doc__)
     p.add_argument("--config", default=None, help="YAML config (default: configs/tiny-cpu.yaml)")
-    p.add_argument("overrides", nargs="*", help="key.path=value overrides of the config")
+    add_overrides_argument(p)
     p.add_argument("--shards", default=None,
                    help="your shards (any data.shards spec: brace range, glob, folder, list file); default: the "
                         "config's data.shards, or a cached shapes set when that is the missing default data/shapes/")
-    p.add_argument("--variants", default=",".join(ALL), help=f"comma list of {', '.join(ALL)}")
+    p.add_argument("--variants", default=",".join(ALL),
+                   help=f"comma list of {', '.join(ALL)}; each may add config overrides: t2i+key=value+key=value")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the variant list this many times, round by round; medians and spreads are reported")
     p.add_argument("--nproc", type=int, default=None,
                    help="ranks per variant (torchrun; 1 = a plain process); default: the GPUs here, or 2 on a CPU")
     p.add_argument("--steps", type=int, default=20, help="measured steps per variant")
@@ -79,7 +94,7 @@ def parse_args(argv):
                    help="Unix time after which no further variant starts (for a lent GPU's fixed time)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)   # internal: "variant:ckpt:compile;..."
     p.add_argument("--results", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return parse_with_overrides(p, argv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,21 +110,25 @@ def main(argv=None) -> int:
         import torch
         args.nproc = torch.cuda.device_count() or 2
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in ALL]
+    bad = [v for v in variants if base_variant(v) not in ALL]
     if bad:
-        raise ConfigError(f"--variants: unknown {bad}; choose from {', '.join(ALL)}")
-    if args.synthetic and any(v in FULL for v in variants):
-        raise ConfigError(f"--synthetic measures the model step only; drop {[v for v in variants if v in FULL]}")
+        raise ConfigError(f"--variants: unknown {bad}; choose from {', '.join(ALL)} (optionally +key=value)")
+    if args.synthetic and any(base_variant(v) in FULL for v in variants):
+        raise ConfigError(f"--synthetic measures the model step only; drop "
+                          f"{[v for v in variants if base_variant(v) in FULL]}")
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
     if not args.synthetic:  # which shards: checked (or made) here, before any rank starts
         args.overrides = with_data(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.jsonl"
     results_file.unlink(missing_ok=True)
-    if "cache" in variants and not args.cache:
+    if any(base_variant(v) == "cache" for v in variants) and not args.cache:
         args.cache = build_cache(args, out / "cache")
-    runs = [f"{v}:{int(ckpt)}:{int(comp)}" for comp in _flags(args.compile) for ckpt in _flags(args.ckpt)
-            for v in variants]
+    runs = [f"{v}:{int(ckpt)}:{int(comp)}:{r}" for r in range(args.repeats) for comp in _flags(args.compile)
+            for ckpt in _flags(args.ckpt) for v in variants]
+    report = None
     for group in ([";".join(runs)] if args.in_process else runs):
         if args.deadline and time.time() > args.deadline:
             print(f"[bench] deadline passed: skipping {group}", flush=True)
@@ -117,13 +136,29 @@ def main(argv=None) -> int:
         rc = launch(args, group, results_file)
         if rc != 0:
             print(f"[bench] {group} failed with exit code {rc}", file=sys.stderr, flush=True)
+        report = write_report(out, results_file, args)  # after every group: a cut-off run keeps its numbers
+    report = write_report(out, results_file, args) if report is None else report
+    print(report["markdown"])
+    print(f"[bench] wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return 0 if report["results"] else 1
+
+
+def write_report(out: Path, results_file: Path, args) -> dict:
     results = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
     report = summarize(results, args)
     write_json(out / "bench.json", report, indent=1)  # atomically: a killed bench leaves the old report or the new
     write_text(out / "bench.md", report["markdown"])
-    print(report["markdown"])
-    print(f"[bench] wrote {out / 'bench.json'} and {out / 'bench.md'}")
-    return 0 if results else 1
+    return report
+
+
+def base_variant(spec: str) -> str:
+    """`t2i+optimizer.implementation=foreach` -> `t2i`."""
+    return spec.split("+", 1)[0]
+
+
+def variant_overrides(spec: str) -> list[str]:
+    """`t2i+a.b=1+c=2` -> ["a.b=1", "c=2"]: config overrides of one variant."""
+    return [o for o in spec.split("+")[1:] if o]
 
 
 def with_data(args) -> list[str]:
@@ -169,7 +204,7 @@ def launch(args, runs: str, results_file: Path) -> int:
 
 def _pass(args) -> list[str]:
     out = []
-    for name in ("batch_size", "preset", "resolution", "precision", "cache", "peak_tflops", "deadline"):
+    for name in ("batch_size", "preset", "resolution", "precision", "cache", "peak_tflops", "deadline", "repeats"):
         value = getattr(args, name)
         if value is not None:
             out += [f"--{name.replace('_', '-')}", str(value)]
@@ -207,7 +242,8 @@ def worker(args) -> int:
         overrides.append(f"deepspeed.precision={args.precision}")
     rank, world = engine_lib.init_distributed()
     for run in args.worker.split(";"):
-        variant, ckpt, comp = run.split(":")
+        spec, ckpt, comp, repeat = run.rsplit(":", 3)
+        variant = base_variant(spec)
         late = [bool(args.deadline and time.time() > args.deadline)]
         dist.broadcast_object_list(late, src=0)  # every rank takes the same decision
         if late[0]:
@@ -215,10 +251,11 @@ def worker(args) -> int:
                 print(f"[bench] deadline passed: skipping {run}", flush=True)
             continue
         if rank == 0:
-            print(f"[bench] {variant}  activation checkpointing {'on' if ckpt == '1' else 'off'}, "
-                  f"compile {'on' if comp == '1' else 'off'}", flush=True)
+            print(f"[bench] {spec}  activation checkpointing {'on' if ckpt == '1' else 'off'}, "
+                  f"compile {'on' if comp == '1' else 'off'}" + (f", round {int(repeat) + 1}" if args.repeats > 1
+                                                                 else ""), flush=True)
         cfg = load_config(args.config, overrides + [f"model.gradient_checkpointing={ckpt == '1'}",
-                                                    f"model.compile={comp == '1'}"])
+                                                    f"model.compile={comp == '1'}"] + variant_overrides(spec))
         if variant in FULL:
             result = run_full(variant, cfg, args, rank, world)
         else:
@@ -226,17 +263,35 @@ def worker(args) -> int:
         gathered = [None] * world
         dist.all_gather_object(gathered, result)
         if rank == 0 and result is not None:
-            merged = dict(gathered[0], peak_mem_gb_per_rank=[g["peak_mem_gb"] for g in gathered])
+            merged = dict(gathered[0], peak_mem_gb_per_rank=[g["peak_mem_gb"] for g in gathered],
+                          spec=spec, repeat=int(repeat))
             append_result(args.results, merged)
-            print(f"[bench] {variant}: {merged['images_per_s']:.2f} images/s, micro-batch {merged['micro_batch']}, "
+            write_report(Path(args.out), Path(args.results), args)  # after every variant: a cut-off keeps it
+            print(f"[bench] {spec}: {merged['images_per_s']:.2f} images/s, micro-batch {merged['micro_batch']}, "
                   f"peak {max(merged['peak_mem_gb_per_rank']):.1f} GB"
                   + (f", MFU {100 * merged['mfu']:.1f} %" if merged.get("mfu") else ""), flush=True)
         dist.barrier()
     return 0
 
 
-def _common(variant, cfg, args, world, micro_batch, flops_per_sample, step_times, phases, device) -> dict:
+def attention_report(cfg, model_kwargs: dict, latent_size: int, text_tokens: int, device) -> dict:
+    """The SDPA kernel this variant's attention runs (t2i.models.attention's start-up probe)."""
     import torch
+
+    from t2i.models import attention
+
+    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+    probed = attention.probe(**attention.model_shape(model_kwargs, latent_size, text_tokens), dtype=dtype,
+                             device=device)
+    return {"kernel": attention.resolve(cfg.model.attention_backend, probed),
+            "usable": [k for k, ok in probed["usable"].items() if ok], "torch_pick": probed["auto"]}
+
+
+def _common(variant, cfg, args, world, micro_batch, flops_per_sample, step_times, phases, device,
+            attention=None, cpu_times=None) -> dict:
+    import torch
+
+    from t2i.train.step_profile import breakdown
 
     from t2i.models.flops import peak_flops
     from t2i.train.timing import peak_memory_gb
@@ -252,10 +307,22 @@ def _common(variant, cfg, args, world, micro_batch, flops_per_sample, step_times
             "objective": cfg.train.objective, "world": world, "micro_batch": micro_batch,
             "resolution": cfg.data.resolution, "preset": cfg.model.preset, "device": name,
             "steps": len(step_times), "step_ms": 1e3 * mean, "step_ms_median": 1e3 * statistics.median(step_times),
+            # CPU time of rank 0's process per step (all its threads): the work, unlike wall time not
+            # stretched by other jobs on a shared machine (time blocked in a collective is not counted)
+            "cpu_ms_median": 1e3 * statistics.median(cpu_times) if cpu_times else None,
             "images_per_s": ips, "images_per_s_per_rank": ips / world,
-            "phases_ms": {k: 1e3 * v for k, v in phases.items()},
+            "phases_ms": {k: 1e3 * v for k, v in phases.items() if k in PHASES},
+            "optimizer_ms": {k: 1e3 * v for k, v in breakdown(phases).items()},
+            "optimizer": cfg.optimizer.kind + ("" if cfg.optimizer.kind != "adamw" else
+                                               f" ({optimizer_path(cfg, device)})"),
+            "attention": attention,
             "train_flops_per_image": flops_per_sample, "achieved_tflops_per_rank": achieved / 1e12,
             "mfu": achieved / peak if peak else None, "peak_mem_gb": peak_memory_gb(device)}
+
+
+def optimizer_path(cfg, device) -> str:
+    from t2i.train.optim import implementation
+    return implementation(cfg, device)
 
 
 def run_full(variant: str, cfg, args, rank: int, world: int) -> dict:
@@ -269,7 +336,7 @@ def run_full(variant: str, cfg, args, rank: int, world: int) -> dict:
 
     d = to_dict(cfg)
     run_root = Path(args.out) / "runs"
-    d["run"].update(output_dir=str(run_root), name=f"{variant}-{os.getpid() if rank == 0 else 0}")
+    d["run"].update(output_dir=str(run_root), name=f"{variant}-{os.getpid() if rank == 0 else 0}-{next(_RUN_IDS)}")
     d["train"].update(steps=10**6, ckpt_every=10**6, log_every=10**6)  # no checkpoints, no σ-bin log line
     d["logging"].update(wandb="disabled", phase_times=True, sample_keys=False)
     d["sample"].update(every=0, geneval_per_tag=0)
@@ -297,8 +364,13 @@ def run_full(variant: str, cfg, args, rank: int, world: int) -> dict:
     measured = steps[args.warmup:]
     elapsed = [r["elapsed_s"] for r in steps]
     step_times = [b - a for a, b in zip(elapsed[args.warmup - 1:], elapsed[args.warmup:])]  # warmup >= 1
-    phases = {k: statistics.fmean(r["time"].get(k, 0.0) for r in measured) for k in PHASES}
-    return _common(variant, run_cfg, args, world, run_cfg.train.micro_batch_size, flops, step_times, phases, device)
+    cpu = [r["cpu_s"] for r in steps]
+    cpu_times = [b - a for a, b in zip(cpu[args.warmup - 1:], cpu[args.warmup:])]
+    keys = sorted({k for r in measured for k in r["time"]} | set(PHASES))
+    phases = {k: statistics.fmean(r["time"].get(k, 0.0) for r in measured) for k in keys}
+    kw = preset_kwargs(run_cfg.model, **shapes)
+    return _common(variant, run_cfg, args, world, run_cfg.train.micro_batch_size, flops, step_times, phases, device,
+                   attention_report(run_cfg, kw, shapes["sample_size"], text_tokens, device), cpu_times)
 
 
 def run_model_only(variant: str, cfg, args, rank: int, world: int) -> dict | None:
@@ -330,6 +402,7 @@ def _model_only_at(variant: str, cfg, args, world: int, micro_batch: int) -> dic
     from t2i.config import from_dict, to_dict
     from t2i.models.flops import train_flops_per_sample
     from t2i.models.mmdit import build_model, preset_kwargs, velocity
+    from t2i.train import optim, step_profile
     from t2i.train.timing import Phases, comm_seconds
 
     device = engine_lib.device()
@@ -352,6 +425,7 @@ def _model_only_at(variant: str, cfg, args, world: int, micro_batch: int) -> dic
 
     if deepspeed_engine:
         engine, _ = engine_lib.initialize(model, cfg)
+        step_profile.install(engine.optimizer, phases)
         dtype = torch.bfloat16 if bf16 else torch.float32
         ctx = {k: v.to(dtype) for k, v in cond.items()}
 
@@ -367,8 +441,9 @@ def _model_only_at(variant: str, cfg, args, world: int, micro_batch: int) -> dic
         if variant == "ddp":
             module = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                weight_decay=cfg.train.weight_decay, fused=device.type == "cuda")
+        # The same torch AdamW code path t2i's default takes (fused where torch has it), so the ratio
+        # measures DeepSpeed and the pipeline, not two optimizer kernels.
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, **optim.settings(cfg, device))
 
         def step():  # the textbook rectified-flow step, as in diffusers' train_text_to_image_sd3.py
             with phases("forward"), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
@@ -384,19 +459,21 @@ def _model_only_at(variant: str, cfg, args, world: int, micro_batch: int) -> dic
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-    times = []
+    times, cpu_times = [], []
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             phases.collect()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     measured = phases.collect()["time"]
     result = _common(variant, cfg, args, world, micro_batch, flops, times,
-                     {k: measured.get(k, 0.0) / args.steps for k in PHASES}, device)
+                     {k: measured.get(k, 0.0) / args.steps for k in set(measured) | set(PHASES)}, device,
+                     attention_report(cfg, kw, shapes["sample_size"], cond["context"].shape[1], device), cpu_times)
     del step
     if deepspeed_engine and hasattr(engine, "destroy"):
         engine.destroy()
@@ -451,61 +528,139 @@ def fixed_batch(cfg, args, micro_batch: int, device):
 # ----------------------------------------------------------------------------------------------
 
 
-def summarize(results: list[dict], args) -> dict:
-    def find(variant, **kw):
-        for r in results:
-            if r["variant"] == variant and all(r.get(k) == v for k, v in kw.items()):
-                return r
-        return None
+def _key(r: dict) -> tuple:
+    return r.get("spec", r["variant"]), r["ckpt"], r["compile"]
 
+
+def aggregate(results: list[dict]) -> list[dict]:
+    """One row per (variant spec, checkpointing, compile): the round with the median step time (its phases
+    belong together), with every round's step times kept in `step_ms_rounds`."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault(_key(r), []).append(r)
+    rows = []
+    for runs in groups.values():
+        runs = sorted(runs, key=lambda r: r["step_ms"])
+        row = dict(runs[(len(runs) - 1) // 2])
+        row["step_ms_rounds"] = [r["step_ms"] for r in sorted(runs, key=lambda r: r.get("repeat", 0))]
+        rows.append(row)
+    return rows
+
+
+def round_ratio(results: list[dict], a: tuple, b: tuple, field: str = "step_ms_median"
+                ) -> tuple[float, float, float, int] | None:
+    """Median, min and max over rounds of field(a) / field(b), pairing the two in each round. The field is
+    the median step time of a run by default: a burst of load from other jobs moves the mean, not it."""
+    by = {}
+    for r in results:
+        if r.get(field):
+            by.setdefault(_key(r), {})[r.get("repeat", 0)] = r[field]
+    pairs = [by[a][k] / by[b][k] for k in sorted(set(by.get(a, {})) & set(by.get(b, {})))]
+    if not pairs:
+        return None
+    return statistics.median(pairs), min(pairs), max(pairs), len(pairs)
+
+
+def summarize(results: list[dict], args) -> dict:
+    rows = aggregate(results)
     ratios = []
 
     def ratio(label, a, b, what):
-        if a and b:
-            setting = f" (checkpointing {'on' if a['ckpt'] else 'off'}, compile {'on' if a['compile'] else 'off'})"
-            ratios.append({"ratio": label + setting, "value": a["step_ms"] / b["step_ms"], "means": what})
+        if not (a and b):
+            return
+        r = round_ratio(results, a, b)
+        if r is None:
+            return
+        cpu = round_ratio(results, a, b, "cpu_ms_median")
+        setting = f" (checkpointing {_ckpt(a[1])}, compile {'on' if a[2] else 'off'})"
+        ratios.append({"ratio": label + setting, "value": r[0], "min": r[1], "max": r[2], "rounds": r[3],
+                       "cpu": cpu[0] if cpu else None, "means": what})
 
+    specs = list(dict.fromkeys(_key(r)[0] for r in results))
     for ckpt in (False, True):
         for comp in (False, True):
-            kw = {"ckpt": ckpt, "compile": comp}
-            t2i, bare = find("t2i", **kw), find("bare", **kw)
+            have = {s for s, c, m in map(_key, results) if c == ckpt and m == comp}
+
+            def k(spec):
+                return (spec, ckpt, comp) if spec in have else None
+
+            t2i, bare = k("t2i"), k("bare")
+            zero_stage = next((r["zero_stage"] for r in results if _key(r) == t2i), None)
             ratio("t2i / bare", t2i, bare, "step time of the full pipeline over a bare PyTorch loop")
-            if t2i:
-                ratio(f"zero{t2i['zero_stage']} / bare", find(f"zero{t2i['zero_stage']}", **kw), bare,
+            for stage in ([zero_stage] if zero_stage else [1, 2, 3]):
+                ratio(f"zero{stage} / bare", k(f"zero{stage}"), bare,
                       "DeepSpeed's model step over the bare loop (same batch)")
-            else:
-                for k in (1, 2, 3):
-                    ratio(f"zero{k} / bare", find(f"zero{k}", **kw), bare,
-                          "DeepSpeed's model step over the bare loop (same batch)")
-            for k in (1, 2, 3):
-                ratio(f"zero{k} / ddp", find(f"zero{k}", **kw), find("ddp", **kw), "step time, same batch and loss")
-            ratio("mixflow / flow matching", find("mixflow", **kw), t2i, "full step, MixFlow loss over FM loss")
-            ratio("t2i with cache / t2i", find("cache", **kw), t2i, "full step reading the cache over encoding")
-    head = ("| variant | ckpt | compile | ZeRO | world x batch | images/s | per rank | total ms | "
+            for stage in (1, 2, 3):
+                ratio(f"zero{stage} / ddp", k(f"zero{stage}"), k("ddp"), "step time, same batch and loss")
+            ratio("mixflow / flow matching", k("mixflow"), t2i, "full step, MixFlow loss over FM loss")
+            ratio("t2i with cache / t2i", k("cache"), t2i, "full step reading the cache over encoding")
+            for spec in specs:  # a variant with overrides against its plain form (and the bare loop)
+                if "+" in spec and k(spec):
+                    ratio(f"{spec} / {base_variant(spec)}", k(spec), k(base_variant(spec)),
+                          "the overrides' effect on step time")
+                    if base_variant(spec) in FULL:
+                        ratio(f"{spec} / bare", k(spec), bare, "step time of the full pipeline over the bare loop")
+    head = ("| variant | ckpt | compile | ZeRO | world x batch | images/s | per rank | total ms | median ms | CPU ms | "
             + " | ".join(f"{'optimizer' if p == 'step' else p} ms" for p in PHASES)
             + " | TFLOP/s per rank | MFU | peak mem GB (max rank) |")
+    repeats = max((len(r["step_ms_rounds"]) for r in rows), default=1)
+    if repeats > 1:
+        head = head.replace("| total ms |", "| total ms | rounds: total ms |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in results:
-        zero = r["zero_stage"] if r["variant"] in ("t2i", "mixflow", "cache") or r["variant"].startswith("zero") \
-            else "-"
+    for r in rows:
+        zero = r["zero_stage"] if r["variant"] in FULL or r["variant"].startswith("zero") else "-"
         ph = " | ".join(f"{r['phases_ms'].get(p, 0.0):.1f}" if r["phases_ms"].get(p) else "-" for p in PHASES)
         mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "-"
-        lines.append(f"| {r['variant']} | {'on' if r['ckpt'] else 'off'} | {'on' if r['compile'] else 'off'} | "
-                     f"{zero} | {r['world']} x {r['micro_batch']} | {r['images_per_s']:.1f} | "
-                     f"{r['images_per_s_per_rank']:.1f} | {r['step_ms']:.1f} | {ph} | "
+        spread = f" {' / '.join(f'{x:.0f}' for x in r['step_ms_rounds'])} |" if repeats > 1 else ""
+        lines.append(f"| {r.get('spec', r['variant'])} | {_ckpt(r['ckpt'])} | "
+                     f"{'on' if r['compile'] else 'off'} | {zero} | {r['world']} x {r['micro_batch']} | "
+                     f"{r['images_per_s']:.1f} | {r['images_per_s_per_rank']:.1f} | {r['step_ms']:.1f} | "
+                     f"{r['step_ms_median']:.1f} | {_fmt(r.get('cpu_ms_median'))} |{spread} {ph} | "
                      f"{r['achieved_tflops_per_rank']:.3g} | {mfu} | {max(r['peak_mem_gb_per_rank']):.2f} |")
+    lines += ["", "| variant | ckpt | compile | optimizer | SDPA kernel (usable) | optimizer step ms | "
+              + " | ".join(p.replace("_", " ") for p in step_profile_parts()) + " |",
+              "|" + "---|" * (6 + len(step_profile_parts()))]
+    for r in rows:
+        att = r.get("attention") or {}
+        parts = r.get("optimizer_ms") or {}
+        cells = " | ".join(f"{parts[p]:.2f}" if p in parts else "-" for p in step_profile_parts())
+        lines.append(f"| {r.get('spec', r['variant'])} | {_ckpt(r['ckpt'])} | "
+                     f"{'on' if r['compile'] else 'off'} | {r.get('optimizer', '-')} | "
+                     f"{att.get('kernel', '-')} ({', '.join(att.get('usable', []))}) | "
+                     f"{r['phases_ms'].get('step', 0.0):.2f} | {cells} |")
     if ratios:
-        lines += ["", "| ratio (step time) | value | |", "|---|---:|---|"]
-        lines += [f"| {q['ratio']} | {q['value']:.3f} | {q['means']} |" for q in ratios]
+        lines += ["", "| ratio | median step time | rounds: min-max | CPU time per step | |", "|---|---:|---|---:|---|"]
+        lines += [f"| {q['ratio']} | {q['value']:.3f} | "
+                  + (f"{q['min']:.3f}-{q['max']:.3f} ({q['rounds']} rounds)" if q["rounds"] > 1 else "-")
+                  + (f" | {q['cpu']:.3f}" if q.get("cpu") else " | -") + f" | {q['means']} |"
+                  for q in ratios]
     first = results[0] if results else {"device": "?", "preset": "?", "resolution": "?"}
     preamble = (f"Device: {first['device']}; model {first['preset']} at {first['resolution']} px; {args.warmup} "
-                f"warm-up + {args.steps} measured steps per variant. The comm column is inside backward/step "
-                "(DeepSpeed's comms logger: time in collectives, waiting for the slower rank included), "
-                "not an extra phase.\n\n")
-    return {"results": results, "ratios": ratios, "markdown": preamble + "\n".join(lines) + "\n",
-            "settings": {"steps": args.steps, "warmup": args.warmup, "nproc": args.nproc,
+                f"warm-up + {args.steps} measured steps per variant"
+                + (f", {repeats} rounds (each row is its median round)" if repeats > 1 else "")
+                + ". The comm column is inside backward/step (DeepSpeed's comms logger: time in collectives, "
+                "waiting for the slower rank included), not an extra phase. The optimizer step's parts: "
+                "t2i/train/step_profile.py.\n\n")
+    return {"results": results, "rows": rows, "ratios": ratios, "markdown": preamble + "\n".join(lines) + "\n",
+            "settings": {"steps": args.steps, "warmup": args.warmup, "nproc": args.nproc, "repeats": args.repeats,
                          "config": args.config, "overrides": args.overrides, "synthetic": args.synthetic,
                          "time": time.strftime("%Y-%m-%d %H:%M:%S")}}
+
+
+def _ckpt(value) -> str:
+    """model.gradient_checkpointing for the table: off, all (every block), 1/k (every k-th block)."""
+    if value is False or value == 0:
+        return "off"
+    return "all" if value is True or value == 1 else f"1/{value}"
+
+
+def _fmt(x, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def step_profile_parts() -> tuple:
+    from t2i.train.step_profile import PARTS
+    return PARTS
 
 
 if __name__ == "__main__":

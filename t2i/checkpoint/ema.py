@@ -100,10 +100,16 @@ class ShardedEMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> float:
+        """One EMA step over every parameter slice of this rank, as one multi-tensor lerp (torch's
+        _foreach_lerp_: one kernel launch per device and dtype instead of one per parameter)."""
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        shadows, currents = [], []
         for n, p in model.named_parameters():
             if self.slices[n][1]:
-                self.shadow[n].lerp_(self._current(p, n).float(), 1.0 - d)
+                shadows.append(self.shadow[n])
+                currents.append(self._current(p, n).float())
+        if shadows:
+            torch._foreach_lerp_(shadows, currents, 1.0 - d)
         self.updates += 1
         return d
 

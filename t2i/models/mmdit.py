@@ -10,10 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from diffusers import SD3Transformer2DModel
 
 from t2i.config import ModelConfig
 from t2i.errors import ConfigError
+from t2i.models.attention import force_backend
 from t2i.sd3_folder import LAYOUT, is_placeholder, placeholder_message
 
 # Shapes of the released checkpoints' transformer/config.json (sample_size is in latent pixels).
@@ -60,19 +62,65 @@ def build_model(cfg: ModelConfig, *, in_channels: int, sample_size: int, joint_a
             torch.manual_seed(seed)
             model = SD3Transformer2DModel(**kwargs)
             init_from_scratch(model)
-    if cfg.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+    force_backend(model, cfg.attention_backend)
+    enable_checkpointing(model, cfg.gradient_checkpointing, cfg.attention_backend)
     if cfg.compile:
-        compile_blocks(model)
+        compile_model(model)
     return model
 
 
-def compile_blocks(model: SD3Transformer2DModel) -> None:
-    """torch.compile every transformer block in place (torchtitan's recipe): blocks of the same kind
-    share compiled code, so compile time stays that of ~3 blocks (plain, dual-attention, last), and
-    the module tree, its state-dict keys and DeepSpeed's hooks on it are unchanged."""
+def checkpointed_blocks(num_blocks: int, every: bool | int) -> list[int]:
+    """Indices of the blocks whose activations are recomputed in backward: all (true / 1), every k-th
+    from the first (k: 0, k, 2k, ...), or none (false / 0)."""
+    k = int(every) if not isinstance(every, bool) else (1 if every else 0)
+    return list(range(0, num_blocks, k)) if k else []
+
+
+def enable_checkpointing(model: SD3Transformer2DModel, every: bool | int, attention_backend: str = "auto") -> list[int]:
+    """Selective activation checkpointing through diffusers' own switch (`enable_gradient_checkpointing`
+    with a checkpoint function): the chosen blocks run under torch.utils.checkpoint (non-reentrant), the
+    others keep their activations. Checkpointing every k-th block trades 1/k of the recomputation for
+    (1 - 1/k) of the blocks' activation memory, so a batch that does not fit without checkpointing may fit
+    with k = 2 or 3 at a fraction of full checkpointing's ~33 % extra compute. Returns the indices."""
+    chosen = checkpointed_blocks(len(model.transformer_blocks), every)
+    if not chosen:
+        return chosen
+    ids = {id(model.transformer_blocks[i]) for i in chosen}
+    context_fn = attention_context_fn(attention_backend)
+
+    def checkpoint(block, *args):
+        if id(block) not in ids:
+            return block(*args)
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False, context_fn=context_fn)
+
+    model.enable_gradient_checkpointing(checkpoint)
+    return chosen
+
+
+def attention_context_fn(backend: str):
+    from t2i.models.attention import context_fn
+    return torch.utils.checkpoint.noop_context_fn if backend == "auto" else context_fn(backend)
+
+
+# The modules outside the transformer blocks with elementwise work over every image token to fuse: the
+# patch embedding's position add and the final adaLN (layer norm + modulation). The others are one GEMM
+# (caption projection, output projection) or per-sample vectors (timestep + pooled-text embedder), where
+# compile has nothing to fuse (and inductor's CPU bf16 code for the embedder's backward does not build in
+# torch 2.14).
+OUTSIDE_BLOCKS = ("pos_embed", "norm_out")
+
+
+def compile_model(model: SD3Transformer2DModel) -> None:
+    """torch.compile every transformer block whole (its adaLN-Zero modulation, layer norms, QK RMS-norm,
+    joint attention and MLPs are one graph; tests/test_speed_keys.py checks there is no graph break) and
+    the position embedding and final adaLN outside them, in place (torchtitan's per-block recipe). Blocks of the same kind share compiled
+    code, so compile time stays that of ~3 blocks (plain, dual-attention, last), and the module tree, its
+    state-dict keys and DeepSpeed's hooks on it are unchanged. Compiling the top-level forward instead
+    would trace through DeepSpeed's ZeRO-3 parameter hooks."""
     for block in model.transformer_blocks:
         block.compile()
+    for name in OUTSIDE_BLOCKS:
+        getattr(model, name).compile()
 
 
 def init_from_scratch(model: SD3Transformer2DModel) -> None:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from t2i.checkpoint import store
 from t2i.config import Config, to_dict
+from t2i.errors import CheckpointError
 from t2i.models.mmdit import is_diffusers_folder, load_pretrained, load_weights
 
 log = logging.getLogger("t2i")
@@ -63,6 +64,11 @@ class Checkpointer:
             log.warning("incomplete checkpoint folder(s) in %s (a save that did not finish; no meta.json): %s; "
                         "ignoring them and resuming from %s", self.root, ", ".join(broken),
                         f"latest = {tag}" if tag == store.latest_pointer(self.root) else tag)
+        if self.cfg.optimizer.kind == "adamw_8bit" and store.read_meta(self.root, tag)["world_size"] != self.world:
+            raise CheckpointError(f"{self.root / tag} was written by {store.read_meta(self.root, tag)['world_size']} "
+                                  f"rank(s); optimizer.kind=adamw_8bit resumes at the same world size only "
+                                  f"(DeepSpeed's universal checkpoint reshards Adam's fp32 state, not "
+                                  f"bitsandbytes' 8-bit blocks)")
         meta, client = store.load(self.engine, self.root, tag)
         self.ema.load_state_dict(client["ema"])
         if client.get("resharded_from"):  # per-rank RNG states of another world size: derive fresh ones

@@ -1,4 +1,4 @@
-"""Distributed setup and the DeepSpeed engine: ZeRO stage, precision, AdamW, LR schedule.
+"""Distributed setup and the DeepSpeed engine: ZeRO stage, precision, the optimizer, LR schedule.
 
 Launch with torchrun (or srun -> torchrun). On a machine without CUDA, DeepSpeed runs on its CPU
 accelerator with the gloo backend (`DS_ACCELERATOR=cpu`, set by t2i/cli.py before the import).
@@ -6,14 +6,16 @@ accelerator with the gloo backend (`DS_ACCELERATOR=cpu`, set by t2i/cli.py befor
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import socket
 
 import torch
 
-from t2i.config import Config, TrainConfig, deep_merge
+from t2i.config import Config, TrainConfig
+from t2i.errors import ConfigError
+from t2i.train import optim
+from t2i.train.ds_config import deepspeed_config  # noqa: F401  (the generated DeepSpeed JSON; re-exported)
 
 
 def init_distributed() -> tuple[int, int]:
@@ -65,33 +67,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed_config(cfg: Config) -> dict:
-    """The DeepSpeed JSON config generated from ours; `deepspeed.extra` is merged on top."""
-    ds = {
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "gradient_clipping": cfg.train.grad_clip,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-        # Skip (and report through was_step_applied) any step whose gradient norm is not finite.
-        "bf16": {"enabled": cfg.deepspeed.precision == "bf16", "check_grad_overflow": True},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if cfg.logging.phase_times:  # time DeepSpeed's collectives (t2i.train.timing.comm_seconds); syncs each op
-        ds["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False, "debug": False}
-    return deep_merge(ds, copy.deepcopy(cfg.deepspeed.extra))
-
-
 def initialize(model: torch.nn.Module, cfg: Config):
-    """(engine, optimizer). The optimizer is torch's AdamW (no JIT build); ZeRO partitions it."""
+    """(engine, optimizer). The optimizer is t2i's choice (t2i.train.optim: fused torch AdamW by default);
+    ZeRO partitions it. hpZ's secondary partition must divide the world size."""
     import deepspeed
 
-    t = cfg.train
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
-                                  betas=tuple(t.betas), weight_decay=t.weight_decay)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    hpz = cfg.deepspeed.zero_hpz_partition_size
+    if hpz > 1 and world % hpz:
+        raise ConfigError(f"deepspeed.zero_hpz_partition_size={hpz} must divide the world size {world} "
+                          f"(set it to the GPUs per node)")
+    if cfg.deepspeed.zero_quantized_weights and not torch.cuda.is_available():
+        raise ConfigError("deepspeed.zero_quantized_weights needs a GPU: DeepSpeed's weight quantizer has no CPU "
+                          "kernel (zero_quantized_gradients and zero_hpz_partition_size do run on the CPU)")
+    optimizer = optim.build([p for p in model.parameters() if p.requires_grad], cfg, device())
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=deepspeed_config(cfg))
+    if cfg.deepspeed.overflow_check == "grad_norm":
+        overflow_from_grad_norm(optimizer)
     return engine, optimizer
+
+
+def overflow_from_grad_norm(optimizer) -> bool:
+    """bf16 ZeRO-1/2: let the gradient norm alone decide that a step is non-finite. True if applied.
+
+    With `bf16.check_grad_overflow` (which t2i sets, so that a non-finite step is skipped), DeepSpeed's
+    ZeRO-1/2 step first checks every gradient for inf/NaN (`check_overflow`: an amax and an amin per tensor,
+    an all-reduce and a host sync), then computes the global gradient norm and skips the step when that
+    norm is not finite either (deepspeed.runtime.zero.stage_1_and_2, `step`). A gradient holding inf or
+    NaN makes the norm inf or NaN, so the first pass decides nothing the second does not; ZeRO-3 and fp32
+    ZeRO-1/2 already use the norm alone. The pass is not free: 349 of a 533 ms optimizer step in the CPU
+    dry run of tools/gpu_bench.sh (docs/performance.md §5). This replaces the instance's `check_overflow`
+    by one that leaves `overflow` False; the norm check that follows flags the step. Not applied with
+    ZeRO-Offload (its norm is computed on another path) or when DeepSpeed would not compute the norm."""
+    try:
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    except ImportError:
+        return False
+    applies = (type(optimizer) is DeepSpeedZeroOptimizer and getattr(optimizer, "dtype", None) == torch.bfloat16
+               and getattr(optimizer, "check_grad_overflow", False) and getattr(optimizer, "compute_grad_norm", False)
+               and not getattr(optimizer, "cpu_offload", True))
+    if applies:
+        def check_overflow(partition_gradients=True):
+            optimizer.overflow = False
+        optimizer.check_overflow = check_overflow
+    return applies
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -124,6 +144,19 @@ def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
 
 def mean_over_ranks(value: torch.Tensor) -> float:
     return sum_over_ranks(value.float()).item() / torch.distributed.get_world_size()
+
+
+def step_values_over_ranks(losses: list[torch.Tensor], counts: dict, bad_keys, note_keys) -> tuple[float, dict, dict]:
+    """The log line's values over ranks in one all-reduce (and one host sync) instead of one per value:
+    (mean loss, {bad reason: total}, {caption note: total}); reasons with a zero total are left out.
+    `counts` is the loader's per-rank counts (TrainLoader.counts)."""
+    keys = [*bad_keys, *note_keys]
+    local = torch.cat([torch.stack(losses).mean().double().reshape(1).to(device()),
+                       torch.tensor([counts[k] for k in keys], dtype=torch.float64, device=device())])
+    total = sum_over_ranks(local).tolist()
+    by_key = dict(zip(keys, (int(n) for n in total[1:])))
+    return (total[0] / torch.distributed.get_world_size(), {k: by_key[k] for k in bad_keys if by_key[k]},
+            {k: by_key[k] for k in note_keys if by_key[k]})
 
 
 def grad_norm(engine) -> float:

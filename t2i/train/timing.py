@@ -6,6 +6,9 @@
     ...
     metrics.update(phases.collect())    # {"time": {"data": s, ..., "comm": s}} since the last collect
 
+`loop` (the training loop's own bookkeeping after a step: the log line's all-reduce, metrics.jsonl,
+checkpoint and preemption checks) is added by the loop and reported with the next step's phases.
+
 On a GPU the phases synchronise the device at their boundaries (otherwise a phase would only
 measure kernel launches), which removes some overlap: a few % of throughput, so it is off unless
 `logging.phase_times` is set (`t2i bench` sets it). `comm` is the time DeepSpeed's collectives took
@@ -46,6 +49,11 @@ class Phases:
             if self.sync:
                 torch.cuda.synchronize()
             self.times[name] += time.perf_counter() - t0
+
+    def add(self, name: str, seconds: float) -> None:
+        """Add a span timed by the caller (e.g. the loop's bookkeeping, which contains collect itself)."""
+        if self.enabled:
+            self.times[name] += seconds
 
     def collect(self) -> dict:
         """{"time": {phase: seconds}} accumulated since the last call (empty when disabled)."""
