@@ -378,7 +378,7 @@ def _validate_performance(cfg: "Config") -> None:
     _choice("deepspeed.overflow_check", ds.overflow_check, ["grad_norm", "per_tensor"])
     _positive(cfg, "optimizer.eps", "deepspeed.reduce_bucket_size", "deepspeed.allgather_bucket_size",
               "deepspeed.zero_hpz_partition_size")
-    from t2i.train.ds_config import check_extra  # no torch import: refuses extra keys a typed key sets
+    from t2i.ds_keys import check_extra  # refuses extra keys a typed key sets
     check_extra(ds.extra)
     zero3 = {"zero_hpz_partition_size": ds.zero_hpz_partition_size > 1,
              "zero_quantized_weights": ds.zero_quantized_weights,
