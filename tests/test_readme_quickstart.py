@@ -114,7 +114,7 @@ def test_the_readme_quickstart_runs_in_order(tmp_path):
     env = dict(os.environ, PY=sys.executable, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", WANDB_MODE="disabled",
                T2I_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
 
     # make-shards: a folder (one image per shard here) and the shapes sets
