@@ -50,9 +50,9 @@ t2i() {
     "fid score") extra="--no-progress" ;;
     train\ *)
       extra="TRAIN train.steps=4"
-      if [[ "$line" == *" --stop-at "* ]]; then extra="TRAIN train.steps=102"; fi
-      if [[ "$line" == *" --resume "* ]]; then extra="TRAIN train.steps=104"; fi
-      if [[ "$line" == *" --auto-resume "* ]]; then extra="TRAIN train.steps=106"; fi ;;
+      if [[ "$line" == *" --stop-at "* ]]; then extra="TRAIN train.steps=22"; fi
+      if [[ "$line" == *" --resume "* ]]; then extra="TRAIN train.steps=24"; fi
+      if [[ "$line" == *" --auto-resume "* ]]; then extra="TRAIN train.steps=26"; fi ;;
     sample\ *) extra="--steps 2 --images-per-prompt 1 --limit 6" ;;
     eval\ *) extra="--per-tag 1 --images-per-prompt 1 --steps 2 --fid-max 16" ;;
     bench\ *) extra="--steps 2 --warmup 0 --variants t2i,bare --nproc 1 --batch-size 4 --resolution 16" ;;
@@ -126,9 +126,9 @@ def test_the_readme_quickstart_runs_in_order(tmp_path):
     for name in ("mine", "longer"):
         assert (tmp_path / "runs" / name / "checkpoints" / "step00000004").is_dir()
     r = tmp_path / "runs/r"
-    assert "stopped at step 100 of 102 (--stop-at)" in proc.stderr
-    assert "resumed from runs/r/checkpoints/step00000100 at step 100" in proc.stderr
-    assert (r / "checkpoints/step00000106").is_dir()
+    assert "stopped at step 20 of 22 (--stop-at)" in proc.stderr
+    assert "resumed from runs/r/checkpoints/step00000020 at step 20" in proc.stderr
+    assert (r / "checkpoints/step00000026").is_dir()
     # sample in GenEval's layout, GenEval, FID
     assert (tmp_path / "prompts/shapes/evaluation_metadata.jsonl").is_file()
     assert len(list((tmp_path / "samples/r").glob("0000[0-5]/samples/0000.png"))) == 6
