@@ -118,6 +118,8 @@ def main(argv=None) -> int:
                           f"{[v for v in variants if base_variant(v) in FULL]}")
     if args.repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.steps < 2:  # step times are measured between consecutive steps' ends
+        raise ConfigError(f"--steps must be >= 2 (times are measured between steps), got {args.steps}")
     if not args.synthetic:  # which shards: checked (or made) here, before any rank starts
         args.overrides = with_data(args)
     out = Path(args.out)
@@ -128,19 +130,22 @@ def main(argv=None) -> int:
         args.cache = build_cache(args, out / "cache")
     runs = [f"{v}:{int(ckpt)}:{int(comp)}:{r}" for r in range(args.repeats) for comp in _flags(args.compile)
             for ckpt in _flags(args.ckpt) for v in variants]
-    report = None
+    report, failed = None, []
     for group in ([";".join(runs)] if args.in_process else runs):
         if args.deadline and time.time() > args.deadline:
             print(f"[bench] deadline passed: skipping {group}", flush=True)
             continue
         rc = launch(args, group, results_file)
         if rc != 0:
+            failed.append(group)
             print(f"[bench] {group} failed with exit code {rc}", file=sys.stderr, flush=True)
         report = write_report(out, results_file, args)  # after every group: a cut-off run keeps its numbers
     report = write_report(out, results_file, args) if report is None else report
     print(report["markdown"])
     print(f"[bench] wrote {out / 'bench.json'} and {out / 'bench.md'}")
-    return 0 if report["results"] else 1
+    if failed:  # the table has the others' numbers, but a failed variant is not a success
+        print(f"[bench] {len(failed)} variant run(s) failed: {', '.join(failed)}", file=sys.stderr, flush=True)
+    return 0 if report["results"] and not failed else 1
 
 
 def write_report(out: Path, results_file: Path, args) -> dict:
