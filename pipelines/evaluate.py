@@ -198,8 +198,9 @@ def paired_geneval(folders: dict[str, Path]) -> dict:
 
     outcomes = {}
     for label, folder in folders.items():
-        path = Path(folder) / "results.jsonl"
-        if path.exists():
+        path = next((p for p in (Path(folder) / "geneval" / "results.jsonl", Path(folder) / "results.jsonl")
+                     if p.exists()), None)  # geneval_folder.score writes <folder>/geneval/
+        if path is not None:
             outcomes[label] = {"/".join(Path(r["filename"]).parts[-3:]): bool(r["correct"]) for r in read_results(path)}
     accuracy = {label: {"correct": sum(o.values()), "images": len(o), "ci95": wilson(sum(o.values()), len(o))}
                 for label, o in outcomes.items()}

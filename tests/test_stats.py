@@ -70,10 +70,10 @@ def test_eval_pairs_images_by_prompt_folder_and_sample(tmp_path):
     folders = {}
     for label, correct in outcomes.items():
         folders[label] = tmp_path / label
-        folders[label].mkdir()
+        (folders[label] / "geneval").mkdir(parents=True)
         rows = [{"filename": str(folders[label] / f"{i // 2:05d}" / "samples" / f"{i % 2:04d}.png"), "correct": c,
                  "tag": "single_object"} for i, c in enumerate(correct)]
-        (folders[label] / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[::-1]))
+        (folders[label] / "geneval" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[::-1]))
     paired = paired_geneval(folders)
     assert paired["accuracy"]["a"]["correct"] == 3 and paired["accuracy"]["b"]["images"] == 6
     (pair,) = paired["pairs"]
