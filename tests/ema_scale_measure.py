@@ -3,7 +3,8 @@ at each (ZeRO stage, world size), then report for the last tag
 
     bytes_per_param   sum of the tag's files (without universal/) / parameter count
     ema_rank_bytes    the EMA tensors in one rank's t2i/rankNNNNN.pt (rank 0)
-    reader_rss_mb     peak RSS of `t2i ckpt consolidate --weights ema` in a fresh process (ru_maxrss of its child)
+    reader_rss_mb     peak RSS of `t2i ckpt consolidate --weights ema` in a fresh process (ru_maxrss of its child;
+                      the smallest of --rss-repeats runs)
     base_rss_mb       the same process measure of `python -c "import t2i.cli, deepspeed, torch"` (imports only)
 
     python tests/ema_scale_measure.py OUT.json [--stages 1,2,3] [--worlds 2,4] [--width 64] [--layers 2]
@@ -45,7 +46,8 @@ def ema_tensor_bytes(state) -> int:
     return sum(t.numel() * t.element_size() for t in state["ema"]["shadow"].values())
 
 
-def measure(shards, runs: Path, stage: int, world: int, width: int, layers: int, steps: int = 2) -> dict:
+def measure(shards, runs: Path, stage: int, world: int, width: int, layers: int, steps: int = 2,
+            rss_repeats: int = 1) -> dict:
     import torch
 
     from helpers import tiny_train_args
@@ -66,8 +68,9 @@ def measure(shards, runs: Path, stage: int, world: int, width: int, layers: int,
     rank0 = torch.load(root / tag / "t2i" / "rank00000.pt", weights_only=False)
     model = torch.load(min((root / tag).glob("*model_states.pt")), weights_only=False)
     params = sum(s.numel() for group in model["param_shapes"] for s in group.values())
-    rss = peak_rss_mb([sys.executable, "-m", "t2i.cli", "ckpt", "consolidate", str(runs / name), "--out",
-                       str(runs / f"{name}-out"), "--weights", "ema"])
+    # The imports alone vary by ~10 MB from one process to the next: the smallest of a few runs is the measure.
+    rss = min(peak_rss_mb([sys.executable, "-m", "t2i.cli", "ckpt", "consolidate", str(runs / name), "--out",
+                           str(runs / f"{name}-out{i}"), "--weights", "ema"]) for i in range(rss_repeats))
     return {"stage": stage, "world": world, "params": params, "tag_bytes": total, "bytes_per_param": total / params,
             "ema_rank_bytes": ema_tensor_bytes(rank0), "client_rank_bytes": (root / tag / "t2i" / "rank00000.pt")
             .stat().st_size, "reader_rss_mb": rss}
@@ -81,6 +84,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--rss-repeats", type=int, default=3)
     a = ap.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="ema-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -89,7 +93,7 @@ def main() -> None:
     rows = []
     for stage in map(int, a.stages.split(",")):
         for world in map(int, a.worlds.split(",")):
-            row = measure(shards, work / "runs", stage, world, a.width, a.layers)
+            row = measure(shards, work / "runs", stage, world, a.width, a.layers, rss_repeats=a.rss_repeats)
             row["base_rss_mb"] = base
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -43,7 +43,7 @@ def to_format1(root, tag, full: dict) -> None:
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_checkpoint_bytes_per_parameter_and_reader_memory_do_not_grow_with_world_size(make_shards, tmp_path, stage):
     shards = make_shards(n_shards=2, per_shard=8)
-    rows = {w: measure(shards, tmp_path / "runs", stage, w, WIDTH, LAYERS, steps=1) for w in (2, 4)}
+    rows = {w: measure(shards, tmp_path / "runs", stage, w, WIDTH, LAYERS, steps=1, rss_repeats=2) for w in (2, 4)}
     two, four = rows[2], rows[4]
     print(f"ZeRO-{stage}: {two} / {four}")
     assert two["params"] == four["params"] > 4_000_000
@@ -58,8 +58,11 @@ def test_checkpoint_bytes_per_parameter_and_reader_memory_do_not_grow_with_world
         ema = store.load_weights(root, tag, ema=True)
         assert sum(t.numel() for t in ema.values()) == two["params"]
     assert max(per_rank[4]) <= max(per_rank[2]) / 2 + 64 * 1024, per_rank  # halves (up to a partition's alignment)
-    # The reader holds one full EMA plus one mapped rank file: no more at 4 ranks than at 2.
-    assert four["reader_rss_mb"] <= two["reader_rss_mb"] + 8, (two, four)
+    # The reader holds one full EMA plus one mapped rank file: no more at 4 ranks than at 2. A copy per rank would
+    # add two full EMAs from 2 to 4 ranks; one EMA of slack absorbs the process-to-process noise of the imports
+    # (a 12 MB spread was seen in CI) and still catches that with a margin of 2.
+    ema_mb = 4 * two["params"] / 2**20
+    assert four["reader_rss_mb"] <= two["reader_rss_mb"] + ema_mb, (two, four, ema_mb)
 
     if stage < 3:  # an old (format-1) checkpoint: every rank's file holds the full EMA
         root, tag = store.resolve(tmp_path / "runs" / f"z{stage}w2")
