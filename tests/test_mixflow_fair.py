@@ -18,7 +18,7 @@ def test_cells_are_steps_times_cfg_one_and_the_trained_scale():
     assert nfe((8, 1.0)) == 8 and nfe((8, 3.0)) == 16  # CFG evaluates the model twice
 
 
-def test_budget_cuts_cfg_one_first_then_the_middle_step_counts_never_more_than_needed():
+def test_budget_cuts_cfg_one_first_then_the_dearest_step_counts_never_more_than_needed():
     all_cells = cells(Args, 3.0)
     per = 1.0 / (2000 * 13)  # one second per NFE per image over all models and images
     kept, dropped = fit_budget(all_cells, per, 2000, 13, budget_s=1e9)
@@ -26,8 +26,20 @@ def test_budget_cuts_cfg_one_first_then_the_middle_step_counts_never_more_than_n
     full_cfg = sum(nfe(c) for c in all_cells if c[1] == 3.0)         # 124
     kept, dropped = fit_budget(all_cells, per, 2000, 13, budget_s=full_cfg)
     assert dropped == [(n, 1.0) for n in Args.steps] and kept == [(n, 3.0) for n in Args.steps]
-    kept, dropped = fit_budget(all_cells, per, 2000, 13, budget_s=2 * (2 + 32 + 16))
-    assert kept == [(2, 3.0), (16, 3.0), (32, 3.0)] and dropped[-2:] == [(4, 3.0), (8, 3.0)]
+    kept, dropped = fit_budget(all_cells, per, 2000, 13, budget_s=2 * (2 + 4 + 8))
+    assert kept == [(2, 3.0), (4, 3.0), (8, 3.0)] and dropped[-2:] == [(32, 3.0), (16, 3.0)]
+    # The primary family is cut last, N = 2 at the trained scale never: there is always a result.
+    kept, dropped = fit_budget(all_cells, per, 2000, 13, budget_s=0)
+    assert kept == [(2, 3.0)] and dropped[-1] == (4, 3.0)
+
+
+def test_the_slow_flow_job_of_a_scale_is_budgeted_while_a_cell_at_that_scale_is_kept():
+    all_cells = [(2, 1.0), (2, 3.0)]
+    per = 1.0 / (100 * 13)
+    slow = {1.0: 300, 3.0: 600}   # NFE per model: in units of 100 images, 3 and 6 "images" of budget
+    assert fit_budget(all_cells, per, 100, 13, budget_s=2 + 4 + 3 + 6, slowflow_nfe=slow)[1] == []
+    kept, dropped = fit_budget(all_cells, per, 100, 13, budget_s=2 + 4 + 3 + 5.9, slowflow_nfe=slow)
+    assert kept == [(2, 3.0)] and dropped == [(2, 1.0)]   # dropping CFG 1 also drops its Slow Flow job
 
 
 def test_convergence_compares_the_last_checkpoint_with_the_one_at_80_percent():
