@@ -21,6 +21,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from t2i.deepspeed_keys import check_extra
 from t2i.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -367,8 +368,7 @@ def _validate_performance(cfg: "Config") -> None:
     _choice("deepspeed.overflow_check", ds.overflow_check, ["grad_norm", "per_tensor"])
     _positive(cfg, "optimizer.eps", "deepspeed.reduce_bucket_size", "deepspeed.allgather_bucket_size",
               "deepspeed.zero_hpz_partition_size")
-    from t2i.train.ds_config import check_extra  # no torch import: refuses extra keys a typed key sets
-    check_extra(ds.extra)
+    check_extra(ds.extra)  # deepspeed.extra may not set what a typed key sets (t2i.deepspeed_keys)
     zero3 = {"zero_hpz_partition_size": ds.zero_hpz_partition_size > 1,
              "zero_quantized_weights": ds.zero_quantized_weights,
              "zero_quantized_gradients": ds.zero_quantized_gradients}
