@@ -27,7 +27,7 @@ def test_deepspeed_config_reflects_ours_and_extra_is_merged_deeply():
                                  "train.micro_batch_size=8", "train.grad_clip=0.5",
                                  "deepspeed.extra={zero_optimization: {round_robin_gradients: true}}"])
     ds = deepspeed_config(cfg)
-    assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+    assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True, "contiguous_gradients": False,  # CPU
                                        "reduce_bucket_size": 50_000_000, "zero_hpz_partition_size": 1,
                                        "zero_quantized_weights": False, "zero_quantized_gradients": False,
                                        "round_robin_gradients": True}
@@ -36,7 +36,7 @@ def test_deepspeed_config_reflects_ours_and_extra_is_merged_deeply():
     assert "optimizer" not in ds and "zero_allow_untested_optimizer" not in ds
 
 
-def test_the_communication_keys_reach_deepspeeds_zero_section():
+def test_the_communication_keys_reach_deepspeeds_zero_section(monkeypatch):
     zero2 = deepspeed_config(load_config(overrides=[
         "deepspeed.overlap_comm=false", "deepspeed.contiguous_gradients=false", "deepspeed.reduce_bucket_size=5e6",
         "deepspeed.allgather_bucket_size=2e7"]))["zero_optimization"]
@@ -48,6 +48,12 @@ def test_the_communication_keys_reach_deepspeeds_zero_section():
     assert (zero3["zero_hpz_partition_size"], zero3["zero_quantized_weights"], zero3["zero_quantized_gradients"]) == \
         (8, True, True)
     assert "allgather_bucket_size" not in zero3  # ZeRO-3 gathers by prefetch buckets, not this key
+    import torch
+    for setting, cuda, want in [("null", True, True), ("null", False, False), ("true", False, True),
+                                ("false", True, False)]:  # null follows the device: on with CUDA, off on a CPU
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        got = deepspeed_config(load_config(overrides=[f"deepspeed.contiguous_gradients={setting}"]))
+        assert got["zero_optimization"]["contiguous_gradients"] is want
     offload = deepspeed_config(load_config(overrides=["optimizer.kind=cpu_adam", "optimizer.offload_pin_memory=false"]))
     assert offload["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
     assert deepspeed_config(load_config(overrides=["optimizer.kind=adamw_8bit"]))["zero_allow_untested_optimizer"]

@@ -21,9 +21,11 @@ data/shapes/ shards, or when `make demo` has not written them a small shapes set
 A variant may carry config overrides after `+`, to compare settings side by side in one run:
   t2i bench --variants t2i,t2i+optimizer.implementation=foreach,bare --repeats 3
   t2i bench --variants zero2,zero2+deepspeed.overlap_comm=false,zero2+deepspeed.reduce_bucket_size=5e8
---repeats N runs the whole list N times, round by round (A B C A B C ...), and reports the median step
-time per variant with its spread and each ratio as the median of the per-round ratios, so load from
-other jobs on the machine hits both sides of a ratio alike.
+--repeats N runs the whole list N times, round by round and rotated (A B C, B C A, C A B, ...), and
+reports the median step time per variant with its spread and each ratio as the median of the per-round
+ratios, so load from other jobs on the machine hits both sides of a ratio alike. A run's step time is its
+median step; the CPU time per step (rank 0's process, all threads) is reported beside it: it is the
+work, which other jobs on a shared machine do not stretch.
 Printed: images/s, per-phase ms, peak memory per rank, achieved FLOP/s and MFU (t2i/models/flops.py has the
 formula), the ratios t2i/bare (pipeline overhead), zeroK/ddp, mixflow/t2i, cache/t2i, and per variant the
 SDPA kernel that ran and DeepSpeed's optimizer step by part (t2i/train/step_profile.py).
@@ -128,8 +130,9 @@ def main(argv=None) -> int:
     results_file.unlink(missing_ok=True)
     if any(base_variant(v) == "cache" for v in variants) and not args.cache:
         args.cache = build_cache(args, out / "cache")
+    # Round r starts at the r-th variant (A B C, B C A, C A B, ...): no variant always runs first or last.
     runs = [f"{v}:{int(ckpt)}:{int(comp)}:{r}" for r in range(args.repeats) for comp in _flags(args.compile)
-            for ckpt in _flags(args.ckpt) for v in variants]
+            for ckpt in _flags(args.ckpt) for v in variants[r % len(variants):] + variants[:r % len(variants)]]
     report, failed = None, []
     for group in ([";".join(runs)] if args.in_process else runs):
         if args.deadline and time.time() > args.deadline:
@@ -619,8 +622,8 @@ def summarize(results: list[dict], args) -> dict:
         spread = f" {' / '.join(f'{x:.0f}' for x in r['step_ms_rounds'])} |" if repeats > 1 else ""
         lines.append(f"| {r.get('spec', r['variant'])} | {_ckpt(r['ckpt'])} | "
                      f"{'on' if r['compile'] else 'off'} | {zero} | {r['world']} x {r['micro_batch']} | "
-                     f"{r['images_per_s']:.1f} | {r['images_per_s_per_rank']:.1f} | {r['step_ms']:.1f} | "
-                     f"{r['step_ms_median']:.1f} | {_fmt(r.get('cpu_ms_median'))} |{spread} {ph} | "
+                     f"{r['images_per_s']:.1f} | {r['images_per_s_per_rank']:.1f} | {r['step_ms']:.1f} |{spread} "
+                     f"{r['step_ms_median']:.1f} | {_fmt(r.get('cpu_ms_median'))} | {ph} | "
                      f"{r['achieved_tflops_per_rank']:.3g} | {mfu} | {max(r['peak_mem_gb_per_rank']):.2f} |")
     lines += ["", "| variant | ckpt | compile | optimizer | SDPA kernel (usable) | optimizer step ms | "
               + " | ".join(p.replace("_", " ") for p in step_profile_parts()) + " |",
