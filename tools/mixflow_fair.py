@@ -194,8 +194,9 @@ def train_base(out: Path, args, data: dict, results: dict) -> Path:
         results["time_s"]["base"] = results["time_s"].get("base", 0.0) + train(args, run, steps, common)
         curve = ema_validation(run, data["val"], args.device)
         ok, change = converged(curve, args.converged)
+        steps = max(curve)  # a rerun may find more steps than asked for (an earlier, longer run)
         results["base"] = {"steps": steps, "val_loss_ema": curve, "change_last_20pct": change, "converged": ok}
-        log(f"base: {steps} steps, EMA val loss {curve[max(curve)]:.5f}, change over the last 20 % {change:.2%}")
+        log(f"base: {steps} steps, EMA val loss {curve[steps]:.5f}, change over the last 20 % {change:.2%}")
         if ok or steps >= args.max_base_steps:
             break
         steps = min(args.max_base_steps, int(steps * 1.25) // every * every)
