@@ -1,6 +1,8 @@
 """EMA arithmetic and consolidation; checkpoint pointer safety, retention, resharding helpers."""
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,3 +217,46 @@ def test_reseed_derives_the_rng_from_seed_step_and_rank():
     assert torch.equal(a[0], torch.rand(2, generator=g)) and torch.equal(a[1], torch.rand(2))
     store.reseed(g, seed=3, step=10, rank=0)
     assert not torch.equal(a[0], torch.rand(2, generator=g))
+
+
+def _resume_from_rank(rank: int, world: int, port: int, root: str, delay_s: float, out: str) -> None:
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if rank == 1:
+        time.sleep(delay_s)  # reads `latest` only after rank 0 has moved it
+    newer = store.resume_from(Path(root), "step00000002")
+    dist.barrier()  # the next collective: reached by both ranks only if resume_from kept them in step
+    write_text(Path(out) / f"rank{rank}.json", json.dumps(newer))
+    dist.destroy_process_group()
+
+
+def test_a_resume_from_an_older_tag_moves_latest_once_and_no_rank_skips_a_barrier(tmp_path):
+    """Two gloo ranks; rank 1 looks at `latest` after rank 0 moved it. Before the fix only the ranks that
+    saw the old `latest` met at a barrier, and `t2i train --nproc 2 --resume <older tag>` could hang."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        write_text(root / store.tag_for(step) / "meta.json", json.dumps({"step": step}))
+    write_text(root / "latest", "step00000004")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_resume_from_rank, args=(2, port, str(root), 1.0, str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")
+    deadline = time.time() + 120
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the ranks did not finish: a barrier was skipped")
+    assert store.latest_pointer(root) == "step00000002"
+    assert json.loads((tmp_path / "rank0.json").read_text()) == ["step00000004"]  # rank 0 reports what it abandons
+    assert json.loads((tmp_path / "rank1.json").read_text()) == []

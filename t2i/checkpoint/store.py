@@ -208,6 +208,16 @@ def point_latest(root: Path, tag: str) -> list[str]:
     return newer
 
 
+def resume_from(root: Path, tag: str) -> list[str]:
+    """Collective: make `latest` name `tag` when a resume names an older tag than `latest`; returns, on rank 0,
+    the newer complete tags it abandons. Only rank 0 reads and moves `latest`, and every rank meets at one
+    barrier whatever it would have read: a rank that looked at `latest` after rank 0 had moved it would skip
+    a conditional barrier and hang the job in its next collective."""
+    newer = point_latest(root, tag) if dist.get_rank() == 0 and tag != latest_pointer(root) else []
+    dist.barrier()
+    return newer
+
+
 def _usable(root: Path) -> str:
     """How to continue from what is there: the complete tags, newest first, and how to pick one."""
     tags = complete_tags(root)

@@ -53,12 +53,11 @@ class Checkpointer:
         """Load `tag` (default `latest`; at any world size, t2i.checkpoint.store.load) -> (step, data state,
         skipped count)."""
         broken = store.incomplete_tags(self.root)
-        if tag and tag != store.latest_pointer(self.root):  # an explicit older tag: it becomes `latest`
-            newer = store.point_latest(self.root, tag) if dist.get_rank() == 0 else []
+        if tag:  # an explicit tag (may be older than `latest`): it becomes `latest`
+            newer = store.resume_from(self.root, tag)
             if newer:
                 log.warning("resuming from %s: `latest` now names it; the newer tag(s) %s will be replaced "
                             "as the run reaches their steps again", tag, ", ".join(newer))
-            dist.barrier()
         tag = tag or store.latest_tag(self.root)
         if broken:
             log.warning("incomplete checkpoint folder(s) in %s (a save that did not finish; no meta.json): %s; "
