@@ -19,8 +19,9 @@
 
 Cells that do not fit `--budget-min` are cut in the pre-registered order (CFG 1 first, then the trained-CFG
 cells from the most expensive down: N = 32, 16, 8, 4), never seeds or images; N = 2 at the trained CFG is
-always evaluated, and the plan says by how much it overruns the budget. `<out>/results.json` and `results.md` are rewritten after every stage and every
-evaluated model, so an interrupted run still reports what it finished; rerunning continues it.
+always evaluated, and the plan says by how much it overruns the budget. `<out>/results.json` and `results.md`
+are rewritten after every stage and every evaluated model, so an interrupted run still reports what it
+finished; rerunning continues it.
 """
 
 from __future__ import annotations
