@@ -221,7 +221,6 @@ def test_reseed_derives_the_rng_from_seed_step_and_rank():
 
 def _resume_from_rank(rank: int, world: int, port: int, root: str, delay_s: float, out: str) -> None:
     import os
-    import time
 
     import torch.distributed as dist
 

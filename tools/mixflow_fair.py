@@ -374,7 +374,8 @@ def evaluate(out: Path, args, data: dict, models: dict[str, Path], results: dict
         per_nfe = calibrate(models, prompts, args) / max(1, args.workers)
         spent = time.time() - results["started"]
         left = max(0.0, args.budget_min * 60 - spent)
-        # Slow Flow v2 per model and kept scale: one reference run of ref_steps plus the kept step counts
+        # Slow Flow v2 per model and kept scale: one reference run of ref_steps plus a run at each step count
+        # (all of them: an upper bound, since the job runs only the kept ones)
         slow = {g: (args.ref_steps + sum(args.steps)) * (1 if g == 1.0 else 2) * args.slowflow_images
                 for g in {c[1] for c in all_cells}} if args.slowflow_images > 0 else {}
         kept, dropped = fit_budget(all_cells, per_nfe, args.images, len(models), left, slow)
