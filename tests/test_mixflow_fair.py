@@ -4,7 +4,8 @@ runs every stage on a tiny model in minutes)."""
 
 import pytest
 
-from tools.mixflow_fair import cells, converged, fit_budget, nfe, verdicts
+from tools.mixflow_fair import cells, converged, fit_budget, nfe
+from tools.mixflow_fair_report import verdicts
 
 
 class Args:
@@ -63,3 +64,28 @@ def test_verdicts_need_holm_significance_and_the_same_sign_in_every_seed():
     assert lines[-1].endswith(": no")  # C2: not significant against gamma0
     test["diff_per_seed"] = [0.02, -0.01, 0.03]                  # one seed disagrees: not counted
     assert "C1 MixFlow beats control at few steps (Holm p < 0.05, same sign in every seed): no" in verdicts(results)
+
+
+@pytest.mark.parametrize("schedule, expect_steps, expect_runs", [
+    ("constant", [1000, 1200, 1500], 3),   # +25 % (to whole checkpoints) until flat, up to --max-base-steps
+    ("cosine", [1000], 1),                 # a decayed schedule has a fixed length: measured once, not extended
+])
+def test_the_base_is_extended_only_on_a_constant_learning_rate(monkeypatch, tmp_path, schedule, expect_steps,
+                                                              expect_runs):
+    import tools.mixflow_fair as fair
+
+    asked = []
+    monkeypatch.setattr(fair, "train", lambda args, run, steps, overrides: asked.append((steps, overrides)) or 1.0)
+
+    def curve(run, val, device):  # the loss keeps falling 5 % per 10 % of steps: never converged by the 1 % rule
+        last = asked[-1][0]
+        return {s: 0.95 ** (s // 100) for s in range(last // 10, last + 1, last // 10)}
+
+    monkeypatch.setattr(fair, "ema_validation", curve)
+    args = fair.parse(["--base-steps", "1000", "--max-base-steps", "1500", "--base-schedule", schedule])
+    results = {"time_s": {}}
+    fair.train_base(tmp_path, args, {"train": "t", "val": "v"}, results)
+    assert [s for s, _ in asked] == expect_steps and len(asked) == expect_runs
+    assert f"train.schedule={schedule}" in asked[0][1] and "train.min_lr_ratio=0.1" in asked[0][1]
+    assert results["base"]["steps"] == expect_steps[-1] and results["base"]["converged"] is False
+    assert results["base"]["schedule"] == schedule

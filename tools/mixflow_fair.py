@@ -6,8 +6,10 @@
 
 1. data: captioned-shapes training shards, a fixed-σ validation set, the evaluation prompts (held-out
    captions with their GenEval clauses) and a held-out FID reference set, each from its own seed;
-2. base: flow matching with logit-normal σ until the EMA's fixed-σ validation loss changes by less than
-   `--converged` (1 %) over the last 20 % of its steps (extended in 25 % steps up to `--max-base-steps`);
+2. base: flow matching with logit-normal σ, `--base-steps` with the learning rate decayed (cosine, to 0.1 × the
+   peak); converged if the EMA's fixed-σ validation loss changes by less than `--converged` (1 %) over the last
+   20 % of its steps (`--base-schedule constant`: a constant rate, extended in 25 % steps up to
+   `--max-base-steps` until converged, as in the first CPU run);
 3. arms, each `--arm-fraction` of the base's steps from the base EMA, `--seeds` seeds each:
    control (flow matching, logit-normal σ) · gamma0 (MixFlow's Beta(2,1) timesteps, standard input) ·
    mixflow-g0.8 · mixflow-g0.4;
@@ -21,7 +23,8 @@ Cells that do not fit `--budget-min` are cut in the pre-registered order (CFG 1 
 cells from the most expensive down: N = 32, 16, 8, 4), never seeds or images; N = 2 at the trained CFG is
 always evaluated, and the plan says by how much it overruns the budget. `<out>/results.json` and `results.md`
 are rewritten after every stage and every evaluated model, so an interrupted run still reports what it
-finished; rerunning continues it.
+finished; rerunning continues it. The arms, the analysis, the results table and the verdicts live in
+`tools/mixflow_fair_report.py`.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -37,15 +39,12 @@ from pathlib import Path
 
 import numpy as np
 
-ARMS = {"control": ["train.objective=flow_matching"],
-        "gamma0": ["train.objective=mixflow", "train.mixflow_gamma=0.0"],
-        "mixflow-g0.8": ["train.objective=mixflow", "train.mixflow_gamma=0.8"],
-        "mixflow-g0.4": ["train.objective=mixflow", "train.mixflow_gamma=0.4"]}
-MIXFLOW_ARMS = ("mixflow-g0.8", "mixflow-g0.4")
-FEW_STEPS = (2, 4, 8)          # the cells of the primary test (the paper's claim is about few steps)
+from tools.mixflow_fair_report import ARMS, analyse, cell_name, job_path, report, save
+
 CUT_ORDER_STEPS = (32, 16, 8, 4)  # dropped after the CFG-1 cells when the budget is short: dearest first, and
                                  # the primary family (FEW_STEPS) last
 EVAL_SEED = 777                # image i of every model starts from noise seeded EVAL_SEED + i
+
 
 
 def log(msg: str) -> None:
@@ -65,6 +64,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--converged", type=float, default=0.01,
                    help="relative change of the EMA validation loss over the last 20 %% of the base's steps")
     p.add_argument("--base-lr", type=float, default=1e-3)
+    p.add_argument("--base-schedule", choices=("cosine", "constant"), default="cosine",
+                   help="cosine: one run of --base-steps decaying to 0.1 x the peak (amendment 3); constant: "
+                        "extended by 25 %% until converged, up to --max-base-steps (the first CPU run)")
     p.add_argument("--arm-fraction", type=float, default=0.3, help="arm steps / base steps")
     p.add_argument("--arm-lr", type=float, default=1e-4)
     p.add_argument("--seeds", type=int, default=3)
@@ -187,18 +189,21 @@ def train_base(out: Path, args, data: dict, results: dict) -> Path:
     run = out / "base"
     steps = args.base_steps
     every = max(1, steps // 10)
+    decayed = args.base_schedule == "cosine"
     common = [f"data.shards={data['train']}", f"validation.shards={data['val']}", "validation.every=0",
-              f"train.lr={args.base_lr}", "train.schedule=constant", "train.warmup_steps=100",
-              f"train.ckpt_every={every}", "train.keep_last=0", f"train.log_every={max(1, every // 2)}"]
+              f"train.lr={args.base_lr}", f"train.schedule={args.base_schedule}", "train.min_lr_ratio=0.1",
+              "train.warmup_steps=100", f"train.ckpt_every={every}", "train.keep_last=0",
+              f"train.log_every={max(1, every // 2)}"]
     t0 = time.time()
     while True:
         results["time_s"]["base"] = results["time_s"].get("base", 0.0) + train(args, run, steps, common)
         curve = ema_validation(run, data["val"], args.device)
         ok, change = converged(curve, args.converged)
         steps = max(curve)  # a rerun may find more steps than asked for (an earlier, longer run)
-        results["base"] = {"steps": steps, "val_loss_ema": curve, "change_last_20pct": change, "converged": ok}
+        results["base"] = {"steps": steps, "val_loss_ema": curve, "change_last_20pct": change, "converged": ok,
+                           "schedule": args.base_schedule}
         log(f"base: {steps} steps, EMA val loss {curve[steps]:.5f}, change over the last 20 % {change:.2%}")
-        if ok or steps >= args.max_base_steps:
+        if ok or decayed or steps >= args.max_base_steps:  # a decayed schedule has a fixed length: no extension
             break
         steps = min(args.max_base_steps, int(steps * 1.25) // every * every)
     results["time_s"]["base_eval"] = time.time() - t0 - results["time_s"]["base"]
@@ -257,9 +262,6 @@ def fit_budget(all_cells: list[tuple[int, float]], seconds_per_nfe_image: float,
     return kept, dropped
 
 
-def cell_name(cell) -> str:
-    return f"N{cell[0]}-g{cell[1]:g}"
-
 
 # --------------------------------------------------------------------------------------- evaluation
 
@@ -278,10 +280,6 @@ def evaluate_cell(loaded, prompts: list[dict], cell, args, extractor) -> dict[st
     return {"correct": correct, "off_palette": off_palette_fraction(arrays),
             "features": compute_features(list(arrays), extractor)}
 
-
-def job_path(out: Path, label: str, cell) -> Path:
-    name = f"slowflow-g{cell[1]:g}.json" if cell[0] == "slowflow" else f"{cell_name(cell)}.npz"
-    return out / "eval" / label / name
 
 
 def jobs(out: Path, models: dict[str, Path], kept: list, slowflow: bool) -> list[tuple[str, tuple]]:
@@ -409,174 +407,6 @@ def evaluate(out: Path, args, data: dict, models: dict[str, Path], results: dict
         raise SystemExit(f"an evaluation worker failed: exit codes {codes}")
 
 
-# ------------------------------------------------------------------------------------------ analysis
-
-def reference_features(out: Path, data: dict, n: int, resolution: int) -> np.ndarray:
-    """Features of n held-out images, decoded exactly as training decodes them."""
-    import random
-
-    from t2i.data.decode import decode_sample
-    from t2i.data.shards import expand_shards, raw_samples
-    from t2i.eval.fid import RandomConvExtractor, compute_features
-
-    path = out / "eval" / "reference.npy"
-    if path.exists():
-        return np.load(path)
-    images = []
-    for raw in raw_samples(expand_shards(data["ref"], key="ref"), counts={}):
-        sample, _ = decode_sample(raw, resolution, random.Random(0))
-        images.append(((sample["image"].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
-        if len(images) == n:
-            break
-    from t2i.eval.shapes_detector import off_palette_fraction
-
-    feats = compute_features(images, RandomConvExtractor())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, feats)
-    (path.parent / "reference_off_palette.json").write_text(json.dumps(
-        float(off_palette_fraction(np.stack(images)).mean())))
-    return feats
-
-
-def slowflow_means(out: Path, label: str, cell) -> dict:
-    """Mean over the inner steps (0 < σ < 1) of the Slow Flow v2 excess and of σ_est − σ, if measured."""
-    path = job_path(out, label, ("slowflow", cell[1]))
-    if not path.exists():
-        return {}
-    summary = json.loads(path.read_text()).get(str(cell[0]))
-    out_ = {}
-    for key, name in (("mean_excess", "slowflow_excess"), ("sigma_est_gap", "sigma_est_gap")):
-        inner = [v for v in (summary or {}).get(key, [None, None])[1:-1] if v is not None]
-        if inner:
-            out_[name] = float(np.mean(inner))
-    return out_
-
-
-def analyse(out: Path, results: dict, data: dict) -> None:
-    from t2i.eval.fid import fid, kid
-    from t2i.eval.stats import holm, mcnemar
-
-    plan_path = out / "eval" / "plan.json"
-    if not plan_path.exists():
-        return
-    plan = json.loads(plan_path.read_text())
-    ref = reference_features(out, data, plan["images"], plan["resolution"])
-    results["reference_off_palette"] = json.loads((out / "eval" / "reference_off_palette.json").read_text())
-    table = {}
-    for cell in map(tuple, plan["cells"]):
-        got = {}
-        for label in plan["models"]:
-            path = out / "eval" / label / f"{cell_name(cell)}.npz"
-            if path.exists():
-                with np.load(path) as z:
-                    got[label] = {k: z[k] for k in ("correct", "off_palette", "features")}
-        row = {}
-        for label, r in got.items():
-            row[label] = {"accuracy": float(r["correct"].mean()), "off_palette": float(r["off_palette"].mean()),
-                          "fid": fid(r["features"], ref), "kid": kid(r["features"], ref),
-                          **slowflow_means(out, label, cell)}
-        tests = {}
-        for arm in ARMS:
-            for against in ("control", "gamma0"):
-                if arm == against or (against == "gamma0" and arm not in MIXFLOW_ARMS):
-                    continue
-                pairs = [(got.get(f"{against}-s{s}"), got.get(f"{arm}-s{s}")) for s in range(results["seeds"])]
-                if any(a is None or b is None for a, b in pairs):
-                    continue
-                per_seed = [mcnemar(a["correct"], b["correct"]) for a, b in pairs]
-                a_only, b_only = sum(m["a_only"] for m in per_seed), sum(m["b_only"] for m in per_seed)
-                pooled = mcnemar(np.r_[np.ones(a_only, bool), np.zeros(b_only, bool)],
-                                 np.r_[np.zeros(a_only, bool), np.ones(b_only, bool)])
-                tests[f"{arm} vs {against}"] = {"diff_per_seed": [m["diff"] for m in per_seed],
-                                                "a_only": a_only, "b_only": b_only, "p": pooled["p"]}
-        table[cell_name(cell)] = {"models": row, "tests": tests}
-    # the primary family: each MixFlow arm vs control at few steps and the trained CFG (Holm over the family)
-    family = [(c, t) for c, v in table.items() for t in v["tests"]
-              if t.split(" vs ")[1] == "control" and t.split(" vs ")[0] in MIXFLOW_ARMS
-              and int(c.split("-")[0][1:]) in FEW_STEPS and float(c.split("-g")[1]) == plan["trained_guidance"]]
-    for (c, t), p in zip(family, holm([table[c]["tests"][t]["p"] for c, t in family])):
-        table[c]["tests"][t]["p_holm"] = p
-    results["cells_table"] = table
-
-
-def verdicts(results: dict) -> list[str]:
-    """The pre-registered criteria (docs/experiments/mixflow-fair.md), applied mechanically."""
-    lines = []
-    base = results.get("base", {})
-    if base:
-        lines.append(f"C0 base converged (< {results['converged_tol']:.0%} change over the last 20 % of steps): "
-                     f"{'yes' if base['converged'] else 'NO'} ({base['change_last_20pct']:.2%})")
-    table = results.get("cells_table", {})
-    helped, hurt = [], []
-    for cell, v in table.items():
-        for name, t in v["tests"].items():
-            if "p_holm" not in t or not name.endswith("vs control"):
-                continue
-            same_sign = all(d > 0 for d in t["diff_per_seed"]) or all(d < 0 for d in t["diff_per_seed"])
-            if t["p_holm"] < 0.05 and same_sign:
-                (helped if t["b_only"] > t["a_only"] else hurt).append(f"{name} at {cell}")
-    if table:
-        lines.append("C1 MixFlow beats control at few steps (Holm p < 0.05, same sign in every seed): "
-                     + (", ".join(helped) if helped else "no"))
-        lines.append("C1' MixFlow worse than control there: " + (", ".join(hurt) if hurt else "no"))
-        mech = [f"{name} at {cell}" for cell, v in table.items() for name, t in v["tests"].items()
-                if name.endswith("vs gamma0") and t["p"] < 0.05 and t["b_only"] > t["a_only"]]
-        lines.append("C2 MixFlow beats the gamma0 arm (unadjusted p < 0.05): " + (", ".join(mech) if mech else "no"))
-    return lines
-
-
-def report(results: dict) -> str:
-    lines = ["# Fair MixFlow experiment: results", "",
-             f"Started {results.get('started_at', '?')}; wall time per stage (s): "
-             + ", ".join(f"{k} {v:.0f}" for k, v in results["time_s"].items()), ""]
-    base = results.get("base")
-    if base:
-        lines += ["## Base: EMA fixed-σ validation loss", "", "| step | val loss |", "|---:|---:|"]
-        lines += [f"| {s} | {v:.5f} |" for s, v in sorted((int(k), v) for k, v in base["val_loss_ema"].items())]
-        lines.append("")
-    table = results.get("cells_table", {})
-    if table:
-        seeds = results["seeds"]
-        lines += ["## Per cell", "",
-                  f"Accuracy = fraction of images correct (GenEval rules, exact detector), mean over {seeds} seeds "
-                  "± std across seeds; p = McNemar exact, pooled over seeds (Holm-adjusted in brackets for the "
-                  "primary family); FID / KID (×1000) against held-out images, random-conv features; off-palette "
-                  "= mean fraction of pixels off the palette.", ""]
-        for cell, v in table.items():
-            lines += [f"### {cell}", "", "| arm | accuracy | FID | KID×1000 | off-palette | Slow Flow excess | "
-                      "σ_est − σ | vs control: b/c, p | vs gamma0: b/c, p |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-            for arm in ["base", *ARMS]:
-                rows = [r for label, r in v["models"].items() if label == arm or label.startswith(f"{arm}-s")]
-                if not rows:
-                    continue
-                def ms(key, scale=1.0):  # noqa: E306
-                    xs = [r[key] * scale for r in rows if key in r]
-                    if not xs:
-                        return "–"
-                    return f"{statistics.mean(xs):.4f}" + (f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else "")
-                cols = []
-                for against in ("control", "gamma0"):
-                    t = v["tests"].get(f"{arm} vs {against}")
-                    cols.append("" if t is None else f"{t['b_only']}/{t['a_only']}, {t['p']:.3g}"
-                                + (f" [{t['p_holm']:.3g}]" if "p_holm" in t else ""))
-                lines.append(f"| {arm} | {ms('accuracy')} | {ms('fid')} | {ms('kid', 1000)} | {ms('off_palette')} | "
-                             f"{ms('slowflow_excess')} | {ms('sigma_est_gap')} | " + " | ".join(cols) + " |")
-            lines.append("")
-        lines += ["b/c: images only the arm / only the comparison model got right. Slow Flow excess: mean over the "
-                  "inner steps of σ̂_N − σ̂_ref (> 0: behind the model's own many-step ODE); σ_est − σ: noise level read "
-                  f"off background pixels minus the step's σ. Held-out images' off-palette fraction: "
-                  f"{results.get('reference_off_palette', float('nan')):.4f}.", ""]
-    lines += ["## Verdicts (pre-registered criteria)", ""] + [f"- {v}" for v in verdicts(results)]
-    return "\n".join(lines) + "\n"
-
-
-def save(out: Path, results: dict) -> None:
-    from t2i.io import write_json, write_text
-
-    write_json(out / "results.json", results)
-    write_text(out / "results.md", report(results))
-
-
 def main(argv=None) -> int:
     args = parse(argv)
     out = Path(args.out).resolve()
@@ -594,7 +424,9 @@ def main(argv=None) -> int:
         from t2i.config import load_config
         trained = load_config(args.config, list(args.override)).sample.guidance
         arm_steps = round(args.arm_fraction * args.base_steps)
-        print(f"base: {args.base_steps} steps (up to {args.max_base_steps}); arms: {len(ARMS)} × {args.seeds} seeds × "
+        length = ("cosine decay" if args.base_schedule == "cosine"
+                  else f"constant lr, up to {args.max_base_steps} until converged")
+        print(f"base: {args.base_steps} steps ({length}); arms: {len(ARMS)} × {args.seeds} seeds × "
               f"{arm_steps} steps; cells: {[cell_name(c) for c in cells(args, trained)]}; "
               f"{args.images} images per cell; budget {args.budget_min:.0f} min")
         return 0
