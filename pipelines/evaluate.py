@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images-per-prompt", type=int, default=4)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("SIGMA_LO", "SIGMA_HI"),
+                   help="CFG only while sigma_lo <= sigma <= sigma_hi, one conditional pass elsewhere (default: "
+                        "sample.guidance_interval; [0, 1] guides every step)")
     p.add_argument("--shift", type=float, default=None)
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -231,6 +234,12 @@ def paired_markdown(paired: dict) -> list[str]:
     return ["", *lines]
 
 
+def interval_note(settings: dict) -> str:
+    """" for sigma in [lo, hi]" when guidance was limited to an interval, else ""."""
+    lo, hi = settings.get("guidance_interval") or (0.0, 1.0)
+    return "" if (lo, hi) == (0.0, 1.0) else f" for sigma in [{lo:g}, {hi:g}]"
+
+
 def markdown(report: dict) -> str:
     from t2i.geneval_spec import TAGS
 
@@ -254,7 +263,7 @@ def markdown(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     s = report["settings"]
     notes = [f"- sampling: {s['steps']} Euler steps on the {s.get('sigmas', 't2i')} sigma grid, "
-             f"guidance {s['guidance']}, shift {s['shift']}, "
+             f"guidance {s['guidance']}{interval_note(s)}, shift {s['shift']}, "
              f"{s['images_per_prompt']} images per prompt, seed {s['seed']}, {s['resolution']} px, "
              f"{s['weights']} weights",
              f"- prompts: {s['prompts']} ({s['num_prompts']} prompts)",
@@ -324,7 +333,7 @@ def main(args, cfg) -> int:
             for line in chosen.describe():
                 print(f"[eval] {label}: {line}", flush=True)
         kw = dict(images_per_prompt=args.images_per_prompt, steps=chosen.steps, guidance=chosen.guidance,
-                  shift=chosen.shift, resolution=chosen.resolution, sigmas=chosen.grid, seed=args.seed,
+                  guidance_interval=list(chosen.guidance_interval), shift=chosen.shift, resolution=chosen.resolution, sigmas=chosen.grid, seed=args.seed,
                   batch_size=args.batch_size)
         folders[label] = out / label
         stats = sample_folder.run(loaded, entries, folders[label], prompts_source=prompts, plan=chosen,

@@ -30,7 +30,7 @@ def explicit_keys(args) -> set | None:
 def plan_for(loaded, args):
     """The sampling settings (t2i.eval.sampling.plan) from the flags, the config and the checkpoint."""
     return plan(loaded, steps=args.steps, guidance=args.guidance, shift=args.shift, resolution=args.resolution,
-                explicit=explicit_keys(args),
+                guidance_interval=getattr(args, "guidance_interval", None), explicit=explicit_keys(args),
                 config_name=f"--config {args.config}" if getattr(args, "config", None) else "command-line override")
 
 

@@ -56,6 +56,9 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="Euler steps = model evaluations (default: the checkpoint's sample.steps; a diffusers "
                         "folder without --config: its model card's, docs/design/evaluation.md section 3)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: as --steps)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("SIGMA_LO", "SIGMA_HI"),
+                   help="CFG only while sigma_lo <= sigma <= sigma_hi, one conditional pass elsewhere (default: "
+                        "sample.guidance_interval; [0, 1] guides every step)")
     p.add_argument("--shift", type=float, default=None,
                    help="sigma shift (default: sample.shift; a diffusers folder without --config: its scheduler's)")
     p.add_argument("--resolution", type=int, default=None,

@@ -254,6 +254,7 @@ class SampleConfig:
     ])
     steps: int = 30
     guidance: float = 3.0
+    guidance_interval: list = field(default_factory=lambda: [0.0, 1.0])  # [σ_lo, σ_hi]: CFG only for σ in it
     shift: float = 1.0
     sigmas: str = "auto"            # inference σ grid: t2i = shift(linspace(1, 0, steps + 1)) | diffusers =
                                     # FlowMatchEulerDiscreteScheduler.set_timesteps(steps) | auto = diffusers for
@@ -310,6 +311,11 @@ class Config:
         _choice("deepspeed.precision", self.deepspeed.precision, ["fp32", "bf16"])
         _choice("logging.wandb", self.logging.wandb, ["offline", "online", "disabled"])
         _choice("sample.sigmas", self.sample.sigmas, ["auto", "t2i", "diffusers"])
+        gi = self.sample.guidance_interval  # t2i.flow.check_interval's rule, without importing torch here
+        if not (isinstance(gi, (list, tuple)) and len(gi) == 2 and all(isinstance(v, (int, float)) for v in gi)
+                and 0 <= gi[0] <= gi[1] <= 1):
+            raise ConfigError(f"sample.guidance_interval must be [sigma_lo, sigma_hi] with 0 <= sigma_lo <= "
+                              f"sigma_hi <= 1 (CFG only for sigma in it; [0, 1] guides every step), got {gi!r}")
         if not 0.0 <= self.train.mixflow_gamma <= 1.0:
             raise ConfigError(f"train.mixflow_gamma must be in [0, 1], got {self.train.mixflow_gamma}")
         for key in ("steps", "micro_batch_size", "grad_accum", "ckpt_every"):

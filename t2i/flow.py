@@ -217,22 +217,44 @@ def inference_sigmas(steps, grid="t2i", shift=1.0, config=None, image_seq_len=No
     raise ValueError(f"unknown sigma grid {grid!r}; valid: {list(SIGMA_GRIDS)}")
 
 
-def cfg_velocity(model_fn, cond, uncond, guidance_scale):
-    """Classifier-free-guided velocity_fn(x, σ) -> v = v_u + s·(v_c − v_u).
+FULL_INTERVAL = (0.0, 1.0)
+
+
+def check_interval(interval) -> tuple[float, float]:
+    """A guidance interval (σ_lo, σ_hi) with 0 ≤ σ_lo ≤ σ_hi ≤ 1, as floats; ValueError otherwise."""
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"a guidance interval is two numbers [sigma_lo, sigma_hi], got {interval!r}") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"a guidance interval needs 0 <= sigma_lo <= sigma_hi <= 1, got [{lo:g}, {hi:g}]")
+    return lo, hi
+
+
+def cfg_velocity(model_fn, cond, uncond, guidance_scale, interval=FULL_INTERVAL):
+    """Classifier-free-guided velocity_fn(x, σ) -> v = v_u + s·(v_c − v_u) where σ_lo ≤ σ ≤ σ_hi, else v_c.
 
     model_fn(x, timestep [B], conditioning dict) -> v; cond / uncond: dicts of tensors with batch dim 0.
-    s == 1 runs one pass with cond; otherwise ONE pass over cat([x, x]) with conditioning cat([uncond, cond]).
+    s == 1 (or no sample's σ in the interval) runs one pass with cond; otherwise ONE pass over cat([x, x])
+    with conditioning cat([uncond, cond]). `interval` = (σ_lo, σ_hi) limits guidance to a band of noise
+    levels (Kynkäänniemi et al. 2024, arXiv 2404.07724: guidance at high σ mostly removes modes; diffusers'
+    guiders expose the same as start / stop fractions of the steps); the default (0, 1) guides every step.
+    σ is compared in float32 with a 1e-6 tolerance, so a grid point equal to a bound counts as inside.
     """
     if set(cond) != set(uncond):
         raise ValueError(f"cond and uncond must have the same keys, got {sorted(cond)} and {sorted(uncond)}")
+    lo, hi = check_interval(interval)
 
     def velocity_fn(x, sigma):
-        t = timestep(torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(x.shape[0]))
-        if guidance_scale == 1:
+        s = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(x.shape[0])
+        t = timestep(s)
+        inside = (s >= lo - 1e-6) & (s <= hi + 1e-6)
+        if guidance_scale == 1 or not bool(inside.any()):
             return model_fn(x, t, cond)
         both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
         v_u, v_c = model_fn(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        return v_u + guidance_scale * (v_c - v_u)
+        guided = v_u + guidance_scale * (v_c - v_u)
+        return guided if bool(inside.all()) else torch.where(_per_sample(inside, x), guided, v_c)
 
     return velocity_fn
 

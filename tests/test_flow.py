@@ -415,6 +415,38 @@ def test_cfg_with_mismatched_condition_keys_raises():
         cfg_velocity(lambda x, t, c: x, {"a": torch.zeros(1)}, {"b": torch.zeros(1)}, 2.0)
 
 
+
+def test_cfg_interval_guides_only_inside_it_and_runs_one_pass_outside():
+    def model_fn(x, t, c):  # uncond 1, cond 3: guided 1 + 4·(3 − 1) = 9, unguided 3
+        calls.append(x.shape[0])
+        return c["y"].view(-1, 1).expand(x.shape[0], 5).clone()
+
+    calls = []
+    f = cfg_velocity(model_fn, {"y": torch.full((3,), 3.0)}, {"y": torch.full((3,), 1.0)}, 4.0, interval=(0.2, 0.5))
+    x = torch.zeros(3, 5)
+    for sigma, want, passes in ((0.9, 3.0, 3), (0.5, 9.0, 6), (0.3, 9.0, 6), (0.2, 9.0, 6), (0.1, 3.0, 3)):
+        calls.clear()
+        # the bounds as a float32 grid holds them (0.2 and 0.5 are not exact in float32) count as inside
+        v = f(x, torch.full((3,), sigma, dtype=torch.float32))
+        torch.testing.assert_close(v, torch.full((3, 5), want), msg=f"sigma {sigma}")
+        assert calls == [passes], f"sigma {sigma}: batch sizes of the model calls {calls}"
+    calls.clear()  # a batch that straddles a bound: guided rows inside, conditional rows outside, one 2B pass
+    v = f(x, torch.tensor([0.9, 0.4, 0.05]))
+    torch.testing.assert_close(v[:, 0], torch.tensor([3.0, 9.0, 3.0]))
+    assert calls == [6]
+
+
+def test_cfg_full_interval_is_the_plain_cfg_and_bad_intervals_are_refused():
+    calls, (cond, uncond) = [], _conds(3)
+    model_fn = _toy_model(calls)
+    x, sigma = torch.randn(3, 4, 2, 2, generator=gen(63)), torch.tensor([1.0, 0.5, 0.0])
+    torch.testing.assert_close(cfg_velocity(model_fn, cond, uncond, 4.5, interval=(0.0, 1.0))(x, sigma),
+                               cfg_velocity(model_fn, cond, uncond, 4.5)(x, sigma))
+    for bad in ((0.5, 0.2), (-0.1, 0.5), (0.0, 1.5), (0.3,), "ab"):
+        with pytest.raises(ValueError, match="guidance interval"):
+            cfg_velocity(model_fn, cond, uncond, 4.5, interval=bad)
+
+
 # ---------------------------------------------------------------- Slow-Flow projection
 
 

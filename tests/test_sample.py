@@ -88,6 +88,44 @@ def test_other_settings_in_the_same_folder_are_refused(tiny, tmp_path):
     assert again == {**again, "images": 0, "skipped": 9}
 
 
+
+def test_the_guidance_interval_is_recorded_changes_the_images_and_an_older_manifest_still_resumes(tiny, tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    from t2i.eval.sampling import plan
+
+    model = SD3Transformer2DModel.from_pretrained(tiny["ckpt"])  # zero-initialised outputs: make the text matter
+    with torch.no_grad():
+        for i, param in enumerate(model.parameters()):
+            param.add_(0.2 * torch.randn(param.shape, generator=torch.Generator().manual_seed(i)))
+    model.save_pretrained(tmp_path / "perturbed")
+    tiny = {**tiny, "ckpt": tmp_path / "perturbed"}
+    full = run_in_process(tiny, tmp_path / "full", images_per_prompt=1)
+    assert full["images"] == 9
+    manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())
+    assert manifest["guidance_interval"] == [0.0, 1.0]
+    # a folder written before the key existed guided every step: it resumes under the default
+    del manifest["guidance_interval"]
+    (tmp_path / "full" / "manifest.json").write_text(json.dumps(manifest))
+    assert run_in_process(tiny, tmp_path / "full", images_per_prompt=1)["skipped"] == 9
+    with pytest.raises(EvalError, match=r"guidance_interval: folder has \[0.0, 1.0\], this run \[0.0, 0.5\]"):
+        run_in_process(tiny, tmp_path / "full", images_per_prompt=1, guidance_interval=(0.0, 0.5))
+    # 3 steps at sigma 1, 2/3, 1/3: guiding only sigma <= 0.5 changes the images, [0, 0] is CFG 1 throughout
+    run_in_process(tiny, tmp_path / "half", images_per_prompt=1, guidance_interval=(0.0, 0.5))
+    run_in_process(tiny, tmp_path / "none", images_per_prompt=1, guidance_interval=(0.0, 0.0))
+    run_in_process(tiny, tmp_path / "cfg1", images_per_prompt=1, guidance=1.0)
+    a, b, c, d = (images_of(tmp_path / n) for n in ("full", "half", "none", "cfg1"))
+    assert all(not np.array_equal(a[k], b[k]) for k in a) and all(not np.array_equal(b[k], d[k]) for k in a)
+    assert all(np.array_equal(c[k], d[k]) for k in c)
+    # the plan: the checkpoint's config, unless the command line says otherwise
+    loaded = loading.load_any(tiny["ckpt"], load_config(None, [*OVERRIDES, "sample.guidance_interval=[0.1, 0.6]"]))
+    p = plan(loaded, explicit=None)
+    assert p.guidance_interval == (0.1, 0.6) and "sample.guidance_interval" in p.sources["guidance_interval"]
+    p = plan(loaded, explicit=None, guidance_interval=[0.0, 0.3])
+    assert p.guidance_interval == (0.0, 0.3) and p.sources["guidance_interval"] == "command line"
+    assert plan(loaded, explicit=set()).guidance_interval == (0.0, 1.0)  # a diffusers folder, no config: every step
+
+
 @pytest.mark.slow
 def test_torchrun_ranks_equal_one_process(tiny, tmp_path):
     run_in_process(tiny, tmp_path / "ref")

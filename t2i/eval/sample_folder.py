@@ -56,6 +56,7 @@ class Settings:
     scheduler: dict = None          # the diffusers grid's full FlowMatchEulerDiscreteScheduler config
     model: str = None               # the per-model defaults row (t2i.eval.sampling.MODEL_DEFAULTS), if any
     sources: dict = None            # where each setting came from (informational: not compared on restart)
+    guidance_interval: list = (0.0, 1.0)  # [σ_lo, σ_hi]: CFG only there (a manifest without it guided every step)
     seed_rule: str = "noise of image k of prompt p: torch.Generator seeded SeedSequence([seed, p, k])"
 
 
@@ -111,6 +112,7 @@ def check_manifest(out: Path, settings: Settings) -> None:
     mine = asdict(settings)
     if path.exists():
         theirs = json.loads(path.read_text())
+        theirs.setdefault("guidance_interval", [0.0, 1.0])  # written before the key existed: every step guided
         diff = [k for k in mine if k not in INFORMATIONAL and theirs.get(k) != mine[k]]
         if diff:
             detail = "; ".join(f"{k}: folder has {theirs.get(k)!r}, this run {mine[k]!r}" for k in diff)
@@ -127,11 +129,12 @@ def check_manifest(out: Path, settings: Settings) -> None:
 
 def run(loaded, entries: list[dict], out: str | Path, *, prompts_source: str, images_per_prompt: int = 4,
         steps: int = 30, guidance: float = 3.0, shift: float = 1.0, resolution: int | None = None, seed: int = 0,
-        batch_size: int = 16, shard: str | None = None, progress: bool = True, plan=None) -> dict:
+        batch_size: int = 16, shard: str | None = None, progress: bool = True, plan=None,
+        guidance_interval=(0.0, 1.0)) -> dict:
     """Sample this worker's share of the prompt set into `out`; returns {"images", "seconds", "skipped"}.
 
-    With `plan` (t2i.eval.sampling.plan) its steps, guidance, shift, resolution and σ grid are used and
-    the arguments of the same names ignored; without it, t2i's grid sampling_sigmas(steps, shift)."""
+    With `plan` (t2i.eval.sampling.plan) its steps, guidance, guidance interval, shift, resolution and σ grid
+    are used and the arguments of the same names ignored; without it, t2i's grid sampling_sigmas(steps, shift)."""
     from tqdm import tqdm
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -142,6 +145,7 @@ def run(loaded, entries: list[dict], out: str | Path, *, prompts_source: str, im
     param = next(model.parameters())
     if plan is not None:
         steps, guidance, shift, resolution = plan.steps, plan.guidance, plan.shift, plan.resolution
+        guidance_interval = plan.guidance_interval
         sigmas = plan.sigmas
     resolution = resolution or loaded.cfg.data.resolution
     if plan is None:
@@ -152,7 +156,8 @@ def run(loaded, entries: list[dict], out: str | Path, *, prompts_source: str, im
                         resolution=resolution, seed=seed, batch_size=batch_size, dtype=str(param.dtype),
                         grid=plan.grid if plan else "t2i", sigmas=[float(x) for x in sigmas],
                         scheduler=plan.scheduler if plan else None, model=plan.model if plan else None,
-                        sources=plan.sources if plan else None)
+                        sources=plan.sources if plan else None,
+                        guidance_interval=[float(v) for v in flow.check_interval(guidance_interval)])
     check_manifest(out, settings)
 
     width = digits(len(entries))
@@ -172,7 +177,8 @@ def run(loaded, entries: list[dict], out: str | Path, *, prompts_source: str, im
     for batch in todo:
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(item_seed(seed, p, k)))
                              for p, k in batch]).to(param.device, param.dtype)
-        latents = sample_batch(model, text, [entries[p]["prompt"] for p, _ in batch], noise, sigmas, guidance)
+        latents = sample_batch(model, text, [entries[p]["prompt"] for p, _ in batch], noise, sigmas, guidance,
+                               interval=guidance_interval)
         images = vae.decode(latents.float()).float().cpu()
         for (p, k), image in zip(batch, images, strict=True):
             atomic_write(image_path(out, p, k, width), lambda tmp, im=image: to_pil(im).save(tmp, format="PNG"))

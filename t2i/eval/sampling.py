@@ -58,14 +58,15 @@ class Plan:
     scheduler: Optional[dict]       # the diffusers grid's full scheduler config (None for the t2i grid)
     model: Optional[str]            # MODEL_DEFAULTS row, when the model matches one
     sources: dict = field(default_factory=dict)
+    guidance_interval: tuple = flow.FULL_INTERVAL  # (σ_lo, σ_hi): CFG only there (t2i.flow.cfg_velocity)
 
     def describe(self) -> list[str]:
         return [f"{k} = {getattr(self, k)} ({self.sources[k]})" for k in
-                ("steps", "guidance", "shift", "resolution", "grid")]
+                ("steps", "guidance", "guidance_interval", "shift", "resolution", "grid")]
 
 
 def plan(loaded, *, steps=None, guidance=None, shift=None, resolution=None, explicit=None,
-         config_name: str = "the config") -> Plan:
+         config_name: str = "the config", guidance_interval=None) -> Plan:
     """Resolve the sampling settings of `loaded` (t2i.checkpoint.loading.Loaded).
 
     Order: a command-line value (not None) > the config > the diffusers folder's own defaults.
@@ -101,6 +102,8 @@ def plan(loaded, *, steps=None, guidance=None, shift=None, resolution=None, expl
     row = row or PIPELINE_DEFAULTS
     steps = pick("steps", steps, "sample.steps", row["steps"], row_source)
     guidance = pick("guidance", guidance, "sample.guidance", row["guidance"], row_source)
+    interval = flow.check_interval(pick("guidance_interval", guidance_interval, "sample.guidance_interval",
+                                        flow.FULL_INTERVAL, "every step, as StableDiffusion3Pipeline"))
     scheduler = getattr(loaded, "scheduler", None)
     folder_shift = (scheduler or {}).get("shift", SD3_SHIFT)
     shift = pick("shift", shift, "sample.shift", float(folder_shift),
@@ -122,7 +125,7 @@ def plan(loaded, *, steps=None, guidance=None, shift=None, resolution=None, expl
         tokens = (loaded.vae.latent_size(resolution) // (model_cfg.get("patch_size") or 1)) ** 2
     sigmas = flow.inference_sigmas(steps, grid, shift, full, image_seq_len=tokens)
     return Plan(steps=int(steps), guidance=float(guidance), shift=float(shift), resolution=int(resolution),
-                grid=grid, sigmas=sigmas, scheduler=full, model=family, sources=sources)
+                grid=grid, sigmas=sigmas, scheduler=full, model=family, sources=sources, guidance_interval=interval)
 
 
 def config_sigmas(cfg, model_config: Optional[dict] = None, latent_size: Optional[int] = None) -> torch.Tensor:
@@ -148,9 +151,11 @@ def initial_noise(first: int, count: int, seed: int, shape: tuple, device, dtype
 
 
 @torch.no_grad()
-def guided_velocity(model, text, prompts: list[str], guidance: float, device, dtype) -> Callable:
+def guided_velocity(model, text, prompts: list[str], guidance: float, device, dtype,
+                    interval=flow.FULL_INTERVAL) -> Callable:
     """velocity_fn(x, σ) of `model` for `prompts` under CFG scale `guidance` (t2i.flow.cfg_velocity), the
     unconditional branch being every encoder's encoding of "". Conditioning is cast to `dtype` on `device`.
+    Guidance applies only for σ in `interval` (sample.guidance_interval; the default guides every step).
 
     The timestep 1000·σ reaches the model in float32 whatever the model's dtype (as in diffusers'
     pipeline: the transformer builds its sinusoidal embedding in fp32; in bf16 750 would become 752)."""
@@ -159,22 +164,22 @@ def guided_velocity(model, text, prompts: list[str], guidance: float, device, dt
     cond = {"context": context.to(device, dtype), "pooled": pooled.to(device, dtype)}
     uncond = {"context": empty_context.to(device, dtype), "pooled": empty_pooled.to(device, dtype)}
     model_fn = lambda x, t, c: velocity(model, x, t.float(), c)  # noqa: E731
-    return flow.cfg_velocity(model_fn, cond, uncond, guidance)
+    return flow.cfg_velocity(model_fn, cond, uncond, guidance, interval)
 
 
 @torch.no_grad()
 def sample_batch(model, text, prompts: list[str], noise: torch.Tensor, sigmas: torch.Tensor, guidance: float,
-                 callback: Optional[Callable] = None) -> torch.Tensor:
+                 callback: Optional[Callable] = None, interval=flow.FULL_INTERVAL) -> torch.Tensor:
     """Euler + CFG (`guided_velocity`) from `noise` along `sigmas` (1 -> 0); returns the final latents,
     in noise's dtype."""
-    velocity_fn = guided_velocity(model, text, prompts, guidance, noise.device, noise.dtype)
+    velocity_fn = guided_velocity(model, text, prompts, guidance, noise.device, noise.dtype, interval)
     return flow.euler_sample(velocity_fn, noise, sigmas.to(noise.device), callback=callback)
 
 
 @torch.no_grad()
 def generate(model, text, vae, prompts: list[str], *, resolution: int, steps: int, guidance: float,
-             shift: float = 1.0, seed: int = 0, batch_size: int = 16, sigmas: Optional[torch.Tensor] = None
-             ) -> torch.Tensor:
+             shift: float = 1.0, seed: int = 0, batch_size: int = 16, sigmas: Optional[torch.Tensor] = None,
+             interval=flow.FULL_INTERVAL) -> torch.Tensor:
     """Images in [−1, 1], shape [len(prompts), 3, resolution, resolution]; on `sigmas` when given
     (e.g. a Plan's), else on t2i's grid sampling_sigmas(steps, shift)."""
     param = next(model.parameters())
@@ -185,5 +190,6 @@ def generate(model, text, vae, prompts: list[str], *, resolution: int, steps: in
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         noise = initial_noise(start, len(chunk), seed, (vae.latent_channels, size, size), param.device, param.dtype)
-        out.append(vae.decode(sample_batch(model, text, chunk, noise, sigmas, guidance).float()).float().cpu())
+        latents = sample_batch(model, text, chunk, noise, sigmas, guidance, interval=interval)
+        out.append(vae.decode(latents.float()).float().cpu())
     return torch.cat(out)

@@ -57,7 +57,8 @@ class LiveEval:
         prompts = [p for p in s.prompts for _ in range(2)]
         self.sigmas = config_sigmas(self.cfg, dict(self.model.config), self.vae.latent_size(res))
         images = generate(self.model, self.text, self.vae, prompts, resolution=res, steps=s.steps,
-                          guidance=s.guidance, shift=s.shift, seed=s.seed, sigmas=self.sigmas)
+                          guidance=s.guidance, shift=s.shift, seed=s.seed, sigmas=self.sigmas,
+                          interval=s.guidance_interval)
         grid = save_grid(images, prompts, self.run_dir / "samples" / f"step{step:08d}.png")
         logger.image("samples", grid, step)
         metrics = {}
@@ -74,7 +75,7 @@ class LiveEval:
         entries = [e for e in self.prompts for _ in range(s.geneval_images)]
         images = generate(self.model, self.text, self.vae, [e["prompt"] for e in entries], resolution=resolution,
                           steps=s.steps, guidance=s.guidance, shift=s.shift, seed=s.seed + 10_000,
-                          sigmas=self.sigmas)
+                          sigmas=self.sigmas, interval=s.guidance_interval)
         detector, colors = ShapesDetector(), ShapesColorClassifier()
         pils = [to_pil(im) for im in images]
         records = [geneval.evaluate_image(im, dets, e, detector.class_names, colors)

@@ -95,7 +95,8 @@ def finish(cfg: Config, run_dir: Path, text, vae, ckpt_root: Path, device) -> No
     prompts = [p for p in cfg.sample.prompts for _ in range(2)]
     sigmas = config_sigmas(cfg, dict(model.config), vae.latent_size(cfg.data.resolution))
     images = generate(model, text, vae, prompts, resolution=cfg.data.resolution, steps=cfg.sample.steps, sigmas=sigmas,
-                      guidance=cfg.sample.guidance, shift=cfg.sample.shift, seed=cfg.sample.seed)
+                      guidance=cfg.sample.guidance, shift=cfg.sample.shift, seed=cfg.sample.seed,
+                      interval=cfg.sample.guidance_interval)
     grid = save_grid(images, prompts, run_dir / "samples" / f"{tag}.png")
     curve = plot_loss(read_metrics(run_dir), run_dir / "loss.png", title=f"{cfg.run.name}: training loss")
     log.info("samples: %s  loss curve: %s", grid, curve)
