@@ -166,7 +166,7 @@ class TrainConfig:
     steps: int = 900                # optimizer steps
     micro_batch_size: int = 32      # per rank
     grad_accum: int = 1
-    lr: float = 1.0e-3
+    lr: float = 3.0e-3
     schedule: str = "cosine"        # constant | cosine (after linear warm-up)
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1       # cosine floor as a fraction of lr
@@ -254,7 +254,7 @@ class SampleConfig:
     ])
     steps: int = 30
     guidance: float = 3.0
-    guidance_interval: list = field(default_factory=lambda: [0.0, 1.0])  # [σ_lo, σ_hi]: CFG only for σ in it
+    guidance_interval: list = field(default_factory=lambda: [0.0, 0.4])  # [σ_lo, σ_hi]: CFG only for σ in it
     shift: float = 1.0
     sigmas: str = "auto"            # inference σ grid: t2i = shift(linspace(1, 0, steps + 1)) | diffusers =
                                     # FlowMatchEulerDiscreteScheduler.set_timesteps(steps) | auto = diffusers for

@@ -99,6 +99,8 @@ def implied_by_pretrained(data: dict, user: Optional[dict] = None) -> list[str]:
         put("pretrained", "vae", "kind")
     if _at(data, "vae", "kind") == "pretrained" and unset("vae", "path"):
         put(folder, "vae", "path")
+    if unset("sample", "guidance_interval") and _at(data, "sample", "guidance_interval") != [0.0, 1.0]:
+        put([0.0, 1.0], "sample", "guidance_interval")  # the pipeline guides every step; the toy's [0, 0.4] is its own
     shift = None if is_placeholder(folder) else scheduler_shift(folder)
     if shift is not None:
         for path in (("sample", "shift"), ("train", "timesteps", "shift")):

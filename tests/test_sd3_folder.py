@@ -46,13 +46,15 @@ def test_one_key_resolves_the_same_text_vae_and_scheduler_as_the_three_keys(sd35
                                  "text.clip_context=77", "text.max_t5_tokens=256", "vae.kind=pretrained",
                                  f"vae.path={f}", "sample.shift=3.0", "train.timesteps.shift=3.0"])
     assert bare == spelled and bare.sample.shift == bare.train.timesteps.shift == 3.0
+    assert bare.sample.guidance_interval == [0.0, 1.0]  # the pipeline guides every step, not the toy's sigma <= 0.4
 
 
 def test_what_the_config_sets_wins_over_what_the_folder_implies(sd35_folder):
     f = str(sd35_folder)
-    cfg = load_config(None, [f"model.pretrained={f}", "text.preset=tiny", "vae.kind=identity", "sample.shift=1.5"])
+    cfg = load_config(None, [f"model.pretrained={f}", "text.preset=tiny", "vae.kind=identity", "sample.shift=1.5",
+                             "sample.guidance_interval=[0.1, 0.7]"])
     assert (cfg.text.preset, cfg.text.sd3_folder, cfg.vae.kind, cfg.vae.path) == ("tiny", None, "identity", None)
-    assert (cfg.sample.shift, cfg.train.timesteps.shift) == (1.5, 3.0)
+    assert (cfg.sample.shift, cfg.train.timesteps.shift, cfg.sample.guidance_interval) == (1.5, 3.0, [0.1, 0.7])
     # a bare transformer folder implies nothing
     cfg = load_config(None, [f"model.pretrained={sd35_folder / 'transformer'}"])
     assert (cfg.text.preset, cfg.vae.kind, cfg.sample.shift) == ("tiny", "identity", 1.0)
