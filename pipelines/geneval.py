@@ -65,9 +65,14 @@ def prompts_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder for evaluation_metadata.jsonl, object_names.txt, ...")
     p.add_argument("--per-tag", type=int, default=16, help="at most this many distinct prompts per tag")
     p.add_argument("--seed", type=int, default=2, help="t2i.data.shapes seed (the demo trains on 0, validates on 1)")
+    p.add_argument("--tags", nargs="+", default=None, metavar="TAG",
+                   help="only these tags, e.g. single_object (default: all six)")
     a = p.parse_args(argv)
     from t2i.eval.prompts import write_shapes_geneval
-    path = write_shapes_geneval(a.out, a.per_tag, a.seed)
+    try:
+        path = write_shapes_geneval(a.out, a.per_tag, a.seed, a.tags)
+    except ValueError as e:
+        p.error(str(e))
     n = sum(1 for _ in open(path))
     print(f"{n} prompts -> {path}")
     return 0

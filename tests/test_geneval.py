@@ -260,6 +260,18 @@ def test_shapes_prompt_set_has_geneval_structure(tmp_path):
     assert pos["include"][1]["position"][1] == 0
 
 
+def test_the_shapes_prompt_set_can_be_cut_to_some_tags_and_refuses_an_unknown_one(tmp_path):
+    from t2i.eval.prompts import load_prompts, write_shapes_geneval
+
+    entries = load_prompts(str(write_shapes_geneval(tmp_path / "one", per_tag=8, tags=["single_object", "colors"])))
+    full = load_prompts(str(write_shapes_geneval(tmp_path / "all", per_tag=8)))
+    assert entries == [e for e in full if e["tag"] in ("single_object", "colors")] and len(entries) == 3 + 8
+    assert {e["prompt"] for e in entries if e["tag"] == "single_object"} == {f"a photo of a {s}" for s in
+                                                                           ("circle", "square", "triangle")}
+    with pytest.raises(ValueError, match="unknown GenEval tag.*'single'"):
+        write_shapes_geneval(tmp_path / "bad", tags=["single"])
+
+
 # ---------------------------------------------------------------- the exact shapes backend on real shards
 
 

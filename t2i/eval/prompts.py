@@ -149,13 +149,17 @@ def shapes_geneval(per_tag: int = 16, seed: int = 2) -> list[dict]:
     return [e for t in TAGS for e in by_tag[t]]
 
 
-def write_shapes_geneval(out_dir: str | Path, per_tag: int = 16, seed: int = 2) -> Path:
+def write_shapes_geneval(out_dir: str | Path, per_tag: int = 16, seed: int = 2, tags=None) -> Path:
     """<out_dir>/evaluation_metadata.jsonl, generation_prompts.txt and object_names.txt, the files of
-    GenEval's prompts/ folder, for the shapes domain. Returns the metadata path."""
-    from t2i.data.shapes import SHAPES
+    GenEval's prompts/ folder, for the shapes domain; only the prompts of `tags` when given (ValueError
+    for a name that is not one of GenEval's six tags). Returns the metadata path."""
+    from t2i.data.shapes import SHAPES, TAGS
 
+    unknown = sorted(set(tags or ()) - set(TAGS))
+    if unknown:
+        raise ValueError(f"unknown GenEval tag(s) {unknown}; the tags are {list(TAGS)}")
     out_dir = Path(out_dir)
-    entries = shapes_geneval(per_tag, seed)
+    entries = [e for e in shapes_geneval(per_tag, seed) if not tags or e["tag"] in tags]
     path = write_prompts(entries, out_dir / "evaluation_metadata.jsonl")
     (out_dir / "generation_prompts.txt").write_text("".join(e["prompt"] + "\n" for e in entries))
     (out_dir / "object_names.txt").write_text("".join(s + "\n" for s in SHAPES))
