@@ -63,12 +63,13 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--max-base-steps", type=int, default=6000)
     p.add_argument("--converged", type=float, default=0.01,
                    help="relative change of the EMA validation loss over the last 20 %% of the base's steps")
-    p.add_argument("--base-lr", type=float, default=1e-3)
+    p.add_argument("--base-lr", type=float, default=3e-3, help="peak (amendment 3; the first CPU run: 1e-3)")
     p.add_argument("--base-schedule", choices=("cosine", "constant"), default="cosine",
                    help="cosine: one run of --base-steps decaying to 0.1 x the peak (amendment 3); constant: "
                         "extended by 25 %% until converged, up to --max-base-steps (the first CPU run)")
     p.add_argument("--arm-fraction", type=float, default=0.3, help="arm steps / base steps")
-    p.add_argument("--arm-lr", type=float, default=1e-4)
+    p.add_argument("--arm-lr", type=float, default=3e-4,
+                   help="constant; the base's final rate (amendment 3; the first CPU run: 1e-4)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--train-samples", type=int, default=20000)
     p.add_argument("--images", type=int, default=2000, help="images per cell (one per held-out prompt)")

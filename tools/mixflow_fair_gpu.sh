@@ -16,7 +16,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
   BATCH=8; PREC=fp32; WORKERS=0
 else
   DEVICE=cuda; SIZE=(--train-samples 50000 --base-steps 3000 --max-base-steps 4500 --seeds 3 --images 2000
-                     --batch-size 2000 --workers 1 --budget-min 8 --slowflow-images 64 --ref-steps 256)
+                     --batch-size 2000 --workers 1 --budget-min 8 --slowflow-images 64 --ref-steps 256
+                     --base-lr 1e-3 --arm-lr 1e-4)  # as designed for this larger model; cosine base (amendment 3)
   MODEL='model.kwargs={num_layers: 8, attention_head_dim: 64, num_attention_heads: 4, caption_projection_dim: 256, patch_size: 2}'
   BATCH=256; PREC=bf16; WORKERS=4
 fi
