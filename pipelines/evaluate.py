@@ -333,8 +333,8 @@ def main(args, cfg) -> int:
             for line in chosen.describe():
                 print(f"[eval] {label}: {line}", flush=True)
         kw = dict(images_per_prompt=args.images_per_prompt, steps=chosen.steps, guidance=chosen.guidance,
-                  guidance_interval=list(chosen.guidance_interval), shift=chosen.shift, resolution=chosen.resolution, sigmas=chosen.grid, seed=args.seed,
-                  batch_size=args.batch_size)
+                  guidance_interval=list(chosen.guidance_interval), shift=chosen.shift,
+                  resolution=chosen.resolution, sigmas=chosen.grid, seed=args.seed, batch_size=args.batch_size)
         folders[label] = out / label
         stats = sample_folder.run(loaded, entries, folders[label], prompts_source=prompts, plan=chosen,
                                   **{k: v for k, v in kw.items() if k != "sigmas"})

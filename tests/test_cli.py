@@ -63,6 +63,8 @@ def test_a_preempted_run_exits_99(tmp_path):
 
 def test_a_checkpoint_from_before_the_regrouping_loads_with_the_same_predictions():
     expected = load_file(OLD_RUN / "expected.safetensors")
+    # it predates sample.guidance_interval: it was sampled with guidance at every step, and still is
+    assert loading.load(OLD_RUN).cfg.sample.guidance_interval == [0.0, 1.0]
     for weights in ("ema", "raw"):
         model = loading.load(OLD_RUN, ema=weights == "ema").model
         with torch.no_grad():

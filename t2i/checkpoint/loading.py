@@ -50,7 +50,10 @@ def read_scheduler_config(path: str | Path | None) -> Optional[dict]:
 def load(path: str | Path, ema: bool = True, device="cpu", text=None, vae=None) -> Loaded:
     """A run folder, its checkpoints/ folder (latest) or a tag folder -> model in eval mode."""
     root, tag = store.resolve(path)
-    cfg = from_dict(store.read_meta(root, tag)["config"])
+    stored = store.read_meta(root, tag)["config"]
+    # a checkpoint saved before sample.guidance_interval existed was sampled with guidance at every step
+    stored.setdefault("sample", {}).setdefault("guidance_interval", [0.0, 1.0])
+    cfg = from_dict(stored)
     if text is None or vae is None:
         text, vae = build_frozen(cfg, device)
     model = build_for(cfg, text, vae)
