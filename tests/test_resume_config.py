@@ -79,7 +79,7 @@ def test_allowed_overrides_apply_and_are_logged(started, tmp_path):
     ("run.seed=1", "run.seed 0 -> 1"),
     ("deepspeed.zero_stage=3", "deepspeed.zero_stage 2 -> 3"),
     ("train.micro_batch_size=8", "train.micro_batch_size 32 -> 8"),
-    ("train.lr=2e-4", "train.lr 0.001 -> 0.0002"),
+    ("train.lr=2e-4", "train.lr 0.003 -> 0.0002"),
 ])
 def test_an_identity_override_is_refused_naming_the_key(started, tmp_path, override, key):
     _, where, _ = started()
@@ -105,10 +105,10 @@ def test_force_override_applies_an_identity_change_with_a_warning(started, tmp_p
 def test_a_requeue_repeating_its_command_line_is_no_change(started, tmp_path):
     """slurm/train.sbatch re-runs `--config X <overrides> --auto-resume`: the same values, a config file
     that lists every key (the shapes defaults included, which followed the data at the start), and
-    values spelled differently (1e-3 for 0.001) are not changes."""
+    values spelled differently (3e-3 for 0.003) are not changes."""
     config = str(REPO / "configs/tiny-cpu.yaml")
     _, where, argv = started(config=config)
-    cfg, notes = plan_training(config, [*argv, "train.lr=1e-3"], "auto")
+    cfg, notes = plan_training(config, [*argv, "train.lr=3e-3"], "auto")
     assert messages(notes)[0].endswith("(unchanged)")
     assert cfg.validation.shards is None and cfg.sample.geneval_per_tag == 0
     assert cfg.sample.prompts == [f"caption 0 {i}" for i in range(6)]

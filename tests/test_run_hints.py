@@ -27,7 +27,7 @@ def test_a_short_run_of_the_default_config_warns_about_each_odd_value():
     lines = odd_values(load_config(overrides=["train.steps=20"]))
     assert lines == [
         "train.warmup_steps=50 >= train.steps=20: the learning rate never leaves warm-up (at most 40% of "
-        "train.lr=0.001, at the last step); lower train.warmup_steps",
+        "train.lr=0.003, at the last step); lower train.warmup_steps",
         "train.ckpt_every=300 > train.steps=20: no periodic checkpoint, only the one at the last step (or on a "
         "stop signal)",
         "sample.every=300 > train.steps=20: no sample grid during training, only the final one",
