@@ -88,7 +88,6 @@ def test_other_settings_in_the_same_folder_are_refused(tiny, tmp_path):
     assert again == {**again, "images": 0, "skipped": 9}
 
 
-
 def test_the_guidance_interval_is_recorded_changes_the_images_and_an_older_manifest_still_resumes(tiny, tmp_path):
     from diffusers import SD3Transformer2DModel
 

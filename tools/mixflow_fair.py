@@ -46,7 +46,6 @@ CUT_ORDER_STEPS = (32, 16, 8, 4)  # dropped after the CFG-1 cells when the budge
 EVAL_SEED = 777                # image i of every model starts from noise seeded EVAL_SEED + i
 
 
-
 def log(msg: str) -> None:
     print(f"[fair {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -263,7 +262,6 @@ def fit_budget(all_cells: list[tuple[int, float]], seconds_per_nfe_image: float,
     return kept, dropped
 
 
-
 # --------------------------------------------------------------------------------------- evaluation
 
 def evaluate_cell(loaded, prompts: list[dict], cell, args, extractor) -> dict[str, np.ndarray]:
@@ -280,7 +278,6 @@ def evaluate_cell(loaded, prompts: list[dict], cell, args, extractor) -> dict[st
     from t2i.eval.fid import compute_features
     return {"correct": correct, "off_palette": off_palette_fraction(arrays),
             "features": compute_features(list(arrays), extractor)}
-
 
 
 def jobs(out: Path, models: dict[str, Path], kept: list, slowflow: bool) -> list[tuple[str, tuple]]:
