@@ -2,6 +2,7 @@
 (t2i.cliargs); an unknown flag is still an error naming it; torchrun's failure report becomes one
 line with the ranks' exit code (t2i.launch)."""
 
+import re
 import pytest
 
 from helpers import run_t2i
@@ -104,6 +105,10 @@ def test_a_rank_user_error_under_torchrun_is_one_line_and_exit_2(tmp_path):
     proc = run_t2i("train", "--nproc", 2, *tiny_train_args(f"{shards[0]}::{shards[1]}", tmp_path / "runs", "bad"),
                    check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "t2i train: DataError: slot 0/2 read no usable sample in epoch 0 from 1 shard(s)" in proc.stderr
+    # either rank may hit its empty slot first (the other is then stopped by the launcher): under load it is
+    # not always rank 0
+    assert re.search(r"t2i train: DataError: slot [01]/2 read no usable sample in epoch 0 from 1 shard\(s\)",
+                     proc.stderr), proc.stderr[-3000:]
     assert "ChildFailedError" not in proc.stderr and "Traceback" not in proc.stderr
-    assert "rank(s) exited (rank 0: 2" in proc.stderr and "stopped on a user error (above)" in proc.stderr
+    assert re.search(r"rank\(s\) exited \(rank [01]: 2", proc.stderr), proc.stderr[-3000:]
+    assert "stopped on a user error (above)" in proc.stderr
