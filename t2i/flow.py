@@ -244,17 +244,20 @@ def cfg_velocity(model_fn, cond, uncond, guidance_scale, interval=FULL_INTERVAL)
     if set(cond) != set(uncond):
         raise ValueError(f"cond and uncond must have the same keys, got {sorted(cond)} and {sorted(uncond)}")
     lo, hi = check_interval(interval)
+    every_step = (lo, hi) == FULL_INTERVAL  # no mask: no device-to-host sync per step on a GPU
 
     def velocity_fn(x, sigma):
         s = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(x.shape[0])
         t = timestep(s)
-        inside = (s >= lo - 1e-6) & (s <= hi + 1e-6)
-        if guidance_scale == 1 or not bool(inside.any()):
+        inside = None if every_step else (s >= lo - 1e-6) & (s <= hi + 1e-6)
+        if guidance_scale == 1 or (inside is not None and not bool(inside.any())):
             return model_fn(x, t, cond)
         both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
         v_u, v_c = model_fn(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         guided = v_u + guidance_scale * (v_c - v_u)
-        return guided if bool(inside.all()) else torch.where(_per_sample(inside, x), guided, v_c)
+        if inside is None or bool(inside.all()):
+            return guided
+        return torch.where(_per_sample(inside, x), guided, v_c)
 
     return velocity_fn
 

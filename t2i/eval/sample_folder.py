@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +56,7 @@ class Settings:
     scheduler: dict = None          # the diffusers grid's full FlowMatchEulerDiscreteScheduler config
     model: str = None               # the per-model defaults row (t2i.eval.sampling.MODEL_DEFAULTS), if any
     sources: dict = None            # where each setting came from (informational: not compared on restart)
-    guidance_interval: list = (0.0, 1.0)  # [σ_lo, σ_hi]: CFG only there (a manifest without it guided every step)
+    guidance_interval: list = field(default_factory=lambda: [0.0, 1.0])  # [σ_lo, σ_hi]: CFG only there
     seed_rule: str = "noise of image k of prompt p: torch.Generator seeded SeedSequence([seed, p, k])"
 
 
