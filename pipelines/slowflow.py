@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
 
     from t2i.checkpoint import loading
     from t2i.eval.slowflow import DEFAULT_REF_STEPS, measure_steps
-    from t2i.eval.slowflow_report import present, summary_table, write_report
+    from t2i.eval.slowflow_report import auto_gamma_table, present, summary_table, write_report
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     results, prompts = {}, None
@@ -122,6 +122,8 @@ def main(argv=None) -> dict:
     files = write_report(results, Path(args.out))
     for key, what, _ in present(results):
         print(f"mean {what}, over the inner steps:\n" + summary_table(results, key))
+    if auto_gamma_table(results):
+        print("MixFlow's gamma matched to the measured lag (auto-gamma):\n" + auto_gamma_table(results))
     print("\n".join(f"{k}: {v}" for k, v in files.items()))
     return results
 

@@ -89,3 +89,81 @@ def test_the_base_is_extended_only_on_a_constant_learning_rate(monkeypatch, tmp_
     assert f"train.schedule={schedule}" in asked[0][1] and "train.min_lr_ratio=0.1" in asked[0][1]
     assert results["base"]["steps"] == expect_steps[-1] and results["base"]["converged"] is False
     assert results["base"]["schedule"] == schedule
+
+
+# ------------------------------------------------------------------ amendment 4: auto-γ
+
+
+def write_base_lag(out, excess):
+    """eval/base/auto-gamma.json as derive_auto_gamma writes it: the base's Slow Flow v2 at N = 2 and 4."""
+    import json
+
+    path = out / "eval" / "base" / "auto-gamma.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"summaries": {
+        "2": {"sigma": [1.0, 0.5, 0.0], "mean_excess": [0.0, excess * 0.5, 0.0]},
+        "4": {"sigma": [1.0, 0.75, 0.5, 0.25, 0.0], "mean_excess": [0.0, excess * 0.25, excess * 0.5, excess * 0.75, 0.0]},
+    }, "guidance": 3.0, "images": 64}))
+
+
+@pytest.mark.parametrize("excess, gamma", [(0.1, 0.2), (-0.1, None)])   # λ = excess everywhere; γ = 2λ
+def test_auto_gamma_adds_a_fifth_arm_only_when_the_base_lags_in_a_stable_band(monkeypatch, tmp_path, excess, gamma):
+    import tools.mixflow_fair as fair
+    from tools.mixflow_fair_report import AUTO_ARM, arms_of
+
+    write_base_lag(tmp_path, excess)
+    args = fair.parse(["--out", str(tmp_path), "--auto-gamma", "--seeds", "2"])
+    results = {"time_s": {}, "base": {"steps": 1000}}
+    fair.derive_auto_gamma(tmp_path, args, {}, tmp_path / "base", results)
+    assert results["auto_gamma"]["gamma"] == (None if gamma is None else pytest.approx(gamma))
+    asked = []
+    monkeypatch.setattr(fair, "train", lambda args, run, steps, overrides: asked.append((run.name, overrides)) or 1.0)
+    runs = fair.train_arms(tmp_path, args, {"train": "t", "val": "v"}, tmp_path / "base", results)
+    expected = {"control", "gamma0", "mixflow-g0.8", "mixflow-g0.4"} | ({AUTO_ARM} if gamma else set())
+    assert set(arms_of(results)) == expected and len(runs) == 2 * len(expected)
+    if gamma:
+        auto = dict(asked)[f"{AUTO_ARM}-s1"]
+        assert "train.mixflow_gamma=0.2" in auto and "train.objective=mixflow" in auto and "run.seed=1" in auto
+
+
+def test_an_arm_added_to_a_finished_plan_is_evaluated_in_its_cells_without_recutting(monkeypatch, tmp_path):
+    import json
+
+    import tools.mixflow_fair as fair
+
+    plan = {"models": {"base": "b", "control-s0": "c"}, "cells": [[2, 3.0]], "dropped": [[4, 3.0]],
+            "slowflow_images": 16, "jobs": []}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "plan.json").write_text(json.dumps(plan))
+
+    class Done:
+        def poll(self):
+            return 0
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(fair.subprocess, "Popen", lambda *a, **k: Done())
+    monkeypatch.setattr(fair, "analyse", lambda *a: None)
+    args = fair.parse(["--out", str(tmp_path)])
+    models = {"base": tmp_path / "b", "control-s0": tmp_path / "c", "mixflow-auto-s0": tmp_path / "m"}
+    results = {"time_s": {}}
+    fair.evaluate(tmp_path, args, {}, models, results)
+    got = json.loads((tmp_path / "eval" / "plan.json").read_text())
+    assert got["models"]["mixflow-auto-s0"] == str(tmp_path / "m") and got["cells"] == [[2, 3.0]]
+    assert got["jobs"] == [["mixflow-auto-s0", [2, 3.0]], ["mixflow-auto-s0", ["slowflow", 3.0]]]
+    assert results["dropped_cells"] == [[4, 3.0]]
+
+
+def test_the_auto_arm_is_judged_on_its_own_line_outside_c1_and_c2():
+    test = {"a_only": 40, "b_only": 90, "p": 1e-5, "diff_per_seed": [0.02, 0.03, 0.01]}
+    results = {"converged_tol": 0.01, "auto_gamma": {"gamma": 0.3, "reason": "stable band"},
+               "cells_table": {"N4-g3": {"tests": {"mixflow-auto vs control": test,
+                                                   "mixflow-auto vs gamma0": {**test, "a_only": 90, "b_only": 40}}}}}
+    lines = verdicts(results)
+    assert "C1 MixFlow beats control at few steps (Holm p < 0.05, same sign in every seed): no" in lines
+    assert "C2 MixFlow beats the gamma0 arm (unadjusted p < 0.05): no" in lines
+    assert lines[-1] == ("C4 mixflow-auto (unadjusted p < 0.05, same sign in every seed): beats control at N4-g3; "
+                         "loses to gamma0 at N4-g3")
+    results["auto_gamma"] = {"gamma": None, "reason": "no lag"}
+    assert verdicts(results)[-1] == "C4 (exploratory) auto-γ: no lag; no fifth arm"

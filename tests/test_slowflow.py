@@ -395,7 +395,9 @@ def test_t2i_slowflow_reports_cfg_1_and_the_trained_cfg_with_excess_and_sigma_es
     # the excess is the raw gap less the reference's offset, image by image, so also in the mean
     assert [g - o for g, o in zip(r["mean_gap"], r["ref_gap"])] == pytest.approx(r["mean_excess"], abs=1e-6)
     text = (tmp_path / "sf" / "slowflow.md").read_text()
-    assert "| old, CFG 1 |" in text and "| old, CFG 3 |" in text and "excess σ̂_N − σ̂_ref" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| old, CFG 1 |" in text and "| old, CFG 3 |" in text and "excess σ̂_N − σ̂_ref" in printed
+    assert "| old, CFG 3 | 2, 4 |" in text and "auto-gamma" in printed     # auto-γ over the measured step counts
     main(["--ckpt", f"old={OLD_RUN}", "--steps", "2", "--n", "1", "--prompts", str(tmp_path / "p.txt"),
           "--guidance", "2", "--ref-steps", "0", "--sigma-est", "off", "--out", str(tmp_path / "sf2")])
     r = json.loads((tmp_path / "sf2" / "slowflow.json").read_text())["old"]["2"]["2"]

@@ -16,6 +16,10 @@
 4. paired evaluation: every model samples the same prompts from the same initial noises at every cell
    (Euler steps N × CFG scale); per image: GenEval correctness (exact shapes detector), off-palette
    pixel fraction and random-conv features (FID / KID against the held-out set); Slow Flow v2 on a subset;
+   With `--auto-gamma` (amendment 4), a fifth arm mixflow-auto, trained only when the base's Slow Flow v2
+   at the trained CFG and N ∈ {2, 4, 8} shows a stable lag band, with γ derived from it
+   (t2i.eval.auto_gamma, docs/design/flow.md §6.6); added to a finished run, it is trained and evaluated
+   in the cells already planned;
 5. analysis: accuracy per arm with McNemar's exact test against control and against gamma0 (pooled over
    seeds), FID / KID, off-palette fraction, Slow Flow excess, and the pre-registered verdicts.
 
@@ -39,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.mixflow_fair_report import ARMS, analyse, cell_name, job_path, report, save
+from tools.mixflow_fair_report import AUTO_ARM, FEW_STEPS, analyse, arms_of, cell_name, job_path, report, save
 
 CUT_ORDER_STEPS = (32, 16, 8, 4)  # dropped after the CFG-1 cells when the budget is short: dearest first, and
                                  # the primary family (FEW_STEPS) last
@@ -70,6 +74,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--arm-lr", type=float, default=3e-4,
                    help="constant; the base's final rate (amendment 3; the first CPU run: 1e-4)")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--auto-gamma", action="store_true",
+                   help="add the arm mixflow-auto when the base shows a stable lag band (amendment 4)")
+    p.add_argument("--auto-gamma-images", type=int, default=64,
+                   help="prompts for the base's Slow Flow v2 that auto-γ is derived from")
     p.add_argument("--train-samples", type=int, default=20000)
     p.add_argument("--images", type=int, default=2000, help="images per cell (one per held-out prompt)")
     p.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8, 16, 32], help="Euler steps N")
@@ -210,11 +218,36 @@ def train_base(out: Path, args, data: dict, results: dict) -> Path:
     return run
 
 
+def derive_auto_gamma(out: Path, args, data: dict, base: Path, results: dict) -> None:
+    """Auto-γ from the base's Slow Flow v2 at the trained CFG and N ∈ FEW_STEPS (measured once, then read from
+    eval/base/auto-gamma.json); results["auto_gamma"] holds the derivation, its gamma None without a stable band."""
+    from t2i.eval.auto_gamma import auto_gamma
+
+    path = out / "eval" / "base" / "auto-gamma.json"
+    if path.exists():
+        summaries = json.loads(path.read_text())["summaries"]
+    else:
+        from t2i.checkpoint import loading
+        from t2i.io import write_json
+
+        t0 = time.time()
+        loaded = loading.load(base, ema=True, device=args.device)
+        guidance = loaded.cfg.sample.guidance
+        prompts = records(data["prompts"], args.auto_gamma_images)
+        summaries = {str(n): v for n, v in slowflow_job(loaded, prompts, list(FEW_STEPS), guidance, args).items()}
+        write_json(path, {"summaries": summaries, "guidance": guidance, "images": len(prompts)})
+        results["time_s"]["auto_gamma"] = time.time() - t0
+    derived = auto_gamma(summaries)
+    derived["lags"] = [{k: round(v, 5) if isinstance(v, float) else v for k, v in p.items()} for p in derived["lags"]]
+    results["auto_gamma"] = derived
+    log(f"auto-γ: {derived['reason']}" + ("" if derived["gamma"] is None else f"; arm {AUTO_ARM} added"))
+
+
 def train_arms(out: Path, args, data: dict, base: Path, results: dict) -> dict[str, Path]:
     steps = max(1, round(args.arm_fraction * results["base"]["steps"]))
     runs = {}
     for seed in range(args.seeds):
-        for arm, overrides in ARMS.items():
+        for arm, overrides in arms_of(results).items():
             run = out / f"{arm}-s{seed}"
             wall = train(args, run, steps, [
                 f"data.shards={data['train']}", f"validation.shards={data['val']}", "validation.every=0",
@@ -365,6 +398,13 @@ def evaluate(out: Path, args, data: dict, models: dict[str, Path], results: dict
     plan_path = out / "eval" / "plan.json"
     if plan_path.exists():
         plan = json.loads(plan_path.read_text())
+        new = {k: str(v) for k, v in models.items() if k not in plan["models"]}
+        if new:  # an arm added to a finished plan (--auto-gamma): evaluated in the cells already kept, not re-cut
+            plan["models"].update(new)
+            plan["jobs"] += jobs(out, {k: Path(v) for k, v in new.items()}, [tuple(c) for c in plan["cells"]],
+                                 plan["slowflow_images"] > 0)
+            plan_path.write_text(json.dumps(plan, indent=1))
+            log(f"evaluation: {sorted(new)} added to the plan's {len(plan['cells'])} cells")
     else:
         prompts = records(data["prompts"], args.images)
         per_nfe = calibrate(models, prompts, args) / max(1, args.workers)
@@ -424,9 +464,10 @@ def main(argv=None) -> int:
         arm_steps = round(args.arm_fraction * args.base_steps)
         length = ("cosine decay" if args.base_schedule == "cosine"
                   else f"constant lr, up to {args.max_base_steps} until converged")
-        print(f"base: {args.base_steps} steps ({length}); arms: {len(ARMS)} × {args.seeds} seeds × "
+        print(f"base: {args.base_steps} steps ({length}); arms: {len(arms_of(results))} × {args.seeds} seeds × "
               f"{arm_steps} steps; cells: {[cell_name(c) for c in cells(args, trained)]}; "
-              f"{args.images} images per cell; budget {args.budget_min:.0f} min")
+              f"{args.images} images per cell; budget {args.budget_min:.0f} min"
+              + (f"; + {AUTO_ARM} if the base shows a stable lag band" if args.auto_gamma else ""))
         return 0
     t0 = time.time()
     data = ensure_data(out, args)
@@ -434,6 +475,9 @@ def main(argv=None) -> int:
     save(out, results)
     base = train_base(out, args, data, results)
     save(out, results)
+    if args.auto_gamma:
+        derive_auto_gamma(out, args, data, base, results)
+        save(out, results)
     models = {"base": base, **train_arms(out, args, data, base, results)}
     save(out, results)
     evaluate(out, args, data, models, results)

@@ -16,6 +16,15 @@ ARMS = {"control": ["train.objective=flow_matching"],
         "mixflow-g0.4": ["train.objective=mixflow", "train.mixflow_gamma=0.4"]}
 MIXFLOW_ARMS = ("mixflow-g0.8", "mixflow-g0.4")
 FEW_STEPS = (2, 4, 8)          # the cells of the primary test (the paper's claim is about few steps)
+AUTO_ARM = "mixflow-auto"      # amendment 4: γ from the base's measured lag (exploratory, outside C1's family)
+
+
+def arms_of(results: dict) -> dict[str, list[str]]:
+    """The arms of this run: ARMS, plus AUTO_ARM where auto-γ derived a γ (results["auto_gamma"])."""
+    gamma = results.get("auto_gamma", {}).get("gamma")
+    if gamma is None:
+        return dict(ARMS)
+    return {**ARMS, AUTO_ARM: ["train.objective=mixflow", f"train.mixflow_gamma={round(gamma, 2)}"]}
 
 
 def cell_name(cell) -> str:
@@ -94,9 +103,9 @@ def analyse(out: Path, results: dict, data: dict) -> None:
                           "fid": fid(r["features"], ref), "kid": kid(r["features"], ref),
                           **slowflow_means(out, label, cell)}
         tests = {}
-        for arm in ARMS:
+        for arm in arms_of(results):
             for against in ("control", "gamma0"):
-                if arm == against or (against == "gamma0" and arm not in MIXFLOW_ARMS):
+                if arm == against or (against == "gamma0" and arm not in (*MIXFLOW_ARMS, AUTO_ARM)):
                     continue
                 pairs = [(got.get(f"{against}-s{s}"), got.get(f"{arm}-s{s}")) for s in range(results["seeds"])]
                 if any(a is None or b is None for a, b in pairs):
@@ -138,8 +147,23 @@ def verdicts(results: dict) -> list[str]:
                      + (", ".join(helped) if helped else "no"))
         lines.append("C1' MixFlow worse than control there: " + (", ".join(hurt) if hurt else "no"))
         mech = [f"{name} at {cell}" for cell, v in table.items() for name, t in v["tests"].items()
-                if name.endswith("vs gamma0") and t["p"] < 0.05 and t["b_only"] > t["a_only"]]
+                if name.endswith("vs gamma0") and t["p"] < 0.05 and t["b_only"] > t["a_only"]
+                and not name.startswith(AUTO_ARM)]
         lines.append("C2 MixFlow beats the gamma0 arm (unadjusted p < 0.05): " + (", ".join(mech) if mech else "no"))
+    auto = results.get("auto_gamma")
+    if auto:
+        lines.append(f"C4 (exploratory) auto-γ: {auto['reason']}" + ("; no fifth arm" if auto["gamma"] is None else ""))
+        if auto["gamma"] is not None and table:
+            found = {"beats": [], "loses to": []}
+            for cell, v in table.items():
+                for name, t in v["tests"].items():
+                    same_sign = all(d > 0 for d in t["diff_per_seed"]) or all(d < 0 for d in t["diff_per_seed"])
+                    if name.startswith(AUTO_ARM) and t["p"] < 0.05 and same_sign:
+                        side = "beats" if t["b_only"] > t["a_only"] else "loses to"
+                        found[side].append(f"{name.split(' vs ')[1]} at {cell}")
+            lines.append(f"C4 {AUTO_ARM} (unadjusted p < 0.05, same sign in every seed): "
+                         + "; ".join(f"{k} {', '.join(v)}" for k, v in found.items() if v) if any(found.values())
+                         else f"C4 {AUTO_ARM}: no difference at p < 0.05 with the same sign in every seed")
     return lines
 
 
@@ -163,7 +187,7 @@ def report(results: dict) -> str:
         for cell, v in table.items():
             lines += [f"### {cell}", "", "| arm | accuracy | FID | KID×1000 | off-palette | Slow Flow excess | "
                       "σ_est − σ | vs control: b/c, p | vs gamma0: b/c, p |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-            for arm in ["base", *ARMS]:
+            for arm in ["base", *arms_of(results)]:
                 rows = [r for label, r in v["models"].items() if label == arm or label.startswith(f"{arm}-s")]
                 if not rows:
                     continue
@@ -184,6 +208,12 @@ def report(results: dict) -> str:
                   "inner steps of σ̂_N − σ̂_ref (> 0: behind the model's own many-step ODE); σ_est − σ: noise level read "
                   f"off background pixels minus the step's σ. Held-out images' off-palette fraction: "
                   f"{results.get('reference_off_palette', float('nan')):.4f}.", ""]
+    auto = results.get("auto_gamma")
+    if auto and auto.get("lags"):
+        lines += ["## Auto-γ (amendment 4): the base's lag λ = excess / (1 − σ), trained CFG", "",
+                  "| N | σ | excess | λ |", "|---:|---:|---:|---:|"]
+        lines += [f"| {p['steps']} | {p['sigma']:.3f} | {p['excess']:+.4f} | {p['lambda']:+.4f} |" for p in auto["lags"]]
+        lines += ["", f"{auto['reason']}.", ""]
     lines += ["## Verdicts (pre-registered criteria)", ""] + [f"- {v}" for v in verdicts(results)]
     return "\n".join(lines) + "\n"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from t2i.eval.auto_gamma import auto_gamma
 from t2i.io import atomic_write, write_json, write_text
 
 # (summary key, what it is, the plot's y label); the order of the summary tables and of the plot's rows
@@ -54,6 +55,26 @@ def summary_table(results: dict, key: str = "mean_gap") -> str:
     counts = sorted({n for cells in rows.values() for n in cells})
     lines = ["| checkpoint | " + " | ".join(f"{n} steps" for n in counts) + " |", "|---|" + "---:|" * len(counts)]
     lines += [f"| {name} | " + " | ".join(_fmt(cells.get(n)) for n in counts) + " |" for name, cells in rows.items()]
+    return "\n".join(lines)
+
+
+def auto_gamma_table(results: dict) -> str:
+    """Auto-γ (t2i.eval.auto_gamma, docs/design/flow.md §6.6) per checkpoint and CFG, over its measured
+    step counts; "" when no summary has the excess."""
+    groups: dict = {}
+    for label, guidance, steps, r in series(results):
+        if "mean_excess" in r:
+            groups.setdefault(row_name(label, guidance), {})[steps] = r
+    if not groups:
+        return ""
+    lines = ["| checkpoint | step counts | λ = excess / (1 − σ): min, mean, max | auto-γ | why |",
+             "|---|---|---:|---:|---|"]
+    for name, by_steps in groups.items():
+        a = auto_gamma(by_steps)
+        band = (f"{a['lambda_min']:+.3f}, {a['lambda_mean']:+.3f}, {a['lambda_max']:+.3f}"
+                if "lambda_min" in a else "—")
+        gamma = "—" if a["gamma"] is None else f"{a['gamma']:.2f}"
+        lines.append(f"| {name} | {', '.join(map(str, a['steps']))} | {band} | {gamma} | {a['reason']} |")
     return "\n".join(lines)
 
 
@@ -152,6 +173,10 @@ def report_text(results: dict) -> str:
              "step count; the raw gap also holds the offset an exact ODE shows (σ̂_ref − σ).", ""]
     for key, what, _ in present(results):
         parts += [f"Mean {what}, over the inner steps:", "", summary_table(results, key), ""]
+    table = auto_gamma_table(results)
+    if table:
+        parts += ["MixFlow's γ matched to the measured lag (docs/design/flow.md §6.6), over each row's step counts:",
+                  "", table, ""]
     return "\n".join(parts) + "\n" + markdown(results)
 
 
