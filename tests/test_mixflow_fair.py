@@ -89,6 +89,11 @@ def test_the_base_is_extended_only_on_a_constant_learning_rate(monkeypatch, tmp_
     assert f"train.schedule={schedule}" in asked[0][1] and "train.min_lr_ratio=0.1" in asked[0][1]
     assert results["base"]["steps"] == expect_steps[-1] and results["base"]["converged"] is False
     assert results["base"]["schedule"] == schedule
+    # a rerun finds the base trained (train returns 0 s): its time is kept, the validation time only grows
+    monkeypatch.setattr(fair, "train", lambda args, run, steps, overrides: 0.0)
+    before = dict(results["time_s"])
+    fair.train_base(tmp_path, args, {"train": "t", "val": "v"}, results)
+    assert results["time_s"]["base"] == before["base"] and results["time_s"]["base_eval"] >= before["base_eval"]
 
 
 # ------------------------------------------------------------------ amendment 4: auto-γ

@@ -202,9 +202,11 @@ def train_base(out: Path, args, data: dict, results: dict) -> Path:
               f"train.lr={args.base_lr}", f"train.schedule={args.base_schedule}", "train.min_lr_ratio=0.1",
               "train.warmup_steps=100", f"train.ckpt_every={every}", "train.keep_last=0",
               f"train.log_every={max(1, every // 2)}"]
-    t0 = time.time()
+    t0, trained = time.time(), 0.0
     while True:
-        results["time_s"]["base"] = results["time_s"].get("base", 0.0) + train(args, run, steps, common)
+        wall = train(args, run, steps, common)
+        trained += wall
+        results["time_s"]["base"] = results["time_s"].get("base", 0.0) + wall
         curve = ema_validation(run, data["val"], args.device)
         ok, change = converged(curve, args.converged)
         steps = max(curve)  # a rerun may find more steps than asked for (an earlier, longer run)
@@ -214,7 +216,7 @@ def train_base(out: Path, args, data: dict, results: dict) -> Path:
         if ok or decayed or steps >= args.max_base_steps:  # a decayed schedule has a fixed length: no extension
             break
         steps = min(args.max_base_steps, int(steps * 1.25) // every * every)
-    results["time_s"]["base_eval"] = time.time() - t0 - results["time_s"]["base"]
+    results["time_s"]["base_eval"] = results["time_s"].get("base_eval", 0.0) + time.time() - t0 - trained
     return run
 
 
