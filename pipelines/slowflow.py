@@ -122,8 +122,9 @@ def main(argv=None) -> dict:
     files = write_report(results, Path(args.out))
     for key, what, _ in present(results):
         print(f"mean {what}, over the inner steps:\n" + summary_table(results, key))
-    if auto_gamma_table(results):
-        print("MixFlow's gamma matched to the measured lag (auto-gamma):\n" + auto_gamma_table(results))
+    gammas = auto_gamma_table(results)
+    if gammas:
+        print("MixFlow's gamma matched to the measured lag (auto-gamma):\n" + gammas)
     print("\n".join(f"{k}: {v}" for k, v in files.items()))
     return results
 
