@@ -3,6 +3,7 @@
 line with the ranks' exit code (t2i.launch)."""
 
 import re
+
 import pytest
 
 from helpers import run_t2i

@@ -22,13 +22,7 @@ import argparse
 import numpy as np
 import torch
 
-from t2i.data.shapes import COLORS, SHAPES, make_sample
-
-
-def colors_caption(colour: str, shape: str) -> str:
-    """The `colors` tag's caption (t2i/data/shapes.py), with GenEval's article: "a photo of an orange circle"."""
-    phrase = f"{colour} {shape}"
-    return f"a photo of {'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
+from t2i.data.shapes import COLORS, SHAPES, caption_and_clauses, make_sample
 
 
 def samples(n: int, resolution: int, seed: int = 5, first: int = 200_000):
@@ -42,14 +36,13 @@ def samples(n: int, resolution: int, seed: int = 5, first: int = 200_000):
         if meta["tag"] != "colors":
             continue
         obj = meta["objects"][0]
-        assert caption == colors_caption(obj["color"], obj["shape"]), caption
         pixels = np.asarray(image.resize((resolution, resolution), resample=3), dtype=np.float32) / 127.5 - 1
         images.append(torch.from_numpy(pixels).permute(2, 0, 1))
         captions.append(caption)
         other_shape = SHAPES[(SHAPES.index(obj["shape"]) + 1) % len(SHAPES)]
         other_colour = names[(names.index(obj["color"]) + 3) % len(names)]
-        shape_swapped.append(colors_caption(obj["color"], other_shape))
-        colour_swapped.append(colors_caption(other_colour, obj["shape"]))
+        shape_swapped.append(caption_and_clauses("colors", [{"shape": other_shape, "color": obj["color"]}])[0])
+        colour_swapped.append(caption_and_clauses("colors", [{"shape": obj["shape"], "color": other_colour}])[0])
     return torch.stack(images), captions, shape_swapped, colour_swapped
 
 

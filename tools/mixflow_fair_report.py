@@ -126,6 +126,11 @@ def analyse(out: Path, results: dict, data: dict) -> None:
     results["cells_table"] = table
 
 
+def same_sign(test: dict) -> bool:
+    """The accuracy difference has one sign in every seed."""
+    return all(d > 0 for d in test["diff_per_seed"]) or all(d < 0 for d in test["diff_per_seed"])
+
+
 def verdicts(results: dict) -> list[str]:
     """The pre-registered criteria (docs/experiments/mixflow-fair.md), applied mechanically."""
     lines = []
@@ -139,8 +144,7 @@ def verdicts(results: dict) -> list[str]:
         for name, t in v["tests"].items():
             if "p_holm" not in t or not name.endswith("vs control"):
                 continue
-            same_sign = all(d > 0 for d in t["diff_per_seed"]) or all(d < 0 for d in t["diff_per_seed"])
-            if t["p_holm"] < 0.05 and same_sign:
+            if t["p_holm"] < 0.05 and same_sign(t):
                 (helped if t["b_only"] > t["a_only"] else hurt).append(f"{name} at {cell}")
     if table:
         lines.append("C1 MixFlow beats control at few steps (Holm p < 0.05, same sign in every seed): "
@@ -157,8 +161,7 @@ def verdicts(results: dict) -> list[str]:
             found = {"beats": [], "loses to": []}
             for cell, v in table.items():
                 for name, t in v["tests"].items():
-                    same_sign = all(d > 0 for d in t["diff_per_seed"]) or all(d < 0 for d in t["diff_per_seed"])
-                    if name.startswith(AUTO_ARM) and t["p"] < 0.05 and same_sign:
+                    if name.startswith(AUTO_ARM) and t["p"] < 0.05 and same_sign(t):
                         side = "beats" if t["b_only"] > t["a_only"] else "loses to"
                         found[side].append(f"{name.split(' vs ')[1]} at {cell}")
             lines.append(f"C4 {AUTO_ARM} (unadjusted p < 0.05, same sign in every seed): "

@@ -165,7 +165,9 @@ def _np(obj: dict, with_color: bool) -> str:
     return _a(f"{obj['color']} {obj['shape']}" if with_color else obj["shape"])
 
 
-def _caption_and_clauses(tag: str, objs: list[dict], rel: str | None):
+def caption_and_clauses(tag: str, objs: list[dict], rel: str | None = None):
+    """The caption of `tag` for `objs` ({"shape", "color"} each, in caption order) and its GenEval include and
+    exclude clauses."""
     if tag == "single_object":
         return f"a photo of {_np(objs[0], False)}", [{"class": objs[0]["shape"], "count": 1}], []
     if tag == "colors":
@@ -239,7 +241,7 @@ def make_sample(index: int, seed: int = 0, size: int = 64) -> tuple[Image.Image,
         pixels[y:y + s, x:x + s][mask] = COLORS[color]
         objects.append({"shape": shape, "color": color, "rgb": list(COLORS[color]), "box": _tight_box(mask, x, y)})
 
-    caption, include, exclude = _caption_and_clauses(tag, objects, rel)
+    caption, include, exclude = caption_and_clauses(tag, objects, rel)
     meta = {"caption": caption, "tag": tag, "width": size, "height": size, "background": list(BACKGROUND),
             "objects": objects, "include": include, "exclude": exclude}
     return Image.fromarray(pixels, "RGB"), caption, meta
