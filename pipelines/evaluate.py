@@ -127,15 +127,17 @@ def fid_reference(args, out: Path, resolution: int, device, barrier, rank: int =
     from the arguments is rebuilt when it is the default <out>/fid_ref.npz, and refused when the user
     named it with --fid-ref (it may be shared; it is never overwritten)."""
     from t2i.eval import fid
+    from t2i.eval.features import build_extractor
+    from t2i.eval.image_source import ImageSource
 
     ref = Path(args.fid_ref or out / "fid_ref.npz")
     if not args.fid_shards:
         return ref
     src = Path(args.fid_shards)
     is_folder = _image_folder(args.fid_shards)
-    source = fid.ImageSource(folder=str(src) if is_folder else None, shards=None if is_folder else args.fid_shards,
-                             resolution=resolution, max_images=args.fid_max, key="--fid-shards")
-    extractor = fid.build_extractor(args.fid_extractor or "random-conv", device)
+    source = ImageSource(folder=str(src) if is_folder else None, shards=None if is_folder else args.fid_shards,
+                         resolution=resolution, max_images=args.fid_max, key="--fid-shards")
+    extractor = build_extractor(args.fid_extractor or "random-conv", device)
     build = not ref.exists()
     if not build:
         diffs = fid.reference_differences(fid.load_reference(ref).meta, fid.reference_provenance(source, extractor))

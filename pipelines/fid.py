@@ -1,4 +1,4 @@
-"""FID/KID of generated images against reference statistics, offline (see t2i/eval/fid.py).
+"""FID/KID of generated images against reference statistics, offline (see t2i/eval/fid.py and t2i/eval/features.py).
 
     # reference statistics from held-out shards (centre-cropped to 64 as training sees them) or a folder
     t2i fid ref --shards data/shapes-val --resolution 64 --out runs/ref/shapes-val.npz
@@ -74,6 +74,8 @@ def main(argv=None) -> int:
     import torch
 
     from t2i.eval import fid as F
+    from t2i.eval.features import build_extractor
+    from t2i.eval.image_source import ImageSource
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     for flag, value in (("--max", args.max), ("--resolution", args.resolution), ("--batch-size", args.batch_size)):
@@ -82,9 +84,9 @@ def main(argv=None) -> int:
     if args.command == "ref":
         if args.shards and not args.resolution:
             raise EvalError("--shards needs --resolution (images are centre-cropped to it as in training)")
-        source = F.ImageSource(folder=args.folder, shards=args.shards, resolution=args.resolution,
-                               max_images=args.max)
-        extractor = F.build_extractor(args.extractor, device)
+        source = ImageSource(folder=args.folder, shards=args.shards, resolution=args.resolution,
+                             max_images=args.max)
+        extractor = build_extractor(args.extractor, device)
         stats = F.make_reference(source, extractor, args.out, args.batch_size, device, not args.no_progress)
         print(table([("reference", args.out), ("source", stats.meta["source"]), ("images", stats.n),
                      ("bad", {k: v for k, v in stats.meta["counts"].items() if k != "good"}),

@@ -22,6 +22,8 @@ from PIL import Image
 from t2i.cli import main as cli_main
 from t2i.errors import EvalError
 from t2i.eval import fid, geneval, geneval_folder
+from t2i.eval.features import build_extractor
+from t2i.eval.image_source import ImageSource
 
 VALID = "single_object, two_object, counting, colors, position, color_attr"
 
@@ -394,7 +396,7 @@ def test_fid_score_at_another_resolution_than_the_reference_is_refused_naming_bo
     same = fid.score_folder(gen, ref, progress=False)                  # default: the reference's resolution
     assert same["resolution"] == 16 and not any("mismatch" in w for w in same["warnings"])
     native = tmp_path / "native.npz"
-    fid.make_reference(fid.ImageSource(folder=str(real)), fid.build_extractor("random-conv"), native, progress=False)
+    fid.make_reference(ImageSource(folder=str(real)), build_extractor("random-conv"), native, progress=False)
     with pytest.raises(EvalError, match="images at 16 px but reference .* was made at native size"):
         fid.score_folder(gen, native, resolution=16, progress=False)
 
@@ -404,8 +406,8 @@ def test_the_reference_records_its_provenance_and_compares_sources_by_what_they_
     urls = make_shards(n_shards=2, per_shard=4)
     monkeypatch.chdir(tmp_path)
     relative = "::".join(os.path.relpath(u, tmp_path) for u in urls)
-    ext = fid.build_extractor("random-conv")
-    stats = fid.make_reference(fid.ImageSource(shards=relative, resolution=16, max_images=6), ext,
+    ext = build_extractor("random-conv")
+    stats = fid.make_reference(ImageSource(shards=relative, resolution=16, max_images=6), ext,
                                tmp_path / "r.npz", progress=False)
     meta = fid.load_reference(tmp_path / "r.npz").meta
     assert meta == stats.meta
@@ -416,15 +418,15 @@ def test_the_reference_records_its_provenance_and_compares_sources_by_what_they_
 
     def wanted(spec=urls, **kw):
         args = dict(shards=spec, resolution=16, max_images=6) | kw
-        return fid.reference_provenance(fid.ImageSource(**args), ext)
+        return fid.reference_provenance(ImageSource(**args), ext)
 
     assert fid.reference_differences(meta, wanted()) == []              # absolute spelling: the same shards
     assert fid.reference_differences(meta, wanted(max_images=7)) == ["max images: recorded 6, requested 7"]
     assert fid.reference_differences(meta, wanted(resolution=32)) == ["resolution: recorded 16, requested 32"]
     assert fid.reference_differences(meta, wanted(spec=urls[:1])) == [
         f"source: recorded 'shards:{relative}', requested 'shards:{urls[0]}'"]
-    other = fid.reference_provenance(fid.ImageSource(shards=urls, resolution=16, max_images=6),
-                                     fid.build_extractor("random-conv:1:64"))
+    other = fid.reference_provenance(ImageSource(shards=urls, resolution=16, max_images=6),
+                                     build_extractor("random-conv:1:64"))
     assert fid.reference_differences(meta, other) == [
         "extractor: recorded 'random-conv-v1:seed=0:res=64', requested 'random-conv-v1:seed=1:res=64'"]
 
@@ -545,7 +547,7 @@ def test_eval_refuses_a_reference_of_another_resolution_unless_allowed(tmp_path,
 
     real = write_pngs(tmp_path / "real", 8, 32, 0)
     ref = tmp_path / "ref32.npz"
-    fid.make_reference(fid.ImageSource(folder=str(real), resolution=32), fid.build_extractor("random-conv"), ref,
+    fid.make_reference(ImageSource(folder=str(real), resolution=32), build_extractor("random-conv"), ref,
                        progress=False)
     out = tmp_path / "eval"
     with pytest.raises(EvalError, match=r"images at 16 px but --fid-ref .* was made at 32 px"):
@@ -735,5 +737,5 @@ def test_fid_sources_count_oversized_and_unreadable_images_as_bad_without_decodi
     folder = write_pngs(tmp_path / "imgs", 3, 16, 0)
     (folder / "huge.png").write_bytes(header_only_png(8000, 6000))    # 48M pixels: never decoded
     (folder / "torn.png").write_bytes((folder / "000.png").read_bytes()[:40])
-    source = fid.ImageSource(folder=str(folder))
+    source = ImageSource(folder=str(folder))
     assert len(list(source)) == 3 and source.counts == {"good": 3, "image": 2, "read": 0}

@@ -1,4 +1,4 @@
-"""FID/KID (t2i/eval/fid.py, pipelines/fid.py): agreement with clean-fid and with independent formulas, offline, on CPU.
+"""FID/KID (t2i/eval/fid.py, features.py, image_source.py; pipelines/fid.py): agreement with clean-fid and with independent formulas, offline, on CPU.
 
 No real Inception weights here: the `inception:PATH` plumbing is proven with a tiny scripted stand-in
 saved as TorchScript (it refuses anything but 299×299 input, like clean-fid's wrapper).
@@ -21,6 +21,8 @@ from PIL import Image
 
 from conftest import REPO, sample_members, write_tar
 from t2i.eval import fid as fidlib
+from t2i.eval.features import RandomConvExtractor, build_extractor, compute_features
+from t2i.eval.image_source import ImageSource
 from t2i.data.shapes import iter_samples
 from t2i.data.writers import write_shapes_shards
 from t2i import cli
@@ -45,8 +47,8 @@ def data(tmp_path_factory):
     a = write_pngs(root / "a", N, seed=0, nested=True)
     b = write_pngs(root / "b", N, seed=1, nested=False)
     write_shapes_shards(root / "shards_a", N, samples_per_shard=16, seed=0, size=64, progress=False)
-    ex = fidlib.RandomConvExtractor()
-    feats = {k: fidlib.compute_features(fidlib.ImageSource(folder=str(d)), ex, batch_size=16, progress=False)
+    ex = RandomConvExtractor()
+    feats = {k: compute_features(ImageSource(folder=str(d)), ex, batch_size=16, progress=False)
              for k, d in (("a", a), ("b", b))}
     return {"root": root, "a": a, "b": b, "shards_a": root / "shards_a", "ex": ex, **{f"f{k}": v for k, v in feats.items()}}
 
@@ -224,22 +226,22 @@ def test_reference_round_trips_through_npz(data, tmp_path):
 
 
 def test_shard_source_gives_the_same_images_and_features_as_the_folder_source(data):
-    shards = fidlib.ImageSource(shards=str(data["shards_a"]), resolution=64)
-    folder = fidlib.ImageSource(folder=str(data["a"]))
+    shards = ImageSource(shards=str(data["shards_a"]), resolution=64)
+    folder = ImageSource(folder=str(data["a"]))
     images_s, images_f = list(shards), list(folder)
     assert len(images_s) == len(images_f) == N
     assert all(np.array_equal(s, f) for s, f in zip(images_s, images_f))
-    feats = fidlib.compute_features(shards, data["ex"], batch_size=9, progress=False)
+    feats = compute_features(shards, data["ex"], batch_size=9, progress=False)
     assert np.array_equal(feats, data["fa"])
     assert shards.counts == {"good": N, "image": 0, "read": 0}
-    first = fidlib.ImageSource(shards=str(data["shards_a"]), resolution=64, max_images=5)
-    assert np.array_equal(fidlib.compute_features(first, data["ex"], progress=False), data["fa"][:5])
+    first = ImageSource(shards=str(data["shards_a"]), resolution=64, max_images=5)
+    assert np.array_equal(compute_features(first, data["ex"], progress=False), data["fa"][:5])
 
 
 def test_bad_shard_samples_are_skipped_and_counted(tmp_path):
     members = sample_members("k0", (255, 0, 0)) + [("k1.png", b"not a png"), ("k1.txt", b"broken")]
     members += sample_members("k2", (0, 0, 255)) + [("k3.txt", b"caption only")]
-    source = fidlib.ImageSource(shards=str(write_tar(tmp_path / "s-000000.tar", members)), resolution=8)
+    source = ImageSource(shards=str(write_tar(tmp_path / "s-000000.tar", members)), resolution=8)
     images = list(source)
     assert [im[0, 0].tolist() for im in images] == [[255, 0, 0], [0, 0, 255]] and images[0].shape == (8, 8, 3)
     assert source.counts == {"good": 2, "image": 2, "read": 0}
@@ -277,11 +279,11 @@ def test_inception_path_loads_a_local_torchscript_file_and_resizes_like_clean_fi
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit")  # TorchScript is deprecated in recent torch
         torch.jit.save(torch.jit.script(FakeInception()), str(path))
-    ex = fidlib.build_extractor(f"inception:{path}")
+    ex = build_extractor(f"inception:{path}")
     assert ex.name.startswith("inception-clean:") and ex.dim == 2048
 
-    subset = fidlib.ImageSource(folder=str(data["a"]), max_images=6)
-    ours = fidlib.compute_features(subset, ex, batch_size=4, progress=False)
+    subset = ImageSource(folder=str(data["a"]), max_images=6)
+    ours = compute_features(subset, ex, batch_size=4, progress=False)
     assert ours.shape == (6, 2048)
     # clean-fid's own pipeline (ResizeDataset with the "clean" resize, then the model) on the same files
     first6 = tmp_path / "first6"
@@ -299,7 +301,7 @@ def test_inception_path_loads_a_local_torchscript_file_and_resizes_like_clean_fi
 
 def test_missing_inception_file_says_where_to_get_it(tmp_path):
     with pytest.raises(EvalError, match="nvlabs-fi-cdn.nvidia.com.*inception:"):
-        fidlib.build_extractor(f"inception:{tmp_path / 'nope.pt'}")
+        build_extractor(f"inception:{tmp_path / 'nope.pt'}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,11 +311,12 @@ def test_missing_inception_file_says_where_to_get_it(tmp_path):
 
 RANK_SCRIPT = textwrap.dedent("""
     import sys, numpy as np, torch.distributed as dist
-    from t2i.eval import fid
+    from t2i.eval.features import RandomConvExtractor, compute_features
+    from t2i.eval.image_source import ImageSource
     rank, world, port, folder, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    source = fid.ImageSource(folder=folder, max_images=33)
-    feats = fid.compute_features(source, fid.RandomConvExtractor(), batch_size=5, progress=False)
+    source = ImageSource(folder=folder, max_images=33)
+    feats = compute_features(source, RandomConvExtractor(), batch_size=5, progress=False)
     if rank == 0:
         np.save(out, feats)
         print(source.counts)
@@ -337,8 +340,8 @@ def test_two_ranks_gather_exactly_the_single_process_features(data, tmp_path):
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    single = fidlib.ImageSource(folder=str(folder), max_images=33)
-    expected = fidlib.compute_features(single, data["ex"], batch_size=16, progress=False)
+    single = ImageSource(folder=str(folder), max_images=33)
+    expected = compute_features(single, data["ex"], batch_size=16, progress=False)
     assert single.counts == {"good": 32, "image": 1, "read": 0}
     assert np.array_equal(np.load(tmp_path / "f.npy"), expected)  # bit-identical, across processes
     assert "'good': 32, 'image': 1" in outs[0][0]

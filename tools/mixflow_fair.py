@@ -310,7 +310,7 @@ def evaluate_cell(loaded, prompts: list[dict], cell, args, extractor) -> dict[st
                       batch_size=args.batch_size)
     arrays = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     correct = np.array([judge(detect(a), r["include"], r["exclude"]) for a, r in zip(arrays, prompts)])
-    from t2i.eval.fid import compute_features
+    from t2i.eval.features import compute_features
     return {"correct": correct, "off_palette": off_palette_fraction(arrays),
             "features": compute_features(list(arrays), extractor)}
 
@@ -339,7 +339,7 @@ def run_worker(out: Path, args, share: str) -> None:
     import torch
 
     from t2i.checkpoint import loading
-    from t2i.eval.fid import RandomConvExtractor
+    from t2i.eval.features import RandomConvExtractor
 
     torch.set_num_threads(1)
     i, n = map(int, share.split("/"))

@@ -44,7 +44,7 @@ def reference_features(out: Path, data: dict, n: int, resolution: int) -> np.nda
 
     from t2i.data.decode import decode_sample
     from t2i.data.shards import expand_shards, raw_samples
-    from t2i.eval.fid import RandomConvExtractor, compute_features
+    from t2i.eval.features import RandomConvExtractor, compute_features
 
     path = out / "eval" / "reference.npy"
     if path.exists():
