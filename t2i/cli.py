@@ -166,7 +166,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     configure_environment()
     if args.command == "demo":  # (train: t2i.train.plan checked it)
-        from t2i.models.build import check_geometry
+        from t2i.models.geometry import check_geometry
         check_geometry(cfg)  # before torchrun, DeepSpeed or any model starts
     if args.command == "demo":
         from pipelines.demo import main as demo

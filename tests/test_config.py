@@ -78,7 +78,7 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 
 def test_the_gpu_example_config_is_valid(tmp_path):
     """It loads with its placeholder path (so `t2i config` can show it); using it is refused, naming the key."""
-    from t2i.models.build import check_geometry
+    from t2i.models.geometry import check_geometry
 
     placeholder = load_config(DEFAULT_CONFIG.parent / "sd3.5-medium-512.yaml")
     with pytest.raises(ConfigError, match="^model.pretrained: set this to your local SD3/SD3.5 folder"):

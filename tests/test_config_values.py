@@ -5,7 +5,7 @@ import pytest
 from helpers import run_t2i
 from t2i.config import load_config
 from t2i.errors import ConfigError
-from t2i.models.build import check_geometry
+from t2i.models.geometry import check_geometry
 
 BAD = {
     "train.lr=-1": "train.lr must be > 0, got -1.0",

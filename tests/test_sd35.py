@@ -51,7 +51,8 @@ def test_the_fixture_has_the_release_files_dtypes_and_config_keys(sd35_folder):
 
 
 def test_the_sd35_example_config_loads_the_folder_with_path_edits_only(sd35_folder, tmp_path, capsys):
-    from t2i.models.build import build_for, build_frozen, check_geometry
+    from t2i.models.build import build_for, build_frozen
+    from t2i.models.geometry import check_geometry
 
     text = (REPO / "configs" / "sd3.5-medium-512.yaml").read_text()
     assert text.count("/path/to/stable-diffusion-3.5-medium") == 1  # model.pretrained implies the rest

@@ -51,7 +51,7 @@ def test_every_shipped_config_resolves(path, tmp_path):
     if cfg.text.preset == "sd3":
         assert cfg.text.max_t5_tokens == 256 and cfg.text.clip_context == 77
         assert cfg.model.preset.startswith("sd3") and cfg.deepspeed.precision == "bf16"
-    from t2i.models.build import check_geometry
+    from t2i.models.geometry import check_geometry
     check_geometry(cfg)
 
 

@@ -26,6 +26,7 @@ from t2i.checkpoint import store
 from t2i.config import Config, load_config
 from t2i.config_warnings import odd_values
 from t2i.data.shards import expand_shards
+from t2i.models.geometry import check_geometry
 from t2i.train import follow_data, resume_config
 from t2i.train.lock import RunLock
 from t2i.train.run import resume_tag
@@ -37,7 +38,6 @@ def plan_training(config_path: str | None, overrides: list[str], resume: bool | 
                   force_override: bool = False) -> tuple[Config, list[Note]]:
     """(the config to train with, notes to log). `resume`: False, True, "auto" or a tag (as --resume
     TAG). Raises T2IError subclasses for everything a user can fix."""
-    from t2i.models.build import check_geometry  # imports diffusers: after the cheap checks' imports
     where = resume_config.location(config_path, overrides)
     run_dir = Path(where[0]) / where[1]
     if "RANK" not in os.environ:  # the process the user started; ranks check it when they take the lock

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from t2i.checkpoint import loading, store
+from t2i.checkpoint import store
 from t2i.config import Config, RunConfig, save_config
 from t2i.errors import ConfigError
 
@@ -86,6 +86,7 @@ def accept(cfg: Config, run_dir: Path, rank: int) -> None:
 
 def finish(cfg: Config, run_dir: Path, text, vae, ckpt_root: Path, device) -> None:
     """Rank 0: sample the fixed prompts from the final checkpoint's EMA weights; plot the loss."""
+    from t2i.checkpoint import loading  # the models: not imported where only the run folder is planned (t2i.train.plan)
     from t2i.eval.sampling import config_sigmas, generate
     from t2i.train.logger import read_metrics
     from t2i.viz import plot_loss, save_grid
