@@ -5,7 +5,10 @@ t2i.train.plan before any rank starts: run in-process here on a run folder with 
 
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -165,3 +168,16 @@ def test_the_command_refuses_with_one_line_and_exit_2_before_any_rank(started, t
     assert proc.stderr.startswith("t2i train: ConfigError: --resume: this would change what")
     assert "model.kwargs.num_layers None -> 2" in proc.stderr
     assert Path(tmp_path / "runs/r/config.yaml").is_file()
+
+
+def test_planning_a_run_imports_no_model_library(tmp_path):
+    """The process a user starts plans the run (config, geometry, data, resume) before torchrun starts
+    the ranks; importing diffusers / open_clip / DeepSpeed there cost ~5 s per launch for nothing."""
+    write_sample_shards(tmp_path, 1, 4)
+    script = ("import sys; from t2i.train.plan import plan_training; "
+              f"plan_training(None, ['data.shards={tmp_path}', 'run.output_dir={tmp_path / 'runs'}', 'run.name=r']); "
+              "print(sorted(m for m in ('diffusers', 'open_clip', 'deepspeed', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
