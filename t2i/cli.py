@@ -21,6 +21,7 @@ model hub: every pretrained component is a local path.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import sys
 
@@ -72,7 +73,18 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one command; its exit code. `argv` None: this process *is* the command (the `t2i` script,
+    `python -m t2i.cli`, a rank), so it ends right after and skips the garbage collector's passes over
+    every library object at interpreter exit (1.6 s of a 1.9 s exit with torch, diffusers and DeepSpeed
+    loaded, for each process and rank): gc.freeze() moves them out of the collector's reach. Module
+    teardown still closes and flushes files, and atexit handlers (wandb, multiprocessing) still run."""
+    rc = command(list(sys.argv[1:] if argv is None else argv))
+    if argv is None:
+        gc.freeze()
+    return rc
+
+
+def command(argv: list[str]) -> int:
     if argv[:1] == ["train"] and under_launcher():  # a training rank: a requeue signal must not kill it
         from t2i.train.preemption import install_early
         install_early()

@@ -15,6 +15,7 @@ elastic agent) and, when ranks fail, prints one line and exits with their code:
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 
@@ -54,4 +55,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    gc.freeze()  # the process ends now: no collector pass over torch's objects at exit (as t2i.cli.main)
+    sys.exit(rc)
