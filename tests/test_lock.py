@@ -101,8 +101,12 @@ def test_two_starts_on_one_name_run_once_and_a_refused_start_leaves_the_name_usa
         second = run_t2i("train", *args, check=False)
         assert second.returncode == 2 and time.time() - t0 < 60
         assert f"is in use by process {holder['pid']}" in second.stderr
-        # The first run is long so that it still holds the name however slow the second start is; a
-        # preemption signal then ends it the way SLURM would (checkpoint, exit 99), which frees the name.
+        # The first run is long so that it still holds the name however slow the second start is; once it
+        # trains, a preemption signal ends it the way SLURM would (checkpoint, exit 99), which frees the name.
+        metrics = run / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().strip()) and first.poll() is None \
+                and time.time() < deadline + 120:
+            time.sleep(0.1)
         first.send_signal(signal.SIGTERM)
         out, _ = first.communicate(timeout=300)
         assert first.returncode == 99, out[-3000:]
