@@ -14,6 +14,7 @@ def configure_environment() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     set_allocator_default()
+    put_environment_tools_first()
     import logging
     import warnings
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated")  # DeepSpeed's calls
@@ -26,6 +27,20 @@ def configure_environment() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")      # DeepSpeed's CPU accelerator + gloo
     from t2i import trust
     trust.protect_process()                                # every torch.load is weights-only (t2i.trust)
+
+
+def put_environment_tools_first() -> None:
+    """Put the Python environment's own bin/ first on PATH when it has `ninja`. DeepSpeed builds its C++
+    ops just in time (cpu_adam for ZeRO-Offload, even on GPU machines) with whatever `ninja` PATH finds
+    first. A run started as `.venv/bin/t2i` found the system's ninja (Debian: 1.11); the same run in a SLURM
+    job, whose script activates the environment, found the one pip installed with DeepSpeed (1.13). The
+    two keep their build logs differently, so each took the other's build for stale and rebuilt the op
+    (tens of seconds each time; seen alternating dozens of times in one test run). Activating the
+    environment or not now makes no difference."""
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    if path[:1] != [bindir] and os.path.isfile(os.path.join(bindir, "ninja")):
+        os.environ["PATH"] = os.pathsep.join([bindir, *(p for p in path if p != bindir)])
 
 
 # The CUDA caching allocator's settings t2i starts with (a user's PYTORCH_CUDA_ALLOC_CONF or PYTORCH_ALLOC_CONF wins).

@@ -1,4 +1,5 @@
-"""Shared test setup: offline, CPU, quiet; small real tar shards written per test."""
+"""Shared test setup: offline, CPU, quiet; small real tar shards written per test; the order in which
+files run (longest first, so parallel workers finish together: docs/testing.md)."""
 
 import io
 import json
@@ -11,12 +12,38 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Parallel workers (make test: one per core) each get one intra-op thread, as torchrun gives each rank:
+    # two workers with a thread per core each would oversubscribe the cores (OpenMP spins while it waits).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+DURATIONS = Path(__file__).with_name("durations.json")  # seconds per test file, from a run (tools/test_times.py)
+
+
+def file_cost(items: list) -> dict[str, float]:
+    """Expected seconds per test file: the last recorded run's (tests/durations.json), else a guess from
+    the marks (a `slow` test runs real processes, about half a minute; any other test about a second)."""
+    known = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+    cost: dict[str, float] = {}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        guess = 30.0 if item.get_closest_marker("slow") else 1.0
+        cost[path] = cost.get(path, 0.0) + (0.0 if path in known else guess)
+    return {path: known.get(path, c) for path, c in cost.items()}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files longest first, each file's tests in their own order. `make test` hands whole files to its
+    workers (pytest-xdist --dist loadfile, so module fixtures are built once) in this order: starting the
+    longest files first lets the short ones fill in at the end (longest-processing-time scheduling)."""
+    cost = file_cost(items)
+    rank = {path: i for i, path in enumerate(sorted(cost, key=lambda p: -cost[p]))}
+    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])  # stable: a file's own order is kept
 
 
 def png_bytes(color, size=16) -> bytes:

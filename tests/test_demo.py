@@ -70,3 +70,19 @@ def test_demo_writes_shards_trains_on_two_ranks_and_draws_samples(tmp_path, caps
     ensure_shapes_shards(tmp_path / "data")
     assert capsys.readouterr().out.count("reusing") == 2
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*.tar")} == mtimes
+
+
+def test_the_demos_own_settings_raise_no_warning(tmp_path):
+    """`make demo` as shipped (the tiny default, 100-step arms): no stage logs an odd-value warning; the
+    arms' cadences fit their length (a grid at the end only, so no live GenEval)."""
+    from pipelines.demo import post_train_args
+    from t2i.config import load_config
+    from t2i.config_warnings import odd_values
+
+    assert odd_values(load_config(None, [])) == []  # the pretraining stage: the embedded default
+    for objective in ("flow_matching", "mixflow"):
+        args = post_train_args(tmp_path, objective, tmp_path / "pretrain", 100, [], [f"train.objective={objective}"])
+        cfg = load_config(None, args)
+        assert odd_values(cfg) == [], odd_values(cfg)
+        assert (cfg.train.steps, cfg.sample.every, cfg.sample.geneval_per_tag) == (100, 0, 0)
+        assert (cfg.train.ckpt_every, cfg.train.log_every, cfg.validation.every) == (100, 33, 33)

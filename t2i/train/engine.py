@@ -28,9 +28,9 @@ def init_distributed() -> tuple[int, int]:
     os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_device_index())
+    else:
+        skip_shm_allreduce()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    if not torch.cuda.is_available():
-        _unlink_shm_segment()
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -41,18 +41,17 @@ def local_device_index() -> int:
     return int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count())
 
 
-def _unlink_shm_segment() -> None:
-    """DeepSpeed's CPU shared-memory all-reduce creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_
-    <port>_<rank> (69 MB per rank) and never removes it, so every CPU run leaked it until /dev/shm (RAM)
-    filled up. Once every rank has mapped every segment (DeepSpeed's init opens all peers'; the barrier
-    waits for all ranks), the name can go: the mappings stay valid until the processes exit."""
-    torch.distributed.barrier()
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-            f"{os.environ.get('MASTER_PORT')}_{torch.distributed.get_rank()}")
-    try:
-        os.unlink(name)
-    except FileNotFoundError:
-        pass
+def skip_shm_allreduce() -> None:
+    """On the CPU accelerator DeepSpeed's process-group set-up builds (a JIT C++ compile, ~25 s the first
+    time) and loads its shared-memory all-reduce, and maps a 69 MB /dev/shm segment per rank that it never
+    removes. Only DeepSpeed-inference's tensor parallelism calls it (`inference_all_reduce`, which falls
+    back to the process group without it); training's collectives are torch.distributed's (gloo). Marking
+    the op incompatible before the set-up skips all three, as on a GPU, where the op does not exist. The
+    mark goes into DeepSpeed's table of compatible ops without filling the rest of it (DeepSpeed fills it
+    on first use by probing every op's build)."""
+    import deepspeed.ops
+
+    vars(deepspeed.ops).setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
 
 
 def device() -> torch.device:
