@@ -51,8 +51,10 @@ t2i_requeue() {
     t2i_log "not requeueing: already restarted ${SLURM_RESTART_COUNT} times (T2I_MAX_RESTARTS)"; return 1
   fi
   # a TIMEOUT is never requeued by Slurm, so the job requeues itself before its limit; after an
-  # external requeue or a preemption Slurm already does, and this call fails harmlessly
-  scontrol requeue "$SLURM_JOB_ID" 2>/dev/null && t2i_log "requeued"
+  # external requeue or a preemption Slurm already does, and this call fails harmlessly. Logged first:
+  # a requeue that succeeds cancels this script at once (a line after it was lost when it won the race)
+  t2i_log "requeueing job $SLURM_JOB_ID (scontrol requeue)"
+  scontrol requeue "$SLURM_JOB_ID" 2>/dev/null || t2i_log "scontrol requeue refused (already requeued by Slurm?)"
   return 0
 }
 

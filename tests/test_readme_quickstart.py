@@ -55,7 +55,7 @@ t2i() {
       if [[ "$line" == *" --auto-resume "* ]]; then extra="TRAIN train.steps=26"; fi ;;
     sample\ *) extra="--steps 2 --images-per-prompt 1 --limit 6" ;;
     eval\ *) extra="--per-tag 1 --images-per-prompt 1 --steps 2 --fid-max 16" ;;
-    bench\ *) extra="--steps 2 --warmup 0 --variants t2i,bare --nproc 1 --batch-size 4 --resolution 16" ;;
+    bench\ *) extra="--steps 2 --warmup 0 --repeats 1 --variants t2i,bare --nproc 1 --batch-size 4 --resolution 16" ;;
     bench-loader\ *) extra="--seconds 1 --workers 0 --batch-size 4 --json bench-loader.json" ;;
   esac
   echo "+ t2i ${args[*]} $extra" >&2

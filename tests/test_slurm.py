@@ -110,7 +110,7 @@ def reference(reference_job):
 
 def test_a_two_rank_training_job_completes(reference_job, reference):
     text = log_of(reference_job)
-    assert "2 task(s)" in text and "ranks exited with 0" in text and "requeued" not in text
+    assert "2 task(s)" in text and "ranks exited with 0" in text and "requeueing" not in text
     assert len(reference) == STEPS and all(np.isfinite(reference))
     assert (reference_job / "run" / "checkpoints" / "latest").read_text() == f"step{STEPS:08d}"
 
@@ -127,7 +127,7 @@ def test_a_job_warned_before_its_time_limit_checkpoints_requeues_and_finishes_id
     (state,) = wait_for(job, timeout=1500)
     text = log_of(tmp_path)
     assert int(state["Restarts"]) >= 1, text[-3000:]
-    assert "batch shell got SIGUSR1" in text and "requeued" in text and "ranks exited with 99" in text
+    assert "batch shell got SIGUSR1" in text and "requeueing" in text and "ranks exited with 99" in text
     assert "checkpointed at step" in text
     assert losses(tmp_path / "run") == pytest.approx(reference, abs=1e-6)
 
@@ -190,8 +190,8 @@ def test_a_signal_before_training_starts_loses_nothing(shards, reference, tmp_pa
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     (state,) = wait_for(job, timeout=600)
     text = log_of(tmp_path)
-    assert int(state["Restarts"]) >= 1 and "batch shell got SIGUSR1" in text and "requeued" in text
-    assert "checkpointed at step" not in text.split("requeued")[0]         # nothing saved before the requeue
+    assert int(state["Restarts"]) >= 1 and "batch shell got SIGUSR1" in text and "requeueing" in text
+    assert "checkpointed at step" not in text.split("requeueing")[0]         # nothing saved before the requeue
     assert losses(tmp_path / "run") == pytest.approx(reference, abs=1e-6)
 
 

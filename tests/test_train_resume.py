@@ -1,53 +1,85 @@
-"""Exact resume on 2 gloo ranks under real DeepSpeed: k steps + stop + resume k == 2k straight."""
+"""Exact resume on 2 gloo ranks under real DeepSpeed: a run resumed at step k repeats steps k+1 .. 2k of the
+uninterrupted run exactly (losses, sample keys), for both ZeRO stages and every optimizer that runs on a CPU;
+a stopped run resumed with only its name continues on its own config."""
 
 import glob
 import shlex
+import shutil
 
 import pytest
 
 from helpers import losses, run_t2i, sample_keys, tiny_train_args
+from t2i.checkpoint.store import tag_for
 from t2i.geneval_spec import TAGS
 from t2i.train.logger import read_records
 
 K = 3  # odd, so a 2-worker loader stops mid round-robin
 
 
+def straight_and_resumed(shards, runs, name: str, common: dict, straight: dict | None = None,
+                         resumed: dict | None = None, before_resume=None,
+                         **kwargs) -> tuple[list[float], list[float], dict, dict]:
+    """One uninterrupted 2k-step 2-rank run that keeps its step-k checkpoint, then the same run resumed from
+    that checkpoint (a tag older than `latest`, which moves back to it), so steps k+1 .. 2k run again in a
+    fresh set of processes: two runs instead of a straight one, a stopped one and its resume. Returns the
+    straight run's 2k losses, the resumed run's k, and each one's per-rank sample keys (logging.sample_keys).
+    The resumed run's records follow the straight run's in metrics.jsonl: the straight ones are checked
+    unchanged."""
+    run = runs / name
+    args = tiny_train_args(shards, runs, name, **common, **{"train.steps": 2 * K, "train.ckpt_every": K})
+    run_t2i("train", "--nproc", 2, *args, *[f"{k}={v}" for k, v in (straight or {}).items()], **kwargs)
+    a = losses(run)
+    keys_a = {rank: sample_keys(run, rank) for rank in range(2)}
+    assert len(a) == 2 * K and all(len(keys) == 2 * K for keys in keys_a.values())
+    if before_resume:
+        before_resume()
+    proc = run_t2i("train", "--nproc", 2, "--resume", run / "checkpoints" / tag_for(K), *args,
+                   *[f"{k}={v}" for k, v in (resumed or {}).items()], **kwargs)
+    assert f"resumed from {run / 'checkpoints' / tag_for(K)} at step {K}" in proc.stderr
+    both = losses(run)
+    assert len(both) == 3 * K and both[:2 * K] == a
+    keys_b = {rank: sample_keys(run, rank)[2 * K:] for rank in range(2)}
+    return a, both[2 * K:], keys_a, keys_b
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage,num_workers,grad_accum", [(2, 2, 1), (3, 0, 2)])
-def test_stop_and_resume_gives_the_same_losses_and_samples(make_shards, tmp_path, zero_stage, num_workers,
+def test_a_resume_mid_run_gives_the_same_losses_and_samples(make_shards, tmp_path, zero_stage, num_workers,
                                                             grad_accum):
     shm_before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
     shards = make_shards(n_shards=4, per_shard=12)
-    common = {"deepspeed.zero_stage": zero_stage, "data.num_workers": num_workers, "train.steps": 2 * K,
-              "train.grad_accum": grad_accum,
+    common = {"deepspeed.zero_stage": zero_stage, "data.num_workers": num_workers, "train.grad_accum": grad_accum,
               "logging.sample_keys": "true", "text.dropout_t5": 0.3}
-    straight = tmp_path / "runs" / "straight"
+    run = tmp_path / "runs" / "r"
     # The straight run also evaluates in training (sample grid + shapes GenEval of the gathered EMA every
-    # 2 steps); that must not perturb training: its losses still equal the stopped-and-resumed run's.
-    run_t2i("train", "--nproc", 2, *tiny_train_args(shards, tmp_path / "runs", "straight", **common,
-                                                    **{"sample.every": 2, "sample.geneval_per_tag": 1}))
-    run_t2i("train", "--nproc", 2, "--stop-at", K, *tiny_train_args(shards, tmp_path / "runs", "split", **common))
-    split = tmp_path / "runs" / "split"
-    assert len(losses(split)) == K and not (split / "samples").exists()
-    run_t2i("train", "--nproc", 2, "--resume", *tiny_train_args(shards, tmp_path / "runs", "split", **common))
-
-    a, b = losses(straight), losses(split)
-    assert len(a) == len(b) == 2 * K
-    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6, (a, b)
+    # 2 steps); the resumed run does not (an allowed override): that must not perturb training, so the
+    # losses of steps k+1 .. 2k still agree.
+    a, b, keys_a, keys_b = straight_and_resumed(
+        shards, tmp_path / "runs", "r", common, straight={"sample.every": 2, "sample.geneval_per_tag": 1},
+        resumed={"sample.every": 0, "sample.geneval_per_tag": 0},
+        before_resume=lambda: _straight_run_evaluated_and_cleared(run))
+    assert max(abs(x - y) for x, y in zip(a[K:], b)) <= 1e-6, (a, b)
     assert a[0] != a[1]  # the losses are real numbers from different batches, not a constant
     for rank in range(2):
-        assert sample_keys(straight, rank) == sample_keys(split, rank)
-        assert all(len(keys) == 4 * grad_accum for keys in sample_keys(straight, rank))
-    assert (split / "samples").is_dir() and (split / "loss.png").is_file()
+        assert keys_b[rank] == keys_a[rank][K:]
+        assert all(len(keys) == 4 * grad_accum for keys in keys_a[rank])
+    assert (run / "samples").is_dir() and (run / "loss.png").is_file()  # the resumed run drew the final samples
     # DeepSpeed's CPU shared-memory all-reduce is skipped (t2i.train.engine.skip_shm_allreduce): no segment is made
     assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= shm_before
-    resumed_log = (split / "train.log").read_text()
+    resumed_log = (run / "train.log").read_text()
     assert "optimizer after resume: torch.optim.adamw.AdamW fused, betas (0.9, 0.99)" in resumed_log
-    assert [p.name for p in sorted((straight / "samples").glob("*.png"))] == [
+
+
+def _straight_run_evaluated_and_cleared(run) -> None:
+    """The straight run drew a grid and scored GenEval at steps 2, 4, 6; its samples and loss curve are then
+    removed, so that the resumed run must draw its own."""
+    assert [p.name for p in sorted((run / "samples").glob("*.png"))] == [
         "step00000002.png", "step00000004.png", "step00000006.png"]
-    evals = [r for r in read_records(straight) if "geneval" in r]
+    evals = [r for r in read_records(run) if "geneval" in r]
     assert [r["step"] for r in evals] == [2, 4, 6]
     assert all(set(r["geneval"]) == {"overall", *TAGS} and 0 <= r["geneval"]["overall"] <= 1 for r in evals)
+    shutil.rmtree(run / "samples")
+    (run / "loss.png").unlink()
 
 
 @pytest.mark.slow
@@ -64,6 +96,7 @@ def test_a_resume_takes_the_runs_own_config_and_an_allowed_override_extends_it(m
     hint = [line for line in stopped.stderr.splitlines() if "(--stop-at); resume with: " in line]
     assert len(hint) == 1 and hint[0].endswith(f"stopped at step 2 of 4 (--stop-at); resume with: t2i train "
                                                f"run.name=split run.output_dir={runs} --resume")
+    assert len(losses(runs / "split")) == 2 and not (runs / "split" / "samples").exists()  # a stop draws no samples
     command = shlex.split(hint[0].split("resume with: ")[1])
     assert command[:2] == ["t2i", "train"]
 
@@ -108,21 +141,14 @@ def _optimizer_available(kind: str) -> tuple[bool, str, dict]:
                                        ("deepspeed_adam", "deepspeed.ops.adam.fused_adam.FusedAdam"),
                                        ("adamw_8bit", "bitsandbytes.optim.adamw.AdamW8bit")])
 def test_every_optimizer_that_runs_on_a_cpu_resumes_exactly(make_shards, tmp_path, kind, name):
-    """The same k + resume k == 2k check for the other optimizer kinds (ZeRO-2, 2 gloo ranks): DeepSpeedCPUAdam
+    """The same resume-at-k check for the other optimizer kinds (ZeRO-2, 2 gloo ranks): DeepSpeedCPUAdam
     under ZeRO-Offload, DeepSpeed's FusedAdam (its CPU build) and bitsandbytes' AdamW8bit. The first use builds
     DeepSpeed's op (a JIT C++ build, minutes; cached in ~/.cache/torch_extensions)."""
     ok, why, env = _optimizer_available(kind)
     if not ok:
         pytest.skip(why)
     shards = make_shards(n_shards=4, per_shard=12)
-    common = {"optimizer.kind": kind, "train.steps": 2 * K, "text.dropout_t5": 0.3}
-    run_t2i("train", "--nproc", 2, *tiny_train_args(shards, tmp_path / "runs", "straight", **common), env=env,
-            timeout=1800)
-    run_t2i("train", "--nproc", 2, "--stop-at", K, *tiny_train_args(shards, tmp_path / "runs", "split", **common),
-            env=env, timeout=1800)
-    run_t2i("train", "--nproc", 2, "--resume", *tiny_train_args(shards, tmp_path / "runs", "split", **common), env=env,
-            timeout=1800)
-    a, b = losses(tmp_path / "runs" / "straight"), losses(tmp_path / "runs" / "split")
-    assert len(a) == len(b) == 2 * K and a[0] != a[1]
-    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6, (a, b)
-    assert f"optimizer after resume: {name}, betas (0.9, 0.99)" in (tmp_path / "runs" / "split" / "train.log").read_text()
+    common = {"optimizer.kind": kind, "text.dropout_t5": 0.3, "logging.sample_keys": "true"}
+    a, b, _, _ = straight_and_resumed(shards, tmp_path / "runs", "r", common, env=env, timeout=1800)
+    assert a[0] != a[1] and max(abs(x - y) for x, y in zip(a[K:], b)) <= 1e-6, (a, b)
+    assert f"optimizer after resume: {name}, betas (0.9, 0.99)" in (tmp_path / "runs" / "r" / "train.log").read_text()
