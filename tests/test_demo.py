@@ -15,7 +15,7 @@ from helpers import REPO
 def test_demo_writes_shards_trains_on_two_ranks_and_draws_samples(tmp_path, capsys):
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
     cmd = [sys.executable, "-m", "t2i.cli", "demo", "--mixflow-steps=6", "train.steps=60", "train.warmup_steps=5", "train.log_every=10",
-           "train.micro_batch_size=16", "sample.steps=4"]
+           "train.micro_batch_size=16", "sample.steps=4", "validation.num_samples=16"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert len(list((tmp_path / "data" / "shapes").glob("shapes-*.tar"))) == 8
