@@ -1,6 +1,7 @@
 """LR schedule and the generated DeepSpeed config."""
 
 import math
+import os
 
 import pytest
 
@@ -120,3 +121,39 @@ def test_each_rank_picks_a_visible_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setenv("LOCAL_RANK", "5")
     assert local_device_index() == 5
+
+
+def test_deepspeeds_cpu_shared_memory_allreduce_is_skipped_without_being_built(monkeypatch):
+    """After skip_shm_allreduce, DeepSpeed's own set-up path (`build_shm_op`) gives None without loading the
+    op, and without probing the other ops' builds (the table holds the one mark)."""
+    import importlib
+
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    from t2i.train.engine import skip_shm_allreduce
+
+    monkeypatch.delitem(vars(deepspeed.ops), "__compatible_ops__", raising=False)
+    loads = []
+    monkeypatch.setattr(OpBuilder, "load", lambda self, verbose=True: loads.append(self.NAME))
+    skip_shm_allreduce()
+    assert vars(deepspeed.ops)["__compatible_ops__"] == {"deepspeed_shm_comm": False}
+    assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None and loads == []
+
+
+def test_the_environments_ninja_comes_first_on_path(tmp_path, monkeypatch):
+    """DeepSpeed's JIT builds run the first `ninja` on PATH: the environment's own, whether or not it is
+    activated (two ninjas took each other's builds for stale); PATH is left alone where bin/ has none."""
+    from t2i.runtime import put_environment_tools_first
+
+    bindir, other = tmp_path / "venv" / "bin", tmp_path / "usr-bin"
+    bindir.mkdir(parents=True)
+    monkeypatch.setattr("sys.executable", str(bindir / "python"))
+    monkeypatch.setenv("PATH", f"{other}:{bindir}:/bin")
+    put_environment_tools_first()
+    assert os.environ["PATH"] == f"{other}:{bindir}:/bin"  # no ninja there: unchanged
+    (bindir / "ninja").write_text("")
+    put_environment_tools_first()
+    assert os.environ["PATH"] == f"{bindir}:{other}:/bin"  # first, and once
+    put_environment_tools_first()
+    assert os.environ["PATH"] == f"{bindir}:{other}:/bin"

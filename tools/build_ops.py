@@ -3,9 +3,9 @@
 DeepSpeed compiles its C++ ops just in time (ninja, into ~/.cache/torch_extensions) the first time a
 process loads one. On a CPU machine t2i may load two: DeepSpeedCPUAdam (`optimizer.kind=cpu_adam`) and
 the CPU build of FusedAdam (`optimizer.kind=deepspeed_adam`); it skips DeepSpeed's shared-memory
-all-reduce (t2i.train.engine.skip_shm_allreduce). Built inside a run, that first compile (about 40 s
-each on 2 cores) lands in the middle of a training job or a test. `make setup`
-runs this module so they are built with the rest of the install; a later load finds them cached.
+all-reduce (t2i.train.engine.skip_shm_allreduce). Built inside a run, that first compile (30-40 s each
+on 2 cores) lands in the middle of a training job or a test. `make setup` runs this module so they are
+built with the rest of the install; a later load finds them cached.
 
     python -m tools.build_ops            # builds what is missing; a no-op when all are cached
 
@@ -15,7 +15,6 @@ With a GPU (a CUDA accelerator) it builds nothing: DeepSpeed's CUDA ops are buil
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
