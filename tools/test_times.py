@@ -113,7 +113,8 @@ def compare(before: Run, after: Run, top: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("xml", nargs="*", type=Path, help=f"JUnit XML file(s) (default: {DEFAULT})")
-    p.add_argument("--top", type=int, default=30, help="how many tests (or files with --compare) to list")
+    p.add_argument("--top", type=int, default=None,
+                   help="how many tests to list (default 30), or files with --compare (default 10)")
     p.add_argument("--compare", action="store_true", help="two files: BEFORE AFTER, by file, side by side")
     p.add_argument("--write-durations", type=Path, metavar="JSON",
                    help="write seconds per test file (tests/durations.json, the order tests/conftest.py runs files in)")
@@ -132,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         if len(files) != 2:
             print("test_times: --compare takes two files, BEFORE AFTER", file=sys.stderr)
             return 2
-        print(compare(read(files[0]), read(files[1]), args.top if args.top != 30 else 10))
+        print(compare(read(files[0]), read(files[1]), args.top or 10))
     else:
         for f in files:
-            print(report(read(f), args.top))
+            print(report(read(f), args.top or 30))
     return 0
 
 
