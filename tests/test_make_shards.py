@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from t2i.data.shapes import make_sample
+from t2i.data.shapes import BACKGROUND, make_sample
 from t2i.data.writers import sanitize_key, write_folder_shards, write_shapes_shards
 from t2i.errors import DataError
 from tools.make_shards import main
@@ -105,6 +105,86 @@ def test_cli_shapes_matches_the_library_call(shapes_dir, tmp_path):
     assert [sha256(p) for p in cli] == [sha256(p) for p in paths]
 
 
+# the shards (and manifest) of `shapes_dir` as written before --aspects existed (Pillow 12/13 PNG encoder)
+SHARDS_BEFORE_ASPECTS = ["51e5fdd1db0221c76a79cfd21a9066315240068160787cda7ee91685adde9a96",
+                         "59349937487c511bb4aa588ec5b3cc455238cd75a10e15481fcb57772bc91cba",
+                         "c3fcee6dca46ef2068b75d7ea888c722bce37ee1e88da368c7ce24d194f51dd2"]
+MANIFEST_BEFORE_ASPECTS = "c446ef5a911e7b03591caf1a8ecf3fb3e9f83f3d3a0422b490f4a54f7dfa8ccc"
+SAMPLE0_PNG = "2badca2a2061aefbde88bddf1126d26b972c8e29610b3d116fd8e3f32aae53e1"  # the encoder those were made with
+
+
+def test_default_shapes_shards_are_byte_identical_to_before_aspects(shapes_dir, tmp_path):
+    from t2i.data.writers import _png_bytes
+
+    out, paths = shapes_dir
+    explicit = write_shapes_shards(tmp_path, N, samples_per_shard=PER_SHARD, seed=3, progress=False, aspects=None)
+    assert [sha256(p) for p in explicit] == [sha256(p) for p in paths]
+    if hashlib.sha256(_png_bytes(make_sample(0, seed=3)[0])).hexdigest() != SAMPLE0_PNG:
+        pytest.skip("this Pillow/zlib encodes PNG differently from the one the pinned hashes were made with")
+    assert [sha256(p) for p in paths] == SHARDS_BEFORE_ASPECTS
+    assert sha256(out / "manifest.json") == MANIFEST_BEFORE_ASPECTS
+
+
+def is_background(px):
+    return (px == np.asarray(BACKGROUND)).all(-1)
+
+
+def test_shapes_aspects_give_the_sizes_in_turn_padded_with_boxes_shifted(tmp_path):
+    out = tmp_path / "ar"
+    paths = main(["shapes", "--out", str(out), "--n", "7", "--per-shard", "4", "--seed", "5",
+                  "--aspects", "64x64,96x64,64x96", "--no-progress"])
+    samples = {}
+    for p in paths:
+        samples.update(read_tar(p)[0])
+    assert list(samples) == [f"{i:08d}" for i in range(7)]
+    sizes = [(64, 64), (96, 64), (64, 96)]
+    for i, fields in enumerate(samples.values()):
+        width, height = sizes[i % 3]
+        image = Image.open(io.BytesIO(fields["png"]))
+        meta = json.loads(fields["json"])
+        assert image.format == "PNG" and image.size == (width, height)
+        assert (meta["width"], meta["height"]) == (width, height)
+        _, caption, square_meta = make_sample(i, seed=5, size=64)  # min(W, H) is 64 for all three
+        assert fields["txt"].decode() == caption == meta["caption"]
+        dx, dy = (width - 64) // 2, (height - 64) // 2
+        px = np.asarray(image.convert("RGB"), dtype=np.int64)
+        outside = np.ones((height, width), bool)
+        for obj, ref in zip(meta["objects"], square_meta["objects"], strict=True):
+            x0, y0, x1, y1 = obj["box"]
+            assert obj["box"] == [ref["box"][0] + dx, ref["box"][1] + dy, ref["box"][2] + dx, ref["box"][3] + dy]
+            # the box is tight around pixels of the object's colour in the padded image
+            on = (px[y0:y1, x0:x1] == np.asarray(obj["rgb"])).all(-1)
+            assert on.any(0).all() and on.any(1).all()
+            assert not is_background(px[y0:y1, x0:x1]).all()
+            outside[y0:y1, x0:x1] = False
+        assert is_background(px[outside]).all()  # the padding and the rest: background only
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["args"] == {"n": 7, "samples_per_shard": 4, "seed": 5, "prefix": "ar",
+                                "aspects": ["64x64", "96x64", "64x96"]}
+    # the library call with (w, h) pairs writes the same bytes
+    again = write_shapes_shards(tmp_path / "lib", 7, samples_per_shard=4, seed=5, prefix="ar", progress=False,
+                                aspects=sizes)
+    assert [sha256(p) for p in again] == [sha256(p) for p in paths]
+
+
+def test_shapes_aspects_are_checked(tmp_path, capsys):
+    from t2i.cli import main as t2i
+    from t2i.data.writers import parse_aspects
+    from t2i.errors import ConfigError
+
+    assert parse_aspects("64x64, 96X64 ,64") == [(64, 64), (96, 64), (64, 64)]
+    with pytest.raises(DataError, match=r"^--aspects: each side must be >= 32 px.*got 96x16$"):
+        parse_aspects("64x64,96x16")
+    with pytest.raises(DataError, match="at least one size"):
+        parse_aspects(" , ")
+    with pytest.raises(ConfigError, match="^--aspects: 'wide' is not a size"):
+        parse_aspects("64x64,wide")
+    assert t2i(["make-shards", "shapes", "--out", str(tmp_path / "x"), "--n", "3", "--aspects", "96x20",
+                "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--aspects" in err and not list(tmp_path.glob("x/*.tar"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Folder -> shards
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +244,65 @@ def test_folder_shards_copy_bytes_and_count_skips(image_folder, tmp_path):
     cli = main(["folder", "--src", str(image_folder), "--out", str(tmp_path / "cli"), "--per-shard", "2",
                 "--prefix", "imgs", "--no-progress"])
     assert [sha256(p) for p in cli] == [sha256(p) for p in paths]
+
+
+def test_folder_shards_keep_the_aspect_ratio_and_record_the_size(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(src / "wide.png")  # 3:2
+    Image.fromarray(rng.integers(0, 256, (48, 32, 3), dtype=np.uint8)).save(src / "tall.jpg", quality=80)  # 2:3
+    for name in ("wide", "tall"):
+        (src / f"{name}.txt").write_text(f"a {name} picture")
+    paths = write_folder_shards(src, tmp_path / "out", progress=False)
+    samples = read_tar(paths[0])[0]
+    assert samples["wide"]["png"] == (src / "wide.png").read_bytes()
+    assert json.loads(samples["wide"]["json"]) == {"width": 60, "height": 40, "source": "wide.png"}
+    assert samples["tall"]["jpg"] == (src / "tall.jpg").read_bytes()
+    assert json.loads(samples["tall"]["json"]) == {"width": 32, "height": 48, "source": "tall.jpg"}
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["args"]["square"] is None
+
+
+def test_folder_square_writes_square_images_in_the_source_format(image_folder, tmp_path):
+    from t2i.data.decode import resize_center_crop
+
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(image_folder / "e.webp", lossless=True)
+    (image_folder / "e.txt").write_text("a lossless webp")
+    out = tmp_path / "sq"
+    paths = main(["folder", "--src", str(image_folder), "--out", str(out), "--per-shard", "3", "--prefix", "sq",
+                  "--square", "32", "--no-progress"])
+    samples = {}
+    for p in paths:
+        samples.update(read_tar(p)[0])
+    formats = {"a": ("png", "PNG"), "d": ("webp", "WEBP"), "e": ("webp", "WEBP"), "sub_b": ("jpg", "JPEG"),
+               "sub_deeper_c_v2": ("jpg", "JPEG")}
+    assert sorted(samples) == sorted([*formats, "corrupt"])
+    for key, (ext, fmt) in formats.items():
+        fields = samples[key]
+        assert set(fields) == {ext, "txt", "json"}
+        image = Image.open(io.BytesIO(fields[ext]))
+        meta = json.loads(fields["json"])
+        assert image.format == fmt and image.size == (32, 32) and (meta["width"], meta["height"]) == (32, 32)
+        source = Image.open(image_folder / meta["source"])
+        expected = np.asarray(resize_center_crop(source.convert("RGB"), 32), dtype=np.int64)
+        got = np.asarray(image.convert("RGB"), dtype=np.int64)
+        if key in ("a", "e"):  # PNG, lossless WebP: exactly the resized crop
+            assert np.array_equal(got, expected)
+        else:  # JPEG / lossy WebP at quality 95
+            assert np.abs(got - expected).mean() < 12
+    assert samples["corrupt"]["png"] == (image_folder / "corrupt.png").read_bytes()  # copied as it is
+    assert json.loads(samples["corrupt"]["json"]) == {"width": None, "height": None, "source": "corrupt.png"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["args"]["square"] == 32
+    assert manifest["counts"] == {"images_found": 7, "written": 6, "skipped_no_caption": 1,
+                                  "unreadable_image": 1, "renamed_keys": 0, "caption_invalid_utf8": 0}
+    # deterministic: a rerun writes the same bytes
+    again = write_folder_shards(image_folder, tmp_path / "again", samples_per_shard=3, prefix="sq", square=32,
+                                progress=False)
+    assert [sha256(p) for p in again] == [sha256(p) for p in paths]
+    with pytest.raises(DataError, match="--square"):
+        write_folder_shards(image_folder, tmp_path / "bad", square=0, progress=False)
 
 
 def test_colliding_keys_are_renamed_and_counted(tmp_path):

@@ -251,3 +251,51 @@ def test_geneval_rule_reference_matches_hand_examples():
     assert geneval_relations([0, 40, 10, 50], [0, 0, 10, 10]) == {"below"}
     assert geneval_relations([0, 0, 10, 10], [30, 30, 40, 40]) == {"left of", "above"}
     assert geneval_relations([0, 0, 10, 10], [1, 0, 11, 10]) == set()
+
+
+# ---------------------------------------------------------------------------------------------
+# Other aspect ratios: the square rendering centred on background
+# ---------------------------------------------------------------------------------------------
+
+
+def test_make_sample_sized_is_make_sample_for_a_square_size():
+    from t2i.data.shapes import make_sample_sized
+
+    for i in range(6):
+        image, caption, meta = make_sample_sized(i, 2, 48, 48)
+        ref_image, ref_caption, ref_meta = make_sample(i, 2, 48)
+        assert np.array_equal(pixels(image), pixels(ref_image)) and (caption, meta) == (ref_caption, ref_meta)
+
+
+@pytest.mark.parametrize("width,height", [(96, 64), (64, 96), (33, 80)])
+def test_make_sample_sized_pads_the_short_side_square_with_background_and_shifts_the_boxes(width, height):
+    from t2i.data.shapes import make_sample_sized
+
+    side = min(width, height)
+    dx, dy = (width - side) // 2, (height - side) // 2
+    for i in range(12):  # two of each tag
+        image, caption, meta = make_sample_sized(i, 1, width, height)
+        ref_image, ref_caption, ref_meta = make_sample(i, 1, side)
+        assert image.size == (width, height) and (meta["width"], meta["height"]) == (width, height)
+        px = pixels(image)
+        assert np.array_equal(px[dy:dy + side, dx:dx + side], pixels(ref_image))
+        padding = np.ones((height, width), bool)
+        padding[dy:dy + side, dx:dx + side] = False
+        assert (px[padding] == BACKGROUND).all()
+        assert caption == ref_caption
+        assert {k: v for k, v in meta.items() if k not in ("width", "height", "objects")} == \
+               {k: v for k, v in ref_meta.items() if k not in ("width", "height", "objects")}
+        for obj, ref in zip(meta["objects"], ref_meta["objects"], strict=True):
+            x0, y0, x1, y1 = ref["box"]
+            assert obj["box"] == [x0 + dx, y0 + dy, x1 + dx, y1 + dy]
+            assert {k: v for k, v in obj.items() if k != "box"} == {k: v for k, v in ref.items() if k != "box"}
+        if meta["tag"] == "position":  # a translation keeps GenEval's verdict
+            rel = parse_caption(caption)[2]
+            assert geneval_relations(meta["objects"][0]["box"], meta["objects"][1]["box"]) == {rel}
+
+
+def test_make_sample_sized_rejects_a_side_below_the_minimum():
+    from t2i.data.shapes import MIN_SIZE, make_sample_sized
+
+    with pytest.raises(ValueError, match=f">= {MIN_SIZE} px"):
+        make_sample_sized(0, 0, 96, MIN_SIZE - 1)

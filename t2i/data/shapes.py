@@ -27,6 +27,12 @@ Ground truth (`meta`): boxes are tight pixel boxes `[x0, y0, x1, y1]` with exclu
 caption order; for `position` the caption is "A rel B", `objects == [A, B]`, and the include
 clauses are GenEval's `[B, A + position: [rel, 0]]`. Position pairs satisfy GenEval's
 `relative_position` rule (threshold 0.1) with only the stated relation true and a clear margin.
+
+Other aspect ratios (`make_sample_sized`, `t2i make-shards shapes --aspects`): the sample is rendered
+exactly as above on a square of side min(width, height) and pasted centred on a width × height canvas
+of `BACKGROUND`; boxes shift by the paste offset and `meta` width/height give the canvas. The padding
+is background, so the caption, clauses and relations stay true (GenEval's offsets are translation
+invariant); shape sides are then 22–34 % of the *short* side.
 """
 
 from __future__ import annotations
@@ -252,3 +258,23 @@ def iter_samples(n: int, seed: int = 0, size: int = 64) -> Iterator[tuple[str, I
     for index in range(n):
         image, caption, meta = make_sample(index, seed, size)
         yield f"{index:08d}", image, caption, meta
+
+
+def make_sample_sized(index: int, seed: int = 0, width: int = 64, height: int = 64) -> tuple[Image.Image, str, dict]:
+    """Sample `index` on a width × height canvas: `make_sample(index, seed, size=min(width, height))`
+    pasted centred on `BACKGROUND` (offset ((width − s) // 2, (height − s) // 2)), boxes shifted by
+    the offset, meta width/height = (width, height). A square size returns `make_sample`'s sample
+    unchanged. Both sides must be >= MIN_SIZE."""
+    if width < MIN_SIZE or height < MIN_SIZE:
+        raise ValueError(f"width and height must be >= {MIN_SIZE} px so shapes stay recognisable, "
+                         f"got {width}x{height}")
+    side = min(width, height)
+    image, caption, meta = make_sample(index, seed, side)
+    if width == height:
+        return image, caption, meta
+    dx, dy = (width - side) // 2, (height - side) // 2
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    canvas.paste(image, (dx, dy))
+    objects = [{**o, "box": [o["box"][0] + dx, o["box"][1] + dy, o["box"][2] + dx, o["box"][3] + dy]}
+               for o in meta["objects"]]
+    return canvas, caption, {**meta, "width": width, "height": height, "objects": objects}

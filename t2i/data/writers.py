@@ -1,5 +1,11 @@
 """Write WebDataset tar shards: the synthetic shapes set, or a folder of images with .txt captions.
 
+Both keep the images' aspect ratios and record each sample's size as json `width` / `height`, which
+bucketed training (t2i.data.buckets, `data.buckets`) reads to choose a bucket without decoding pixels.
+A folder's images are copied byte for byte (any aspect ratio; `square=SIZE` / --square instead writes
+each one short-side resized and centre-cropped to SIZE × SIZE); shapes are square unless `aspects`
+(--aspects) gives sizes, taken in turn, on which the square rendering is padded with background.
+
 Shards are `<out_dir>/<prefix>-000000.tar, ...` with `samples_per_shard` samples each (the last
 may be shorter), written by webdataset's `ShardWriter` as PAX tars with mtime 0, mode 0o444 and
 fixed user/group, so the same inputs give byte-identical shards. Each shard is written to a hidden
@@ -27,8 +33,9 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from t2i.data.decode import clean_caption
-from t2i.data.shapes import MIN_SIZE, iter_samples
+from t2i.data.buckets import Size, parse_size, size_name
+from t2i.data.decode import clean_caption, resize_center_crop
+from t2i.data.shapes import MIN_SIZE, iter_samples, make_sample_sized
 from t2i.errors import DataError
 from t2i.io import fsync_dir, write_json
 
@@ -165,19 +172,53 @@ def _json_bytes(obj) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode("utf-8")
 
 
+def parse_aspects(spec) -> list[Size]:
+    """`--aspects`: "64x64,96x64,64x96" (or a sequence of "WxH" strings / (w, h) pairs) -> [(w, h), ...]
+    (width x height, t2i.data.buckets.parse_size; a bare "64" is 64x64). Each side must be >= MIN_SIZE."""
+    parts = [p for p in spec.split(",") if p.strip()] if isinstance(spec, str) else list(spec)
+    if not parts:
+        raise DataError(f"--aspects: give at least one size, WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {spec!r}")
+    sizes = [tuple(p) if isinstance(p, (tuple, list)) else parse_size(p, key="--aspects") for p in parts]
+    for w, h in sizes:
+        if not (isinstance(w, int) and isinstance(h, int)) or w < MIN_SIZE or h < MIN_SIZE:
+            raise DataError(f"--aspects: each side must be >= {MIN_SIZE} px so the shapes stay recognisable, "
+                            f"got {w}x{h}")
+    return sizes
+
+
+def _sized_samples(n: int, seed: int, sizes: list[Size]):
+    for index in range(n):
+        width, height = sizes[index % len(sizes)]
+        image, caption, meta = make_sample_sized(index, seed, width, height)
+        yield f"{index:08d}", image, caption, meta
+
+
 def write_shapes_shards(out_dir, n: int, samples_per_shard: int = 1000, seed: int = 0, size: int = 64,
-                        prefix: str = "shapes", overwrite: bool = False, progress: bool = True) -> list[str]:
-    """Shards of `t2i.data.shapes` samples 0..n-1: `png`, `txt` (caption), `json` (ground truth). Returns paths."""
+                        prefix: str = "shapes", overwrite: bool = False, progress: bool = True,
+                        aspects=None) -> list[str]:
+    """Shards of `t2i.data.shapes` samples 0..n-1: `png`, `txt` (caption), `json` (ground truth). Returns paths.
+
+    Without `aspects` every image is size × size (byte-identical to the shards written before `aspects`
+    existed). With `aspects` (`parse_aspects`: "64x64,96x64,64x96" or [(w, h), ...]) sample i is
+    aspects[i % len(aspects)] = W × H: `t2i.data.shapes.make_sample_sized`, the square of side min(W, H)
+    centred on background, boxes shifted, json width/height = W, H; `size` is then unused, and the
+    manifest's args hold `aspects` (as "WxH" names) instead of `size`."""
     if n < 1:
         raise DataError(f"--n (n) must be >= 1, got {n}")
-    if size < MIN_SIZE:
-        raise DataError(f"--size (size) must be >= {MIN_SIZE} px so the shapes stay recognisable, got {size}")
+    args = {"n": n, "samples_per_shard": samples_per_shard, "seed": seed, "size": size, "prefix": prefix}
+    if aspects is None:
+        if size < MIN_SIZE:
+            raise DataError(f"--size (size) must be >= {MIN_SIZE} px so the shapes stay recognisable, got {size}")
+        samples = iter_samples(n, seed, size)
+    else:
+        sizes = parse_aspects(aspects)
+        del args["size"]
+        args["aspects"] = [size_name(s) for s in sizes]
+        samples = _sized_samples(n, seed, sizes)
     shards = _Shards(out_dir, prefix, samples_per_shard, overwrite)
     paths = _write_all(shards, ({"__key__": key, "png": _png_bytes(image), "txt": caption, "json": _json_bytes(meta)}
-                                for key, image, caption, meta in tqdm(iter_samples(n, seed, size), total=n,
-                                                                      desc="shapes -> shards", unit="img",
-                                                                      disable=not progress)))
-    args = {"n": n, "samples_per_shard": samples_per_shard, "seed": seed, "size": size, "prefix": prefix}
+                                for key, image, caption, meta in tqdm(samples, total=n, desc="shapes -> shards",
+                                                                      unit="img", disable=not progress)))
     shards.write_manifest("shapes", args, {"written": n})
     return paths
 
@@ -197,6 +238,49 @@ def _image_size(path: Path) -> tuple[int | None, int | None]:
         return None, None
 
 
+PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+SAVE_MODES = {"JPEG": ("L", "RGB", "CMYK"), "PNG": ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"),
+              "WEBP": ("RGB", "RGBA")}
+
+
+def _is_lossless_webp(data: bytes) -> bool:
+    """A WebP whose (first) image chunk is VP8L (lossless) rather than VP8 (lossy); animations count as lossy."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return False
+    pos = 12
+    while pos + 8 <= len(data):
+        fourcc, length = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        if fourcc in (b"VP8L", b"VP8 ", b"ANMF"):
+            return fourcc == b"VP8L"
+        pos += 8 + length + (length & 1)
+    return False
+
+
+def _square_bytes(data: bytes, ext: str, size: int) -> bytes | None:
+    """`data` (an image stored under `ext`) short-side resized (bicubic) and centre-cropped to size × size
+    (t2i.data.decode.resize_center_crop), re-encoded in the same format: PNG (lossless), JPEG quality 95,
+    WebP lossless when the source is lossless else quality 95. The first frame of an animation; the ICC
+    profile is kept, other metadata (EXIF included) are not. None when PIL cannot decode (or re-encode) it."""
+    fmt = PIL_FORMATS[ext]
+    options = {"JPEG": {"quality": 95}, "PNG": {},
+               "WEBP": {"lossless": True} if _is_lossless_webp(data) else {"quality": 95}}[fmt]
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            image, icc = im, im.info.get("icc_profile")
+            if image.mode in ("1", "P", "PA"):  # resize would fall back to nearest for these
+                has_alpha = image.mode == "PA" or "transparency" in image.info
+                image = image.convert("RGBA" if has_alpha else ("L" if image.mode == "1" else "RGB"))
+            image = resize_center_crop(image, size)
+        if image.mode not in SAVE_MODES[fmt]:
+            image = image.convert("RGBA" if "A" in image.mode and fmt != "JPEG" else "RGB")
+        buf = io.BytesIO()
+        image.save(buf, format=fmt, **options, **({"icc_profile": icc} if icc else {}))
+        return buf.getvalue()
+    except Exception:  # noqa: BLE001 - copied as it is and counted, as an unreadable header is
+        return None
+
+
 def _read_caption_file(path: Path, counts: dict) -> str:
     """The stripped caption of a `.txt` file ("" if there is none); invalid UTF-8 -> U+FFFD, counted."""
     if not path.is_file():
@@ -205,17 +289,26 @@ def _read_caption_file(path: Path, counts: dict) -> str:
 
 
 def write_folder_shards(src_dir, out_dir, samples_per_shard: int = 1000, prefix: str = "images",
-                        overwrite: bool = False, progress: bool = True) -> list[str]:
+                        overwrite: bool = False, progress: bool = True, square: int | None = None) -> list[str]:
     """Shards from a folder tree of images (jpg/jpeg/png/webp) with same-name `.txt` captions.
 
-    Image bytes are copied as they are under `jpg` / `png` / `webp`; `txt` is the stripped caption
-    (invalid UTF-8 replaced by U+FFFD, counted as `caption_invalid_utf8`; not cut: the loader cuts to
+    Image bytes are copied as they are under `jpg` / `png` / `webp`, so each image keeps its size and
+    aspect ratio (for bucketed training, t2i.data.buckets); `txt` is the stripped caption (invalid UTF-8
+    replaced by U+FFFD, counted as `caption_invalid_utf8`; not cut: the loader cuts to
     data.max_caption_bytes); `json` is `{"width", "height", "source"}` (size from the header; null
-    when PIL cannot open the file, which is still copied so the loader skips and counts it). Images
-    without a caption file, or with an empty one, are skipped and counted. Keys come from
+    when PIL cannot open the file, which is still copied so the loader skips and counts it).
+
+    `square=SIZE` (--square) instead writes each image short-side resized (bicubic) and centre-cropped
+    to SIZE × SIZE, re-encoded in the format its extension names (`_square_bytes`: PNG stays PNG, JPEG at
+    quality 95, WebP lossless or quality 95 as the source), json width/height = SIZE, SIZE; an image PIL
+    cannot decode is copied as it is with a null size and counted as `unreadable_image`, as without it.
+
+    Images without a caption file, or with an empty one, are skipped and counted. Keys come from
     `sanitize_key`; a key that collides with an earlier one gets `_2`, `_3`, ... (counted as
-    `renamed_keys`). Returns paths.
+    `renamed_keys`). The manifest's args record `square` (null: sizes kept). Returns paths.
     """
+    if square is not None and (isinstance(square, bool) or not isinstance(square, int) or square < 1):
+        raise DataError(f"--square (square) must be a positive number of pixels, got {square!r}")
     src = Path(src_dir)
     if not src.is_dir():
         raise DataError(f"--src {src}: source folder does not exist (or is not a folder)")
@@ -240,14 +333,21 @@ def write_folder_shards(src_dir, out_dir, samples_per_shard: int = 1000, prefix:
                 key = f"{base}_{k}"
             counts["renamed_keys"] += key != base
             used.add(key)
-            width, height = _image_size(path)
+            ext = IMAGE_EXTENSIONS[path.suffix.lower()]
+            data = path.read_bytes()
+            if square is None:
+                width, height = _image_size(path)
+            else:
+                resized = _square_bytes(data, ext, square)
+                width = height = None if resized is None else square
+                data = data if resized is None else resized
             counts["unreadable_image"] += width is None
-            yield {"__key__": key, IMAGE_EXTENSIONS[path.suffix.lower()]: path.read_bytes(), "txt": caption,
+            yield {"__key__": key, ext: data, "txt": caption,
                    "json": _json_bytes({"width": width, "height": height, "source": rel})}
             counts["written"] += 1
 
     paths = _write_all(shards, samples())
-    args = {"src_dir": str(src_dir), "samples_per_shard": samples_per_shard, "prefix": prefix}
+    args = {"src_dir": str(src_dir), "samples_per_shard": samples_per_shard, "prefix": prefix, "square": square}
     shards.write_manifest("folder", args, counts)
     print(f"folder -> shards: {counts['written']} samples in {len(paths)} shards under {out_dir}; "
           f"skipped {counts['skipped_no_caption']} without caption; "
