@@ -181,3 +181,86 @@ def test_planning_a_run_imports_no_model_library(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
+
+
+SHAPES_SHARDS = "data/shapes/shapes-{000000..000007}.tar"  # configs/tiny-cpu.yaml's data.shards
+
+
+def test_a_config_file_that_differs_from_the_runs_is_named_before_any_data_is_read(started, tmp_path, monkeypatch):
+    """The user report: started `--config configs/tiny-cpu.yaml data.shards=mine ...`, resumed with the
+    same --config but without data.shards=mine. The file's shapes shards are not the run's data: the
+    error names the file and the key (old -> new), not "data.shards: 8 shard(s) not found"."""
+    config = str(REPO / "configs/tiny-cpu.yaml")
+    _, where, _ = started(config=config)
+
+    def no_data(*_a, **_k):
+        raise AssertionError("data read before the config was reviewed")
+    monkeypatch.setattr("t2i.train.follow_data.peek_data", no_data)
+    with pytest.raises(ConfigError) as err:
+        plan_training(config, where, True)
+    message = str(err.value)
+    assert message.startswith(f"--resume: --config {config} differs from the run's own "
+                              f"{tmp_path / 'runs/r/config.yaml'} in what makes the run what it is (model, data,")
+    assert f"data.shards {str(tmp_path / 'mine')!r} -> {SHAPES_SHARDS!r}; " in message
+    assert (f"a resume needs no --config: `t2i train run.output_dir={tmp_path / 'runs'} run.name=r --resume` "
+            f"reads the run's own config") in message
+    assert message.endswith("or pass --force-override to apply it anyway") and "\n" not in message
+    assert "validation.shards" not in message and "sample." not in message  # the shapes values the data may drop
+    assert "not found" not in message
+
+
+def test_a_config_file_and_an_override_both_refused_are_listed_by_source(started, tmp_path):
+    config = str(REPO / "configs/tiny-cpu.yaml")
+    _, where, _ = started(config=config)
+    with pytest.raises(ConfigError) as err:
+        plan_training(config, [*where, "run.seed=1"], True)
+    message = str(err.value)
+    assert message.startswith(f"--resume: --config {config} differs from the run's own")
+    assert "run.seed 0 -> 1 (command line)" in message
+    assert f"data.shards {str(tmp_path / 'mine')!r} -> {SHAPES_SHARDS!r}" in message
+    assert message.endswith("apply them anyway")
+
+
+def test_an_identity_override_next_to_an_equal_config_file_is_named_as_an_override(started, tmp_path):
+    config = str(REPO / "configs/tiny-cpu.yaml")
+    _, where, argv = started(config=config)
+    with pytest.raises(ConfigError) as err:
+        plan_training(config, [*argv, "run.seed=1"], True)
+    assert str(err.value).startswith(f"--resume: this would change what {tmp_path / 'runs/r'} is")
+    assert "run.seed 0 -> 1" in str(err.value) and "differs from" not in str(err.value)
+
+
+def test_an_equal_config_file_resumes_and_a_mutable_difference_applies(started, tmp_path):
+    config = str(REPO / "configs/tiny-cpu.yaml")
+    cfg0, where, argv = started(config=config)
+    cfg, notes = plan_training(config, argv, True)
+    assert to_dict(cfg) == to_dict(cfg0) and messages(notes)[0].endswith("(unchanged)")
+    cfg, notes = plan_training(config, [*argv, "train.steps=40"], True)
+    assert cfg.train.steps == 40 and messages(notes)[0].endswith("+ 1 change(s)")
+
+
+def test_force_override_of_a_differing_config_file_applies_it_and_checks_its_data(started, tmp_path):
+    """--force-override takes the file's values as it takes an override's: then its data must exist."""
+    config = str(REPO / "configs/tiny-cpu.yaml")
+    _, where, _ = started(config=config)
+    with pytest.raises(DataError, match=r"^data\.shards: 8 shard\(s\) not found"):
+        plan_training(config, where, True, force_override=True)
+
+
+def test_the_resume_hint_names_the_output_dir_only_when_not_the_default():
+    from t2i.train.resume_config import _resume_command
+    assert _resume_command(Path("runs") / "r") == "t2i train run.name=r --resume"
+    assert _resume_command(Path("/x/my runs") / "r") == "t2i train 'run.output_dir=/x/my runs' run.name=r --resume"
+
+
+def test_the_reported_command_refuses_with_one_line_and_exit_2(started, tmp_path):
+    """As reported: `t2i train --config configs/tiny-cpu.yaml ... --resume` in a folder without data/."""
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO / "configs/tiny-cpu.yaml", tmp_path / "configs/tiny-cpu.yaml")
+    _, where, _ = started(config="configs/tiny-cpu.yaml")
+    proc = run_t2i("train", "--config", "configs/tiny-cpu.yaml", *where, "--resume", check=False, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"t2i train: ConfigError: --resume: --config configs/tiny-cpu.yaml differs from "
+                                  f"the run's own {tmp_path / 'runs/r/config.yaml'}")
+    assert f"data.shards {str(tmp_path / 'mine')!r} -> {SHAPES_SHARDS!r}" in proc.stderr

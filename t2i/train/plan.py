@@ -9,7 +9,8 @@ once under torchrun's failure report:
    which checkpoint a resume continues from (`--resume` without one fails here);
 2. the config, its geometry checked first: on a resume the run's own config.yaml with the allowed
    overrides over it (t2i.train.resume_config); on a fresh start defaults <- --config <- overrides,
-   with the shapes defaults following the data (t2i.train.follow_data);
+   with the shapes defaults following the data (t2i.train.follow_data); a resume refuses identity
+   changes (a `--config` that differs from the run's config.yaml) before it reads any data;
 3. the data: every shard of data.shards and validation.shards exists (the message names the key,
    and on a resume the run's config.yaml it came from);
 4. notes for the run's log: what the resume changed, what followed the data, odd values
@@ -25,6 +26,7 @@ from pathlib import Path
 from t2i.checkpoint import store
 from t2i.config import Config, load_config
 from t2i.config_warnings import odd_values
+from t2i.data.peek import Peek
 from t2i.data.shards import expand_shards
 from t2i.models.geometry import check_geometry
 from t2i.train import follow_data, resume_config
@@ -32,6 +34,7 @@ from t2i.train.lock import RunLock
 from t2i.train.run import resume_tag
 
 Note = tuple[int, str]  # (logging level, message)
+_NOT_SHAPES = Peek(urls=[], shapes=False)  # drop_shapes_requests on data not yet read: every shapes value may go
 
 
 def plan_training(config_path: str | None, overrides: list[str], resume: bool | str = False, *,
@@ -54,14 +57,19 @@ def plan_training(config_path: str | None, overrides: list[str], resume: bool | 
     else:
         stored = resume_config.load_run_config(run_dir)
         layer = resume_config.requested(config_path, overrides)
-        cfg = resume_config.overlay(stored, layer, where)
-        if _asks_for_shapes_settings(layer):  # judged on the data the resumed run reads (a forced new one too)
-            key = f"data.shards (from {run_dir / 'config.yaml'})" if cfg.data.shards == stored.data.shards else None
-            data = follow_data.peek_data(cfg, key or "data.shards")
-            cfg = resume_config.overlay(stored, follow_data.drop_shapes_requests(layer, data), where)
         step = store.read_meta(run_dir / "checkpoints", tag)["step"]
-        notes = resume_config.review(stored, cfg, run_dir, step, force=force_override, overrides=overrides,
-                                     config_path=config_path)
+        judge = dict(force=force_override, overrides=overrides, config_path=config_path)
+        if _asks_for_shapes_settings(layer):  # judged on the data the resumed run reads (a forced new one too)
+            # Identity changes are refused before any data is read: a --config file that names other data
+            # (configs/tiny-cpu.yaml's shapes shards) is "differs from the run's config.yaml", not "shards not
+            # found". Judged without the shapes values the data may drop; all of it is reviewed again below.
+            maybe = follow_data.drop_shapes_requests(layer, _NOT_SHAPES)
+            resume_config.refuse(stored, resume_config.overlay(stored, maybe, where), run_dir, step, **judge)
+            cfg = resume_config.overlay(stored, layer, where)
+            key = f"data.shards (from {run_dir / 'config.yaml'})" if cfg.data.shards == stored.data.shards else None
+            layer = follow_data.drop_shapes_requests(layer, follow_data.peek_data(cfg, key or "data.shards"))
+        cfg = resume_config.overlay(stored, layer, where)
+        notes = resume_config.review(stored, cfg, run_dir, step, **judge)
         check_geometry(cfg)
     check_shards(cfg, stored, run_dir)
     notes += [(logging.WARNING, line) for line in odd_values(cfg)]

@@ -11,7 +11,9 @@ either allowed mid-run, or refused:
   `model.gradient_checkpointing` (speed and memory, not the maths). Each change is logged.
 * refused: everything else, which makes the run what it is: model, text encoders, VAE, data,
   objective, timesteps, optimizer and LR, seed, ZeRO stage and precision, batch, validation set. The
-  error names the keys; `--force-override` applies them anyway (e.g. after moving the data).
+  error names the keys; `--force-override` applies them anyway (e.g. after moving the data). When a
+  refused key comes from the `--config` file, the error says that file differs from the run's own
+  config.yaml (a resume needs no --config), and it comes before any data of the new value is read.
 
 A value equal to the stored one is not a change, so a requeued SLURM job that repeats its command line
 (`--config X key=value ... --auto-resume`) resumes as it is. `run.name` and `run.output_dir` say where
@@ -21,6 +23,7 @@ the run is, not what it is: they are never compared (a run folder may be moved o
 from __future__ import annotations
 
 import logging
+import shlex
 from pathlib import Path
 
 from t2i.config import DEFAULT_CONFIG, Config, RunConfig, apply_override, deep_merge, from_dict, read_yaml, to_dict
@@ -88,17 +91,8 @@ def changes(stored: Config, new: Config) -> list[tuple[str, object, object]]:
 def review(stored: Config, new: Config, run_dir: Path, step: int, *, force: bool, overrides: list[str],
            config_path: str | None) -> list[Note]:
     """Refuse identity changes (unless `force`) and steps below the checkpoint; notes for the rest."""
+    refuse(stored, new, run_dir, step, force=force, overrides=overrides, config_path=config_path)
     diff = changes(stored, new)
-    refused = [c for c in diff if not is_mutable(c[0])]
-    if refused and not force:
-        listed = ", ".join(f"{k} {_show(old)} -> {_show(val)}" for k, old, val in refused)
-        raise ConfigError(f"--resume: {'this' if len(refused) == 1 else 'these'} would change what {run_dir} is "
-                          f"({IDENTITY}; kept in {run_dir / 'config.yaml'}): {listed}; start a new run (another "
-                          f"run.name), or pass --force-override to apply {'it' if len(refused) == 1 else 'them'} "
-                          f"anyway")
-    if new.train.steps < step:
-        raise ConfigError(f"--resume: train.steps={new.train.steps} is below the step of the checkpoint it "
-                          f"resumes from ({step}); nothing would be trained")
     notes: list[Note] = [(logging.INFO, f"config: the run's own {run_dir / 'config.yaml'}"
                                         f"{' + ' + str(len(diff)) + ' change(s)' if diff else ' (unchanged)'}")]
     for key, old, val in diff:
@@ -110,6 +104,39 @@ def review(stored: Config, new: Config, run_dir: Path, step: int, *, force: bool
             notes.append((logging.WARNING, f"resume: {key} {_show(old)} -> {_show(val)} ({source}; --force-override: "
                                            f"this changes what the run is)"))
     return notes
+
+
+def refuse(stored: Config, new: Config, run_dir: Path, step: int, *, force: bool, overrides: list[str],
+           config_path: str | None) -> None:
+    """The ConfigError of `review`, alone: t2i.train.plan calls it before reading any data for `new`.
+
+    When a refused key comes from the `--config` file (not from a `key=value`), the message says that
+    file differs from the run's own config.yaml: a resume reads that one, and needs no --config."""
+    refused = [c for c in changes(stored, new) if not is_mutable(c[0])]
+    if refused and not force:
+        it = "it" if len(refused) == 1 else "them"
+        from_file = [k for k, _, _ in refused if config_path and _source(k, overrides, config_path) != "command line"]
+        if from_file:
+            mixed = len(from_file) < len(refused)
+            listed = ", ".join(f"{k} {_show(old)} -> {_show(val)}"
+                               f"{' (command line)' if mixed and k not in from_file else ''}" for k, old, val in refused)
+            raise ConfigError(f"--resume: --config {config_path} differs from the run's own {run_dir / 'config.yaml'} "
+                              f"in what makes the run what it is ({IDENTITY}): {listed}; a resume needs no --config: "
+                              f"`{_resume_command(run_dir)}` reads the run's own config; else start a new run "
+                              f"(another run.name), or pass --force-override to apply {it} anyway")
+        listed = ", ".join(f"{k} {_show(old)} -> {_show(val)}" for k, old, val in refused)
+        raise ConfigError(f"--resume: {'this' if len(refused) == 1 else 'these'} would change what {run_dir} is "
+                          f"({IDENTITY}; kept in {run_dir / 'config.yaml'}): {listed}; start a new run (another "
+                          f"run.name), or pass --force-override to apply {it} anyway")
+    if new.train.steps < step:
+        raise ConfigError(f"--resume: train.steps={new.train.steps} is below the step of the checkpoint it "
+                          f"resumes from ({step}); nothing would be trained")
+
+
+def _resume_command(run_dir: Path) -> str:
+    """`t2i train [run.output_dir=D] run.name=N --resume` for the run in `run_dir`."""
+    where = "" if str(run_dir.parent) == RunConfig().output_dir else f"{shlex.quote(f'run.output_dir={run_dir.parent}')} "
+    return f"t2i train {where}{shlex.quote(f'run.name={run_dir.name}')} --resume"
 
 
 def _lr_note(key: str, stored: Config, new: Config, step: int) -> str:
