@@ -365,7 +365,7 @@ class CacheReader:
                 self.open.popitem(last=False)
         return self.open[url]
 
-    def sample(self, raw: dict, rng: random.Random, counts: Optional[dict] = None
+    def sample(self, raw: dict, rng: random.Random, counts: Optional[dict] = None, buckets=None
                ) -> tuple[Optional[dict], Optional[str]]:
         caption = read_caption(raw, rng, max_bytes=self.max_caption_bytes, counts=counts)
         if not caption:
@@ -376,7 +376,7 @@ class CacheReader:
             return None, "cache"
         if cached is None:
             return None, reason
-        return {"key": raw["__key__"], "caption": caption, "cache": cached}, None
+        return {"key": raw["__key__"], "caption": caption, "cache": cached, "bucket": 0}, None
 
 
 def collate(items: list[dict]) -> dict:

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from t2i.config import DataConfig
+from t2i.data.buckets import BucketSet, metadata_size, resize_cover_crop
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_NOTES = ("caption_truncated", "caption_invalid_utf8")  # counted, but not bad samples
@@ -33,28 +34,47 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def decode_sample(raw: dict, resolution: int, rng: random.Random, *, max_caption_bytes: int = MAX_CAPTION_BYTES,
-                  max_pixels: int = MAX_IMAGE_PIXELS, min_size: int = 0, counts: Optional[dict] = None
-                  ) -> tuple[Optional[dict], Optional[str]]:
-    """(sample, None) or (None, bad reason). Image: short side -> resolution, centre crop, [-1, 1].
-    Caption notes (CAPTION_NOTES) are added to `counts` when given."""
+                  max_pixels: int = MAX_IMAGE_PIXELS, min_size: int = 0, counts: Optional[dict] = None,
+                  buckets: Optional[BucketSet] = None, as_tensor: bool = True) -> tuple[Optional[dict], Optional[str]]:
+    """(sample, None) or (None, bad reason). Image: short side -> resolution, centre crop, [-1, 1]; with
+    `buckets` (t2i.data.buckets) cover-crop to the bucket its size falls in (sample["bucket"] = its index;
+    0 without buckets), and the bad reason "aspect" when the size is out of the set's range: the size comes
+    from the json (`width`, `height`) or, without it, the image header; no pixel is decoded to choose.
+    `as_tensor=False` leaves the image a PIL RGB image (uint8: a quarter of the float tensor's bytes, for
+    the loader's bucket buffers; t2i.data.decode.image_to_tensor converts it). Caption notes
+    (CAPTION_NOTES) are added to `counts` when given."""
     caption = read_caption(raw, rng, max_bytes=max_caption_bytes, counts=counts)
     if not caption:
         return None, "caption"
     key = next((k for k in IMAGE_KEYS if k in raw), None)
     if key is None:
         return None, "image"
+    bucket = 0
+    if buckets is not None:
+        size = metadata_size(raw)
+        if size is not None:
+            bucket = buckets.assign(*size)
+            if bucket is None:
+                return None, "aspect"
     try:
         with Image.open(io.BytesIO(raw[key])) as im:  # header only: PIL decodes in load()
             if too_large(im.size, max_pixels):
                 return None, "image"
+            if buckets is not None and size is None:
+                bucket = buckets.assign(*im.size)
+                if bucket is None:
+                    return None, "aspect"
             if min(im.size) < min_size:  # would be upscaled to the training resolution
                 return None, "small"
             im.load()
             # convert() of an RGB image is a plain copy: skip it (the same pixels, one copy less)
-            image = resize_center_crop(im if im.mode == "RGB" else im.convert("RGB"), resolution)
+            rgb = im if im.mode == "RGB" else im.convert("RGB")
+            image = (resize_center_crop(rgb, resolution) if buckets is None
+                     else resize_cover_crop(rgb, buckets.sizes[bucket]))
     except Exception:  # any decoder failure is a bad sample, not a crash
         return None, "image"
-    return {"key": raw["__key__"], "caption": caption, "image": image_to_tensor(image)}, None
+    return {"key": raw["__key__"], "caption": caption, "bucket": bucket,
+            "image": image_to_tensor(image) if as_tensor else image}, None
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
