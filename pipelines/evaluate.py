@@ -20,7 +20,9 @@ FID reference: --fid-ref is used as it is; --fid-shards builds <out>/fid_ref.npz
 --fid-ref path when it does not exist yet) at the sampling resolution. Its meta records the source,
 --fid-max, the extractor and the resolution: when they no longer match the arguments, the default
 <out>/fid_ref.npz is rebuilt and a user-given --fid-ref is refused. A reference made at another
-resolution than the samples' is refused unless --allow-resolution-mismatch.
+resolution than the samples' is refused unless --allow-resolution-mismatch; sizes are compared as
+(width, height), so samples at --resolution 1216x832 need a reference made at 1216x832 (shards
+cover-resized and centre-cropped to it), not one at a square (docs/design/evaluation.md §5.7).
 """
 
 from __future__ import annotations
@@ -52,7 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CFG only while sigma_lo <= sigma <= sigma_hi, one conditional pass elsewhere (default: "
                         "sample.guidance_interval; [0, 1] guides every step)")
     p.add_argument("--shift", type=float, default=None)
-    p.add_argument("--resolution", type=int, default=None)
+    from t2i.cli import resolution_arg
+
+    p.add_argument("--resolution", type=resolution_arg, default=None, metavar="N|WxH",
+                   help="a square side or WIDTHxHEIGHT in pixels (e.g. 1216x832); default as for t2i sample")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None)
@@ -120,8 +125,9 @@ def check_fid_arguments(args) -> None:
             fid.check_resolution(meta, args.resolution, f"--fid-ref {args.fid_ref}", args.allow_resolution_mismatch)
 
 
-def fid_reference(args, out: Path, resolution: int, device, barrier, rank: int = 0) -> Path:
-    """The FID reference to score against: --fid-ref as it is, or built from --fid-shards at `resolution`.
+def fid_reference(args, out: Path, resolution, device, barrier, rank: int = 0) -> Path:
+    """The FID reference to score against: --fid-ref as it is, or built from --fid-shards at `resolution`
+    (an int side, or (width, height) / "WxH" for non-square samples).
 
     An existing reference whose recorded provenance (source, --fid-max, extractor, resolution) differs
     from the arguments is rebuilt when it is the default <out>/fid_ref.npz, and refused when the user
@@ -185,7 +191,7 @@ def grid(folders: dict[str, Path], out: Path, per_row: int = 8) -> Path | None:
     def write(tmp: Path) -> None:
         png = tmp.with_name(tmp.name + ".png")  # PIL picks the format from the suffix
         try:
-            save_grid(torch.stack(images), labels, png, cols=per_row)
+            save_grid(images, labels, png, cols=per_row)  # a list: sizes may differ
             os.replace(png, tmp)
         finally:
             png.unlink(missing_ok=True)
@@ -297,6 +303,7 @@ def main(args, cfg) -> int:
 
     from t2i.checkpoint import loading
     from t2i.eval import geneval, geneval_folder, sample_folder
+    from t2i.eval.image_source import as_resolution, size_record
     from t2i.eval.prompts import write_shapes_geneval
     from pipelines.sample import plan_for
 
@@ -348,8 +355,9 @@ def main(args, cfg) -> int:
             stats = {"images": sum(p["images"] for p in parts), "skipped": sum(p["skipped"] for p in parts),
                      "seconds": max(p["seconds"] for p in parts), "ranks": world}
             stats["images_per_s"] = stats["images"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
+        recorded = {**kw, **size_record(kw["resolution"])}  # resolution: an int, or "WxH"; width, height
         row = {"checkpoint": path, "weights": loaded_kind, "sampling": {**stats, "seconds": round(time.time() - t0, 2)},
-               "settings": {**kw, "model": chosen.model, "sources": chosen.sources}}
+               "settings": {**recorded, "model": chosen.model, "sources": chosen.sources}}
         if skip_geneval is None:
             row["geneval"] = geneval_folder.score(folders[label], detector=args.detector, color=args.color,
                                                   object_names=args.object_names, device=device,
@@ -362,7 +370,8 @@ def main(args, cfg) -> int:
                   f"img/s)", flush=True)
         report["checkpoints"][label] = row
         weights = sorted({r["weights"] for r in report["checkpoints"].values()})
-        report["settings"] = {**kw, "weights": "/".join(weights), "prompts": prompts, "num_prompts": len(entries)}
+        report["settings"] = {**recorded, "weights": "/".join(weights), "prompts": prompts,
+                              "num_prompts": len(entries)}
         if skip_geneval is None:
             report["settings"].update(detector=row["geneval"].get("detector"),
                                       color_classifier=row["geneval"].get("color_classifier"))
@@ -370,7 +379,7 @@ def main(args, cfg) -> int:
             report["settings"]["geneval"] = f"skipped: {skip_geneval}"
     if args.fid_ref or args.fid_shards:  # every rank extracts its share of the features
         from t2i.eval import fid
-        ref = fid_reference(args, out, report["settings"]["resolution"], device, barrier, rank)
+        ref = fid_reference(args, out, as_resolution(report["settings"]["resolution"]), device, barrier, rank)
         meta = fid.load_reference(ref).meta
         for label, folder in folders.items():
             notes = fid.check_resolution(meta, resolutions[label], f"the FID reference {ref}",

@@ -10,7 +10,9 @@
 
 `score` uses the reference's extractor unless --extractor is given (a different one is refused) and
 brings images to the reference's resolution unless --resolution is given; a --resolution other than
-the reference's is refused, naming both, unless --allow-resolution-mismatch. Exit status 2 on a
+the reference's is refused, naming both, unless --allow-resolution-mismatch. --resolution is a square's
+side (short side resize + centre crop) or WIDTHxHEIGHT (e.g. 1216x832: cover resize + centre crop), for
+samples made at a non-square size; sizes compare as (width, height) (docs/design/evaluation.md §5.7). Exit status 2 on a
 missing file, an extractor or resolution mismatch, a missing Inception file or too few images.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from t2i.cli import resolution_arg
 from t2i.cmdline import HelpFormatter, parser as make_parser
 from t2i.errors import EvalError
 from t2i.io import write_json
@@ -34,7 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--shards", help="WebDataset shards: a brace pattern, a glob (*, ?, [..]), a folder of .tar, a "
                                       "list file (one path or pattern per line) or '::'-joined specs")
     src.add_argument("--folder", help="folder of images (png/jpg/jpeg/webp, recursive)")
-    ref.add_argument("--resolution", type=int, help="short side resize + centre crop (required with --shards)")
+    ref.add_argument("--resolution", type=resolution_arg, metavar="N|WxH",
+                     help="N: short side resize + centre crop to N x N; WxH: cover resize + centre crop to W x H "
+                          "(required with --shards)")
     ref.add_argument("--out", required=True, help="output .npz")
     ref.add_argument("--max", type=int, help="use only the first N images (files / tar samples)")
     ref.add_argument("--extractor", default="random-conv", help="random-conv | inception:PATH (default: random-conv)")
@@ -44,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     score.add_argument("--images", required=True, help="folder of generated images (recursive)")
     score.add_argument("--ref", required=True, help="reference .npz from `ref`")
     score.add_argument("--extractor", help="default: the one recorded in the reference")
-    score.add_argument("--resolution", type=int, help="default: the reference's resolution")
+    score.add_argument("--resolution", type=resolution_arg, metavar="N|WxH",
+                       help="N or WIDTHxHEIGHT; default: the reference's resolution")
     score.add_argument("--max", type=int, help="use only the first N images")
     score.add_argument("--kid-subsets", type=int, default=100)
     score.add_argument("--kid-subset-size", type=int, default=1000)
@@ -78,7 +84,8 @@ def main(argv=None) -> int:
     from t2i.eval.image_source import ImageSource
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    for flag, value in (("--max", args.max), ("--resolution", args.resolution), ("--batch-size", args.batch_size)):
+    for flag, value in (("--max", args.max), ("--resolution", args.resolution if isinstance(args.resolution, int)
+                                                               else None), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise EvalError(f"{flag} must be >= 1, got {value}")
     if args.command == "ref":
@@ -90,7 +97,7 @@ def main(argv=None) -> int:
         stats = F.make_reference(source, extractor, args.out, args.batch_size, device, not args.no_progress)
         print(table([("reference", args.out), ("source", stats.meta["source"]), ("images", stats.n),
                      ("bad", {k: v for k, v in stats.meta["counts"].items() if k != "good"}),
-                     ("resolution", args.resolution or "native"), ("extractor", extractor.name)]))
+                     ("resolution", stats.meta["resolution"] or "native"), ("extractor", extractor.name)]))
         for note in F.sample_notes(stats.n, stats.n, extractor.dim):
             print(f"note: {note}")
         return 0

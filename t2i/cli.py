@@ -46,6 +46,19 @@ TOOLS = {
 }
 
 
+def resolution_arg(text: str):
+    """--resolution of `t2i sample` / `t2i eval`: "N" -> N (a square, as always; so is "NxN"), "WxH" -> (W, H)
+    (t2i.data.buckets.parse_size: width x height in pixels); a malformed value is an argparse error."""
+    from t2i.data.buckets import parse_size
+    from t2i.errors import ConfigError
+
+    try:
+        w, h = parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--resolution: ")) from None
+    return w if w == h else (w, h)
+
+
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="run folder, checkpoints/, a tag folder, or a diffusers folder")
     p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
@@ -62,9 +75,10 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                         "sample.guidance_interval; [0, 1] guides every step)")
     p.add_argument("--shift", type=float, default=None,
                    help="sigma shift (default: sample.shift; a diffusers folder without --config: its scheduler's)")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="default: data.resolution; a diffusers folder without --config: transformer sample_size "
-                        "x VAE factor")
+    p.add_argument("--resolution", type=resolution_arg, default=None, metavar="N|WxH",
+                   help="a square side, or WIDTHxHEIGHT in pixels (e.g. 1216x832; each a multiple of the VAE factor "
+                        "x patch size). Default: data.resolution; a diffusers folder without --config: transformer "
+                        "sample_size x VAE factor")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="part of the settings: the same batches on any split")
     p.add_argument("--shard", default=None, metavar="I/N", help="this job's share, e.g. $SLURM_ARRAY_TASK_ID/16")
@@ -189,7 +203,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         module = importlib.import_module("pipelines.sample" if args.command == "sample" else "pipelines.evaluate")
         return module.main(args, cfg)
     from pipelines.train import main as train
-    train(cfg, resume="auto" if args.auto_resume else args.resume, stop_at=args.stop_at, notes=notes)
+    train(cfg, resume="auto" if args.auto_resume else args.resume, stop_at=args.stop_at, notes=notes,
+          force=args.force_override)
     return 0
 
 

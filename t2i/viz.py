@@ -22,8 +22,20 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
-def save_grid(images: torch.Tensor, labels: list[str], path: Path, cols: int = 4, cell: int = 160) -> Path:
-    """A grid of images (upscaled with nearest neighbour to `cell` px), each captioned with its label."""
+def fit_cell(image: Image.Image, cell: int) -> tuple[Image.Image, tuple[int, int]]:
+    """`image` scaled (nearest neighbour) so its longer side is `cell` px, keeping its aspect ratio, and
+    the offset that centres it in a cell × cell square. A square image fills the cell at offset (0, 0)."""
+    w, h = image.size
+    scale = cell / max(w, h)
+    size = (max(1, min(cell, round(w * scale))), max(1, min(cell, round(h * scale))))
+    return image.resize(size, Image.NEAREST), ((cell - size[0]) // 2, (cell - size[1]) // 2)
+
+
+def save_grid(images, labels: list[str], path: Path, cols: int = 4, cell: int = 160) -> Path:
+    """A grid of images, each captioned with its label. `images`: one [N, 3, H, W] tensor, or a list of
+    [3, H, W] tensors of different sizes (e.g. samples of two aspect-ratio buckets). Each image is scaled
+    with nearest neighbour to fit a `cell` px square, keeping its aspect ratio, and centred in it on white
+    (letterboxed); a square image fills its cell."""
     font = ImageFont.load_default(size=11)
     rows = (len(images) + cols - 1) // cols
     text_h = 44
@@ -31,7 +43,8 @@ def save_grid(images: torch.Tensor, labels: list[str], path: Path, cols: int = 4
     draw = ImageDraw.Draw(sheet)
     for i, (img, label) in enumerate(zip(images, labels)):
         x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
-        sheet.paste(to_pil(img).resize((cell, cell), Image.NEAREST), (x, y))
+        fitted, (dx, dy) = fit_cell(to_pil(img), cell)
+        sheet.paste(fitted, (x + dx, y + dy))
         lines = textwrap.wrap(label, width=cell // 6)[:3]
         draw.multiline_text((x + 3, y + cell + 2), "\n".join(lines), fill="black", font=font, spacing=1)
     return atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))

@@ -118,6 +118,35 @@ def test_images_equal_stable_diffusion3_pipeline_for_the_same_noise(loaded, sd35
     assert (ours - theirs).abs().max().item() <= 1e-5
 
 
+# 1216x832 (aspect 19:13 = 1.46) at the fixture's scale: sides in steps of VAE factor 8 x patch 2 = 16 px, within
+# the fixture's 16-token pos_embed grid (256 px). 19 x 13 tokens would not fit; 13 x 9 (1.44) is the nearest aspect
+# of odd token counts, so the positional crop is off-centre by half a token on each axis as in the release's.
+WIDE = (208, 144)
+
+
+def test_non_square_images_equal_stable_diffusion3_pipeline_at_that_height_and_width(loaded, sd35_folder):
+    from diffusers import StableDiffusion3Pipeline
+
+    width, height = WIDE
+    pos = loaded.model.config.pos_embed_max_size * loaded.model.config.patch_size * loaded.vae.downsample
+    assert width % 16 == height % 16 == 0 and max(width, height) <= pos and abs(width / height - 1216 / 832) < 0.02
+    p = plan(loaded, steps=6, resolution=(width, height), explicit=set())  # the folder's guidance, shift, grid
+    assert (p.resolution, p.width, p.height, p.sources["resolution"]) == ((width, height), width, height,
+                                                                          "command line")
+    assert "resolution = 208x144 (command line)" in p.describe()
+    images = sampling.generate(loaded.model, loaded.text, loaded.vae, PROMPTS, resolution=p.resolution,
+                               steps=p.steps, guidance=p.guidance, sigmas=p.sigmas, seed=5)
+    ours = ((images + 1) / 2).clamp(0, 1)
+    noise = sampling.initial_noise(0, len(PROMPTS), 5, (16, height // 8, width // 8), "cpu", torch.float32)
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd35_folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(PROMPTS, latents=noise, num_inference_steps=p.steps, guidance_scale=p.guidance,
+                  height=height, width=width, max_sequence_length=256, output_type="pt").images
+    torch.testing.assert_close(pipe.scheduler.sigmas, p.sigmas, rtol=0, atol=0)
+    assert ours.shape == theirs.shape == (len(PROMPTS), 3, height, width) and float(ours.std()) > 0.02
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
 def test_t2i_sample_records_the_grid_the_scheduler_and_where_each_setting_came_from(sd35_folder, tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a photo of a cat\n")
     out = tmp_path / "out"

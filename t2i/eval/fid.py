@@ -12,6 +12,12 @@ Features come from an extractor (t2i.eval.features: `random-conv` or `inception:
 stored in the reference file; images from an ImageSource (t2i.eval.image_source). Stats from different extractors are refused (`EvalError`), not compared. FID is biased upwards at
 small N and Σ is singular when N ≤ feature dim; `score_folder` says so in its "warnings" and
 records N on both sides: compare FIDs only at the same N.
+
+Sizes: a reference is made at a resolution (an int side: short-side resize + centre crop; "WxH": cover
+resize + centre crop to width x height; None: native size) and images are scored only at the same size,
+compared as (width, height): 64 and (64, 64) agree, 1216x832 and 1024 do not (`check_resolution`;
+docs/design/evaluation.md §5.7). Both extractors then resize every image to their square input
+(299² / 64²) without keeping its aspect, so only same-size sets are squashed alike.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import numpy as np
 
 from t2i.errors import EvalError
 from t2i.eval.features import Extractor, build_extractor, compute_features
-from t2i.eval.image_source import ImageSource
+from t2i.eval.image_source import ImageSource, as_resolution, describe_resolution, resolution_record, size_of
 from t2i.io import atomic_write
 
 REF_FORMAT = "t2i-fid-ref/1"
@@ -111,7 +117,7 @@ def load_reference(path: str | Path, extractor: Extractor | str | None = None) -
 def reference_provenance(source: ImageSource, extractor: Extractor | str) -> dict:
     """What a reference is built from, as recorded in its meta and compared by `reference_differences`."""
     return {"source": source.describe(), "source_id": source.identity(), "max_images": source.max_images,
-            "resolution": source.resolution,
+            "resolution": resolution_record(source.resolution),
             "extractor": extractor if isinstance(extractor, str) else extractor.name}
 
 
@@ -127,22 +133,35 @@ def reference_differences(meta: dict, wanted: dict) -> list[str]:
     if not same:
         diffs.append(f"source: recorded {meta.get('source')!r}, requested {wanted.get('source')!r}")
     for key, label in (("max_images", "max images"), ("resolution", "resolution"), ("extractor", "extractor")):
-        if meta.get(key) != wanted.get(key):
+        same = (same_size(meta.get(key), wanted.get(key)) if key == "resolution"
+                else meta.get(key) == wanted.get(key))
+        if not same:
             diffs.append(f"{label}: recorded {meta.get(key)!r}, requested {wanted.get(key)!r}")
     return diffs
 
 
-def _res(r) -> str:
-    return "native size (not cropped)" if r is None else f"{r} px"
+def reference_size(meta: dict) -> tuple[int, int] | None:
+    """The (width, height) a reference was made at, or None (native size, not cropped). Reads every meta:
+    an int "resolution" (a square; every reference made before non-square sizes), "WxH", or [w, h]."""
+    r = meta.get("resolution")
+    return None if r is None else size_of(r)
 
 
-def check_resolution(meta: dict, resolution: int | None, where: str = "reference", allow: bool = False,
+def same_size(a, b) -> bool:
+    """Two resolutions (int side, (w, h), "WxH", or None for native) name the same size."""
+    return (a is None) == (b is None) and (a is None or size_of(a) == size_of(b))
+
+
+def check_resolution(meta: dict, resolution, where: str = "reference", allow: bool = False,
                      flag: str = "--allow-resolution-mismatch") -> list[str]:
-    """Refuse (EvalError) images brought to `resolution` against a reference made at another one, naming
-    both; with `allow`, return the mismatch as a warning note instead. [] when they agree."""
+    """Refuse (EvalError) images brought to `resolution` (an int side, (width, height), "WxH" or None for
+    native) against a reference made at another size, naming both; with `allow`, return the mismatch as a
+    warning note instead. [] when they agree. Sizes are compared as (width, height): 64 equals (64, 64);
+    samples at 1216x832 against a reference at 1024 (or at 832x1216) are a mismatch."""
     ref_res = meta.get("resolution")
-    if resolution == ref_res:
+    if same_size(resolution, ref_res):
         return []
+    _res = describe_resolution
     message = (f"images at {_res(resolution)} but {where} was made at {_res(ref_res)}: the crop and scale differ, "
                f"so FID would measure the resolution, not the model")
     if not allow:
@@ -262,15 +281,16 @@ def make_reference(source: ImageSource, extractor: Extractor, out: str | Path, b
 
 def score_folder(images_dir: str | Path, reference_path: str | Path,
                  extractor: Extractor | str | None = None, batch_size: int = 64, device=None,
-                 resolution: int | None = None, max_images: int | None = None, kid_subsets: int = 100,
+                 resolution=None, max_images: int | None = None, kid_subsets: int = 100,
                  kid_subset_size: int = 1000, seed: int = 0, progress: bool = True,
                  allow_resolution_mismatch: bool = False) -> dict:
     """FID/KID of the images under `images_dir` (recursive) against a saved reference.
 
     `extractor` defaults to the one recorded in the reference ("spec"); a different one is refused.
-    `resolution` defaults to the reference's, so both sides are centre-cropped to the same size before
-    the extractor's own resize; another resolution is refused unless `allow_resolution_mismatch`
-    (then the mismatch is in "warnings").
+    `resolution` (an int side, (width, height) or "WxH") defaults to the reference's, so both sides are
+    cropped to the same size before the extractor's own (aspect-squashing) resize; another size is refused
+    unless `allow_resolution_mismatch` (then the mismatch is in "warnings"). "resolution" in the result is
+    an int for a square and "WxH" otherwise, with "width" / "height" beside it (None: native size).
     """
     if max_images is not None and max_images < 1:
         raise EvalError(f"--max must be >= 1, got {max_images}")
@@ -284,7 +304,8 @@ def score_folder(images_dir: str | Path, reference_path: str | Path,
     if isinstance(extractor, str):
         extractor = build_extractor(extractor, device or "cpu")
     check_extractor(ref, extractor, where=str(reference_path))
-    resolution = resolution if resolution is not None else ref.meta.get("resolution")
+    resolution = as_resolution(resolution if resolution is not None else ref.meta.get("resolution"))
+    width, height = size_of(resolution) if resolution is not None else (None, None)
     source = ImageSource(folder=str(images_dir), resolution=resolution, max_images=max_images)
     feats = compute_features(source, extractor, batch_size, device, progress, desc="images")
     if len(feats) < 2:
@@ -302,7 +323,8 @@ def score_folder(images_dir: str | Path, reference_path: str | Path,
     if extractor.name.startswith("random-conv"):
         notes.append("random-conv features: comparable only with other random-conv numbers, not with Inception FID")
     return {"fid": value, "kid": kid_value, "n_images": len(feats), "n_reference": ref.n,
-            "extractor": extractor.name, "resolution": resolution, "images": os.path.abspath(images_dir),
+            "extractor": extractor.name, "resolution": resolution_record(resolution), "width": width,
+            "height": height, "images": os.path.abspath(images_dir),
             "bad_images": source.counts["image"], "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size,
             "kid_seed": seed, "warnings": notes, "reference": {"path": os.path.abspath(reference_path), **ref.meta}}
 

@@ -150,7 +150,8 @@ def score(folder: str | Path, *, prompts: str | None = None, images_per_prompt: 
     summary = geneval.summarize(records, custom_tags=custom_tags)
     summary.update(detector=det.name, color_classifier=clf.name if clf else None, options=asdict(options),
                    sampling={k: settings[k] for k in ("checkpoint", "weights", "steps", "guidance", "shift",
-                                                     "resolution", "seed", "images_per_prompt") if k in settings},
+                                                     "resolution", "width", "height", "seed", "images_per_prompt")
+                             if k in settings},
                    prompt_set=prompts or settings.get("prompts"), folder=str(folder), problems=problems,
                    skipped_images=bad, max_pixels=max_pixels, seconds=round(time.time() - t0, 2))
     official = [r for r in records if r["tag"] in geneval.TAGS]

@@ -6,7 +6,8 @@
 
 Output (what GenEval's evaluate_images.py reads), plus our manifest:
 
-    <out>/manifest.json                 settings; a restart with other settings is refused
+    <out>/manifest.json                 settings (resolution, width, height, ...); a restart with other
+                                        settings is refused
     <out>/00000/metadata.jsonl          the prompt's metadata (one JSON object)
     <out>/00000/samples/0000.png ...    images_per_prompt images
 
@@ -31,7 +32,8 @@ import torch
 
 from t2i import flow
 from t2i.errors import EvalError
-from t2i.eval.sampling import sample_batch
+from t2i.eval.image_source import size_of, size_record
+from t2i.eval.sampling import latent_shape, sample_batch
 from t2i.io import atomic_write, write_json, write_text
 from t2i.viz import to_pil
 
@@ -47,7 +49,9 @@ class Settings:
     steps: int
     guidance: float
     shift: float
-    resolution: int
+    resolution: int | str           # an int for a square (as always), "WxH" (e.g. "1216x832") otherwise
+    width: int                      # pixels (= resolution for a square)
+    height: int
     seed: int
     batch_size: int
     dtype: str
@@ -113,6 +117,8 @@ def check_manifest(out: Path, settings: Settings) -> None:
     if path.exists():
         theirs = json.loads(path.read_text())
         theirs.setdefault("guidance_interval", [0.0, 1.0])  # written before the key existed: every step guided
+        if "width" not in theirs and theirs.get("resolution") is not None:  # before width/height: a square
+            theirs["width"], theirs["height"] = size_of(theirs["resolution"])
         diff = [k for k in mine if k not in INFORMATIONAL and theirs.get(k) != mine[k]]
         if diff:
             detail = "; ".join(f"{k}: folder has {theirs.get(k)!r}, this run {mine[k]!r}" for k in diff)
@@ -128,13 +134,14 @@ def check_manifest(out: Path, settings: Settings) -> None:
 
 
 def run(loaded, entries: list[dict], out: str | Path, *, prompts_source: str, images_per_prompt: int = 4,
-        steps: int = 30, guidance: float = 3.0, shift: float = 1.0, resolution: int | None = None, seed: int = 0,
+        steps: int = 30, guidance: float = 3.0, shift: float = 1.0, resolution=None, seed: int = 0,
         batch_size: int = 16, shard: str | None = None, progress: bool = True, plan=None,
         guidance_interval=(0.0, 1.0)) -> dict:
     """Sample this worker's share of the prompt set into `out`; returns {"images", "seconds", "skipped"}.
 
     With `plan` (t2i.eval.sampling.plan) its steps, guidance, guidance interval, shift, resolution and σ grid
-    are used and the arguments of the same names ignored; without it, t2i's grid sampling_sigmas(steps, shift)."""
+    are used and the arguments of the same names ignored; without it, t2i's grid sampling_sigmas(steps, shift).
+    `resolution`: an int side (square) or (width, height) in pixels; default data.resolution."""
     from tqdm import tqdm
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -153,7 +160,7 @@ def run(loaded, entries: list[dict], out: str | Path, *, prompts_source: str, im
     settings = Settings(checkpoint=loaded.source.rsplit(" (", 1)[0], weights=loaded.source.rsplit("(", 1)[1][:-1],
                         prompts=prompts_source, prompts_sha256=prompts_digest(entries), num_prompts=len(entries),
                         images_per_prompt=images_per_prompt, steps=steps, guidance=guidance, shift=shift,
-                        resolution=resolution, seed=seed, batch_size=batch_size, dtype=str(param.dtype),
+                        **size_record(resolution), seed=seed, batch_size=batch_size, dtype=str(param.dtype),
                         grid=plan.grid if plan else "t2i", sigmas=[float(x) for x in sigmas],
                         scheduler=plan.scheduler if plan else None, model=plan.model if plan else None,
                         sources=plan.sources if plan else None,
@@ -168,8 +175,7 @@ def run(loaded, entries: list[dict], out: str | Path, *, prompts_source: str, im
         if not meta.exists():
             write_text(meta, json.dumps(entries[p]) + "\n")
 
-    size = vae.latent_size(resolution)
-    shape = (vae.latent_channels, size, size)
+    shape = latent_shape(vae, resolution)
     total = sum(len(b) for b in todo)
     bar = tqdm(total=total, desc=f"sample [{worker}/{workers}]", unit="img", disable=not progress or rank != 0,
                dynamic_ncols=True)

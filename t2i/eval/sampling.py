@@ -1,6 +1,10 @@
 """Text-to-image sampling with the Euler sampler and classifier-free guidance (t2i.flow), and the
 settings it runs with (`plan`: steps, guidance, shift, resolution, σ grid, each with where it came from).
 
+A resolution is an int (a square of that side) or a (width, height) tuple in pixels; images come back
+[N, 3, height, width] from latents [N, C, height // f, width // f] (f: the VAE's downsampling). The token
+count of dynamic shifting is (height // f // patch) × (width // f // patch).
+
 Every image i gets its own noise from seed `seed + i`, so a prompt's image does not depend on
 what else is in the batch or how the work was split.
 """
@@ -13,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from t2i import flow
+from t2i.eval.image_source import Resolution, as_resolution, resolution_record, size_of
 from t2i.models.mmdit import velocity
 
 # Steps and CFG scale for a diffusers folder sampled without a config, from the model cards.
@@ -52,7 +57,7 @@ class Plan:
     steps: int
     guidance: float
     shift: float
-    resolution: int
+    resolution: Resolution          # an int side (square, as always) or (width, height) in pixels
     grid: str                       # t2i | diffusers
     sigmas: torch.Tensor            # [steps + 1] float32, 1 -> 0
     scheduler: Optional[dict]       # the diffusers grid's full scheduler config (None for the t2i grid)
@@ -60,8 +65,17 @@ class Plan:
     sources: dict = field(default_factory=dict)
     guidance_interval: tuple = flow.FULL_INTERVAL  # (σ_lo, σ_hi): CFG only there (t2i.flow.cfg_velocity)
 
+    @property
+    def width(self) -> int:
+        return size_of(self.resolution)[0]
+
+    @property
+    def height(self) -> int:
+        return size_of(self.resolution)[1]
+
     def describe(self) -> list[str]:
-        return [f"{k} = {getattr(self, k)} ({self.sources[k]})" for k in
+        shown = {"resolution": resolution_record(self.resolution)}  # 64, or 1216x832 (width x height)
+        return [f"{k} = {shown.get(k, getattr(self, k))} ({self.sources[k]})" for k in
                 ("steps", "guidance", "guidance_interval", "shift", "resolution", "grid")]
 
 
@@ -72,7 +86,7 @@ def plan(loaded, *, steps=None, guidance=None, shift=None, resolution=None, expl
     Order: a command-line value (not None) > the config > the diffusers folder's own defaults.
     A t2i checkpoint always uses its own config. A diffusers folder uses the config's value for the
     keys in `explicit` (dotted config keys the user set; None = a --config was given, so all of them)
-    and otherwise: resolution = transformer sample_size x VAE factor, shift from
+    and otherwise: resolution (an int side, or a (width, height) tuple from the command line) = transformer sample_size x VAE factor, shift from
     scheduler/scheduler_config.json, steps and guidance from MODEL_DEFAULTS (PIPELINE_DEFAULTS for an
     unknown model). `sample.sigmas: auto` means the diffusers grid for SD3-family models, else t2i's."""
     cfg, folder = loaded.cfg, getattr(loaded, "folder", None)
@@ -120,17 +134,31 @@ def plan(loaded, *, steps=None, guidance=None, shift=None, resolution=None, expl
     else:
         sources["grid"] = f"{config_name}: sample.sigmas" if folder is not None else "the checkpoint's config"
     full = flow.scheduler_config(scheduler, shift) if grid == "diffusers" else None
+    resolution = as_resolution(resolution)
     tokens = None
     if full and full.get("use_dynamic_shifting"):  # μ from the latent token count, as the pipeline
-        tokens = (loaded.vae.latent_size(resolution) // (model_cfg.get("patch_size") or 1)) ** 2
+        width, height = size_of(resolution)
+        tokens = image_tokens((loaded.vae.latent_size(width), loaded.vae.latent_size(height)),
+                              model_cfg.get("patch_size"))
     sigmas = flow.inference_sigmas(steps, grid, shift, full, image_seq_len=tokens)
-    return Plan(steps=int(steps), guidance=float(guidance), shift=float(shift), resolution=int(resolution),
+    return Plan(steps=int(steps), guidance=float(guidance), shift=float(shift), resolution=resolution,
                 grid=grid, sigmas=sigmas, scheduler=full, model=family, sources=sources, guidance_interval=interval)
 
 
-def config_sigmas(cfg, model_config: Optional[dict] = None, latent_size: Optional[int] = None) -> torch.Tensor:
+def image_tokens(latent_size, patch_size: Optional[int]) -> int:
+    """Image tokens of a latent: (h // patch) × (w // patch); `latent_size` is a square's latent side (int)
+    or the latent (width, height)."""
+    lw, lh = (latent_size, latent_size) if isinstance(latent_size, int) else latent_size
+    p = patch_size or 1
+    return (lw // p) * (lh // p)
+
+
+def config_sigmas(cfg, model_config: Optional[dict] = None, latent_size=None) -> torch.Tensor:
     """The σ grid of a run's own samples (cfg.sample: steps, shift, sigmas), as `plan` chooses it for a
-    checkpoint: the in-training grids and the final grid of an SD3 run use diffusers' scheduler grid."""
+    checkpoint: the in-training grids and the final grid of an SD3 run use diffusers' scheduler grid.
+
+    `latent_size`: the latent side of a square (int), or the latent (width, height) of a non-square size,
+    e.g. (vae.latent_size(w), vae.latent_size(h)); only dynamic shifting uses it (its token count)."""
     from t2i.checkpoint.loading import read_scheduler_config
 
     grid = cfg.sample.sigmas
@@ -140,7 +168,7 @@ def config_sigmas(cfg, model_config: Optional[dict] = None, latent_size: Optiona
         if grid == "diffusers" else None
     tokens = None
     if full and full.get("use_dynamic_shifting") and latent_size:
-        tokens = (latent_size // ((model_config or {}).get("patch_size") or 1)) ** 2
+        tokens = image_tokens(latent_size, (model_config or {}).get("patch_size"))
     return flow.inference_sigmas(cfg.sample.steps, grid, cfg.sample.shift, full, image_seq_len=tokens)
 
 
@@ -176,20 +204,27 @@ def sample_batch(model, text, prompts: list[str], noise: torch.Tensor, sigmas: t
     return flow.euler_sample(velocity_fn, noise, sigmas.to(noise.device), callback=callback)
 
 
+def latent_shape(vae, resolution) -> tuple[int, int, int]:
+    """[C, height // f, width // f] of one image at `resolution` (an int side or (width, height))."""
+    width, height = size_of(resolution)
+    return vae.latent_channels, vae.latent_size(height), vae.latent_size(width)
+
+
 @torch.no_grad()
-def generate(model, text, vae, prompts: list[str], *, resolution: int, steps: int, guidance: float,
+def generate(model, text, vae, prompts: list[str], *, resolution: Resolution, steps: int, guidance: float,
              shift: float = 1.0, seed: int = 0, batch_size: int = 16, sigmas: Optional[torch.Tensor] = None,
              interval=flow.FULL_INTERVAL) -> torch.Tensor:
-    """Images in [−1, 1], shape [len(prompts), 3, resolution, resolution]; on `sigmas` when given
-    (e.g. a Plan's), else on t2i's grid sampling_sigmas(steps, shift)."""
+    """Images in [−1, 1], shape [len(prompts), 3, height, width] for `resolution` = (width, height), or
+    [len(prompts), 3, resolution, resolution] for an int; on `sigmas` when given (e.g. a Plan's), else on
+    t2i's grid sampling_sigmas(steps, shift). Image i's noise is seeded `seed + i`."""
     param = next(model.parameters())
-    size = vae.latent_size(resolution)
+    shape = latent_shape(vae, resolution)
     if sigmas is None:
         sigmas = flow.inference_sigmas(steps, "t2i", shift)
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        noise = initial_noise(start, len(chunk), seed, (vae.latent_channels, size, size), param.device, param.dtype)
+        noise = initial_noise(start, len(chunk), seed, shape, param.device, param.dtype)
         latents = sample_batch(model, text, chunk, noise, sigmas, guidance, interval=interval)
         out.append(vae.decode(latents.float()).float().cpu())
     return torch.cat(out)
