@@ -381,3 +381,100 @@ def test_cli_fails_with_exit_2_and_a_clear_message(data, tmp_path, capsys):
                          "--extractor", "random-conv:1"]) == 2
     assert "not comparable" in capsys.readouterr().err
     assert cli.main(["fid", "score", "--images", str(tmp_path / "nowhere"), "--ref", str(ref), "--no-progress"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes: a reference is made at one (width, height); other sizes are a resolution mismatch
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sizes_compare_as_width_height_and_old_int_metas_still_read():
+    old = {"resolution": 64}                                             # every reference made before WxH sizes
+    assert fidlib.check_resolution(old, 64) == fidlib.check_resolution(old, (64, 64)) == []
+    assert fidlib.check_resolution(old, "64x64") == [] and fidlib.reference_size(old) == (64, 64)
+    with pytest.raises(EvalError, match=r"^images at 96x64 px but reference was made at 64 px: the crop and scale "
+                                        r"differ.*or pass --allow-resolution-mismatch$"):
+        fidlib.check_resolution(old, (96, 64))
+    [note] = fidlib.check_resolution(old, (96, 64), allow=True)
+    assert note.startswith("resolution mismatch allowed (--allow-resolution-mismatch): images at 96x64 px")
+    for recorded in ("96x64", [96, 64]):                                 # as written to JSON
+        assert fidlib.check_resolution({"resolution": recorded}, (96, 64)) == []
+        assert fidlib.reference_size({"resolution": recorded}) == (96, 64)
+        with pytest.raises(EvalError, match="images at 64x96 px but reference was made at 96x64 px"):
+            fidlib.check_resolution({"resolution": recorded}, (64, 96))  # the transpose is another size
+        with pytest.raises(EvalError, match="images at 96 px but reference was made at 96x64 px"):
+            fidlib.check_resolution({"resolution": recorded}, 96)
+    with pytest.raises(EvalError, match="images at 96x64 px but reference was made at native size"):
+        fidlib.check_resolution({"resolution": None}, (96, 64))
+    assert fidlib.reference_differences({"source": "s", "resolution": 16}, {"source": "s", "resolution": 16}) == []
+    assert fidlib.reference_differences({"source": "s", "resolution": "32x16"},
+                                        {"source": "s", "resolution": "32x16"}) == []
+    assert fidlib.reference_differences({"source": "s", "resolution": 16}, {"source": "s", "resolution": "32x16"}) == [
+        "resolution: recorded 16, requested '32x16'"]
+
+
+def wide_pngs(folder, n, seed, size=(64, 32)):
+    """Shapes images cover-cropped to `size` (width, height), as PNGs."""
+    from t2i.data.buckets import resize_cover_crop
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (_, image, _, _) in enumerate(iter_samples(n, seed, 64)):
+        resize_cover_crop(image, size).save(folder / f"{i:05d}.png")
+    return folder
+
+
+def test_a_reference_at_width_x_height_cover_crops_shards_and_scores_samples_of_that_size_only(data, tmp_path,
+                                                                                              capsys):
+    from t2i.data.buckets import resize_cover_crop
+    from t2i.data.shapes import iter_samples as shapes
+
+    source = ImageSource(shards=str(data["shards_a"]), resolution="64x32", max_images=3)
+    images = list(source)
+    assert source.resolution == (64, 32) and [im.shape for im in images] == [(32, 64, 3)] * 3
+    expected = [np.asarray(resize_cover_crop(im, (64, 32))) for _, im, _, _ in shapes(3, 0, 64)]
+    assert all(np.array_equal(a, b) for a, b in zip(images, expected))
+    assert ImageSource(shards=str(data["shards_a"]), resolution=(64, 64)).resolution == 64  # the square, as before
+
+    wide_ref, square_ref = tmp_path / "wide.npz", tmp_path / "square.npz"
+    assert cli.main(["fid", "ref", "--shards", str(data["shards_a"]), "--resolution", "64x32", "--out", str(wide_ref),
+                     "--no-progress", "--device", "cpu"]) == 0
+    assert "resolution  64x32" in capsys.readouterr().out
+    meta = fidlib.load_reference(wide_ref).meta
+    assert meta["resolution"] == "64x32" and fidlib.reference_size(meta) == (64, 32)
+    assert cli.main(["fid", "ref", "--shards", str(data["shards_a"]), "--resolution", "64", "--out", str(square_ref),
+                     "--no-progress", "--device", "cpu"]) == 0
+    assert fidlib.load_reference(square_ref).meta["resolution"] == 64    # a square: an int, as always
+
+    samples = wide_pngs(tmp_path / "samples", 12, seed=1)
+    result = fidlib.score_folder(samples, wide_ref, progress=False)      # default: the reference's size
+    assert (result["resolution"], result["width"], result["height"]) == ("64x32", 64, 32)
+    assert not any("mismatch" in w for w in result["warnings"]) and result["n_images"] == 12
+    capsys.readouterr()
+    assert cli.main(["fid", "score", "--images", str(samples), "--ref", str(square_ref), "--resolution", "64x32",
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"t2i fid: EvalError: images at 64x32 px but reference {square_ref} "
+                                               f"was made at 64 px")
+    allowed = fidlib.score_folder(samples, square_ref, resolution=(64, 32), allow_resolution_mismatch=True,
+                                  progress=False)
+    assert allowed["warnings"][0].startswith("resolution mismatch allowed") and allowed["resolution"] == "64x32"
+    square = fidlib.score_folder(samples, square_ref, progress=False)    # old behaviour: cropped to the square
+    assert (square["resolution"], square["width"], square["height"]) == (64, 64, 64)
+
+
+def test_eval_refuses_a_square_reference_for_width_x_height_samples_before_sampling(data, tmp_path):
+    import argparse
+
+    from pipelines.evaluate import add_arguments, check_fid_arguments
+
+    ref = tmp_path / "square.npz"
+    fidlib.make_reference(ImageSource(folder=str(data["a"]), resolution=64), data["ex"], ref, progress=False)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = lambda *extra: p.parse_args(["--ckpt", "a=x", "--out", str(tmp_path / "o"), "--fid-ref", str(ref),  # noqa: E731
+                                        *extra])
+    check_fid_arguments(args("--resolution", "64"))
+    check_fid_arguments(args("--resolution", "64x64"))
+    with pytest.raises(EvalError, match=rf"images at 64x32 px but --fid-ref {ref} was made at 64 px"):
+        check_fid_arguments(args("--resolution", "64x32"))
+    check_fid_arguments(args("--resolution", "64x32", "--allow-resolution-mismatch"))
