@@ -23,7 +23,7 @@ import torch.distributed as dist
 from t2i.checkpoint.ema import ShardedEMA
 from t2i.config import Config, log_interval
 from t2i.data import cache as cache_lib
-from t2i.data.loader import BAD_REASONS, CAPTION_NOTES, TrainLoader
+from t2i.data.loader import BAD_REASONS, CAPTION_NOTES, TrainLoader, bucket_counts
 from t2i.errors import Preempted
 from t2i.io import write_json
 from t2i.models.build import build_for, build_frozen
@@ -42,20 +42,21 @@ from t2i.train.timing import Phases, comm_seconds, peak_memory_gb
 
 
 def main(cfg: Config, resume: bool | str = False, stop_at: int | None = None, save_last: bool = True,
-         notes: Sequence[tuple[int, str]] = ()) -> Path:
+         notes: Sequence[tuple[int, str]] = (), force: bool = False) -> Path:
     """Train to cfg.train.steps (or stop and checkpoint at `stop_at`; `t2i bench` passes save_last=False).
     `resume="auto"` continues from the run's latest checkpoint when there is one (what a requeued SLURM
     job does). SIGUSR1 / SIGTERM checkpoint at the next step boundary and raise `Preempted`. `notes`:
     (level, line) pairs from t2i.train.plan (resume changes, settings that followed the data, odd
-    values), logged by rank 0 into the run's log."""
+    values), logged by rank 0 into the run's log. `force` (--force-override): a resume of a bucketed run
+    at another world size is allowed (its bucket buffers are dropped; t2i.train.checkpointer)."""
     guard = PreemptionGuard()  # first: a signal during start-up must not kill the process half-way
     rank, world = engine_lib.init_distributed()
     with run_lock(run_dir_of(cfg), rank):  # one run per folder; the second start fails at once
-        return train(cfg, guard, rank, world, resume, stop_at, save_last, notes)
+        return train(cfg, guard, rank, world, resume, stop_at, save_last, notes, force)
 
 
 def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bool | str, stop_at: int | None,
-          save_last: bool, notes: Sequence[tuple[int, str]] = ()) -> Path:
+          save_last: bool, notes: Sequence[tuple[int, str]] = (), force: bool = False) -> Path:
     device = engine_lib.device()
     run_dir, resume_tag = prepare_run_dir(cfg, rank, resume)
     setup_logging(run_dir, rank)
@@ -81,7 +82,7 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
     ema = ShardedEMA(engine.module, cfg.train.ema_decay)
     generator = torch.Generator().manual_seed(1_000_003 * cfg.run.seed + rank)  # noise, sigma, dropout
 
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg, engine, ema, generator, world, save_last)
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg, engine, ema, generator, world, save_last, force)
     faults.install(guard, checkpointer)  # test-suite hooks, only when their variables are set
     step, data_state, skipped = checkpointer.restore(resume_tag) if resume_tag else (0, None, 0)
     if resume_tag:  # the checkpoint restored its own param-group settings; the config's apply
@@ -143,6 +144,7 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
             metrics.update(peak_mem_gb=peak_memory_gb(device), cpu_s=time.process_time() - cpu_loop)
         if step % log_every == 0 or step == end:
             metrics.update(sigma_stats.summary(device))
+            metrics.update(bucket_counts(loader, engine_lib.sum_over_ranks))  # data.buckets: per bucket, waiting
         if validation and ((cfg.validation.every and step % cfg.validation.every == 0) or step == end):
             metrics.update(validation(engine, dtype))
         logger.step(step, metrics)

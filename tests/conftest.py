@@ -47,8 +47,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def png_bytes(color, size=16) -> bytes:
+    """A one-colour PNG of side `size`, or of (width, height) `size`."""
     buf = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buf, "PNG")
+    Image.new("RGB", size if isinstance(size, tuple) else (size, size), color).save(buf, "PNG")
     return buf.getvalue()
 
 
@@ -73,20 +74,27 @@ def sample_members(key: str, color=(255, 0, 0), caption="a photo of a red square
 
 @pytest.fixture
 def make_shards(tmp_path):
-    """make_shards(n_shards, per_shard) -> list of shard paths with keys s{shard}_{i}."""
-    def _make(n_shards=4, per_shard=10, prefix="shard"):
-        return write_sample_shards(tmp_path, n_shards, per_shard, prefix)
+    """make_shards(n_shards, per_shard[, sizes]) -> list of shard paths with keys s{shard}_{i}."""
+    def _make(n_shards=4, per_shard=10, prefix="shard", sizes=None):
+        return write_sample_shards(tmp_path, n_shards, per_shard, prefix, sizes)
     return _make
 
 
-def write_sample_shards(folder: Path, n_shards: int, per_shard: int, prefix: str = "shard") -> list[str]:
-    """Shards of single-colour images, keys s{shard}_{i}, captions "caption {shard} {i}"."""
+def write_sample_shards(folder: Path, n_shards: int, per_shard: int, prefix: str = "shard",
+                        sizes: list | None = None) -> list[str]:
+    """Shards of single-colour 16 px images, keys s{shard}_{i}, captions "caption {shard} {i}". With `sizes`
+    ((width, height) pairs), sample i is sizes[i % len(sizes)] and its json records width and height."""
     paths = []
     for s in range(n_shards):
         members = []
         for i in range(per_shard):
             rgb = tuple(int(v) for v in np.random.default_rng([s, i]).integers(0, 256, 3))
-            members += sample_members(f"s{s}_{i:03d}", rgb, f"caption {s} {i}")
+            key = f"s{s}_{i:03d}"
+            members += sample_members(key, rgb, f"caption {s} {i}")
+            if sizes:
+                w, h = sizes[i % len(sizes)]
+                members[-3] = (f"{key}.png", png_bytes(rgb, (w, h)))
+                members[-1] = (f"{key}.json", json.dumps({"key": key, "width": w, "height": h}).encode())
         paths.append(str(write_tar(folder / f"{prefix}-{s:06d}.tar", members)))
     return paths
 

@@ -13,6 +13,7 @@ from sd35_fixture import RESOLUTION
 from t2i import cli, flow
 from t2i.checkpoint import loading
 from t2i.config import load_config
+from t2i.errors import ConfigError
 from t2i.eval import sampling
 from t2i.eval.sampling import model_family, plan, sample_batch
 
@@ -60,7 +61,12 @@ def test_the_sd35_example_config_loads_the_folder_with_path_edits_only(sd35_fold
     path.write_text(text.replace("/path/to/stable-diffusion-3.5-medium", str(sd35_folder)))
     assert cli.main(["config", "--config", str(path)]) == 0
     assert str(sd35_folder) in capsys.readouterr().out
-    cfg = load_config(path)
+    # The shipped buckets (up to 640 px at 512^2) fit SD3.5-medium's grid (384 patches = 6144 px), not the
+    # fixture's 16 patches (256 px): refused before start-up, naming the bucket; the square crop fits.
+    with pytest.raises(ConfigError, match=r"data.buckets: bucket 384x640 has a side of 640 px, past the model's "
+                                          r"positional grid of 256 px"):
+        check_geometry(load_config(path))
+    cfg = load_config(path, ["data.buckets=null"])
     check_geometry(cfg)
     text_enc, vae = build_frozen(cfg)
     model = build_for(cfg, text_enc, vae)
@@ -204,16 +210,17 @@ def test_t2i_eval_of_the_folder_reports_each_checkpoints_settings_and_sources(sd
 def test_each_shipped_sd35_stage_trains_two_bf16_steps_on_the_release_shaped_folder(sd35_folder, make_shards,
                                                                                     tmp_path, config):
     """The shipped configs with path overrides only (model.pretrained, and train.init_from for a stage; plus a
-    CPU-sized batch and no live evaluation)."""
+    CPU-sized batch and no live evaluation), on multi-aspect data: the configs' buckets scaled to the fixture's
+    64 px (area 64^2 in steps of 16: 48x80, 64x64, 80x48) train through the real VAE and the SD3.5 MMDiT."""
     from helpers import losses, run_t2i
 
-    shards = make_shards(n_shards=2, per_shard=4)
+    shards = make_shards(n_shards=2, per_shard=4, sizes=[(16, 16), (24, 16)])
     paths = [f"model.pretrained={sd35_folder}"]  # it implies text.sd3_folder and vae.path (t2i/sd3_folder.py)
     if "stages/" in config:
         paths.append(f"train.init_from={sd35_folder}")
     run_t2i("train", "--config", f"configs/{config}", *paths, f"data.shards={shards[0]}::{shards[1]}",
-            "data.resolution=64", "data.min_size=0", "data.num_workers=0", "data.shuffle_buffer=4",
-            "train.steps=2", "train.micro_batch_size=2", "train.warmup_steps=1", "train.ckpt_every=2",
+            "data.resolution=64", "data.buckets={area: 4096, step: 16}", "data.min_size=0", "data.num_workers=0",
+            "data.shuffle_buffer=4", "train.steps=2", "train.micro_batch_size=2", "train.warmup_steps=1", "train.ckpt_every=2",
             "model.gradient_checkpointing=false", "logging.wandb=disabled", "validation.shards=null",
             "sample.steps=2", "sample.prompts=[a photo of a cat]", f"run.output_dir={tmp_path}", "run.name=r",
             timeout=900)
@@ -221,4 +228,6 @@ def test_each_shipped_sd35_stage_trains_two_bf16_steps_on_the_release_shaped_fol
     assert "precision: bf16" in cfg_text and "dtype: bfloat16" in cfg_text
     values = losses(tmp_path / "r")
     assert len(values) == 2 and all(v == v and v < 100 for v in values)  # finite
+    last = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert sum(last["images_per_bucket"].values()) == 4 and set(last["images_per_bucket"]) == {"48x80", "64x64", "80x48"}
     assert (tmp_path / "r" / "checkpoints" / "latest").read_text() == "step00000002"

@@ -42,14 +42,30 @@ def straight_and_resumed(shards, runs, name: str, common: dict, straight: dict |
     return a, both[2 * K:], keys_a, keys_b
 
 
+# Multi-aspect data for the bucketed case: sample i of every shard has size SIZES[i % 6]; data.resolution=16 and
+# data.buckets={step: 4} make the buckets 12x20, 16x16 and 20x12 (t2i.data.buckets), and 40x16 (2.5:1) is out
+# of the rule's [0.5, 2] range. Per 12-sample shard: 16x16 x4, 20x12 x4, 12x20 x2 (the rare bucket), 2 dropped.
+SIZES = [(16, 16), (24, 16), (16, 24), (16, 16), (40, 16), (24, 16)]
+BUCKET_OF = {(16, 16): "16x16", (24, 16): "20x12", (16, 24): "12x20"}
+
+
+def bucket_of_key(key: str) -> str:
+    return BUCKET_OF[SIZES[int(key.rsplit("_", 1)[1]) % len(SIZES)]]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage,num_workers,grad_accum", [(2, 2, 1), (3, 0, 2)])
+@pytest.mark.parametrize("zero_stage,num_workers,grad_accum,bucketed", [(2, 2, 1, True), (3, 0, 2, False)])
 def test_a_resume_mid_run_gives_the_same_losses_and_samples(make_shards, tmp_path, zero_stage, num_workers,
-                                                            grad_accum):
+                                                            grad_accum, bucketed):
+    """ZeRO-2 with 2 loader workers per rank trains on multi-aspect data in 3 buckets: the stop at step 3 falls
+    mid-epoch with partly filled bucket buffers (some of them holding samples of an earlier epoch), which the
+    resumed loaders refill exactly. ZeRO-3 with gradient accumulation trains on the square crop."""
     shm_before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
-    shards = make_shards(n_shards=4, per_shard=12)
+    shards = make_shards(n_shards=4, per_shard=12, sizes=SIZES if bucketed else None)
     common = {"deepspeed.zero_stage": zero_stage, "data.num_workers": num_workers, "train.grad_accum": grad_accum,
               "logging.sample_keys": "true", "text.dropout_t5": 0.3}
+    if bucketed:
+        common["data.buckets"] = "{step: 4}"
     run = tmp_path / "runs" / "r"
     # The straight run also evaluates in training (sample grid + shapes GenEval of the gathered EMA every
     # 2 steps); the resumed run does not (an allowed override): that must not perturb training, so the
@@ -63,11 +79,31 @@ def test_a_resume_mid_run_gives_the_same_losses_and_samples(make_shards, tmp_pat
     for rank in range(2):
         assert keys_b[rank] == keys_a[rank][K:]
         assert all(len(keys) == 4 * grad_accum for keys in keys_a[rank])
+    if bucketed:
+        _check_buckets(run, keys_a)
     assert (run / "samples").is_dir() and (run / "loss.png").is_file()  # the resumed run drew the final samples
     # DeepSpeed's CPU shared-memory all-reduce is skipped (t2i.train.engine.skip_shm_allreduce): no segment is made
     assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= shm_before
     resumed_log = (run / "train.log").read_text()
     assert "optimizer after resume: torch.optim.adamw.AdamW fused, betas (0.9, 0.99)" in resumed_log
+
+
+def _check_buckets(run, keys) -> None:
+    """Every micro-batch holds one bucket, all three buckets trained, and the checkpointed step had samples
+    waiting in the buffers; the counts logged per bucket add up to the images trained."""
+    used = set()
+    for rank in range(2):
+        for step_keys in keys[rank]:
+            assert len({bucket_of_key(k) for k in step_keys}) == 1, step_keys
+            used.add(bucket_of_key(step_keys[0]))
+    assert used == {"12x20", "16x16", "20x12"}
+    records = {r["step"]: r for r in read_records(run) if "images_per_bucket" in r}
+    at_k = records[K]
+    assert at_k["waiting"] > 0 and at_k["dropped_aspect"] > 0 and at_k["bad"].get("aspect") == at_k["dropped_aspect"]
+    assert sum(at_k["images_per_bucket"].values()) == K * 4 * 2
+    trained = [bucket_of_key(k) for rank in range(2) for step_keys in keys[rank][:K] for k in step_keys]
+    assert at_k["images_per_bucket"] == {n: trained.count(n) for n in ("12x20", "16x16", "20x12")}
+    assert f"buckets 12x20={at_k['images_per_bucket']['12x20']} " in (run / "train.log").read_text()
 
 
 def _straight_run_evaluated_and_cleared(run) -> None:

@@ -375,7 +375,8 @@ def reshard_data_state(states: list[dict], rank: int) -> dict:
     zeros = {k: 0 for k in keys}
     workers = {w: {"epoch": epoch, "index": 0, "counts": dict(total if (rank, w) == (0, 0) else zeros)}
                for w in range(n_workers)}
-    return {"num_workers": n_workers, "next_worker": 0, "workers": workers}
+    extra = {"buckets": states[0]["buckets"]} if "buckets" in states[0] else {}  # (bucket buffers: dropped)
+    return {"num_workers": n_workers, "next_worker": 0, "workers": workers, **extra}
 
 
 # ----------------------------------------------------------------------------------------------

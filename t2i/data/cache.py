@@ -11,14 +11,25 @@ then renamed). A few large tensors per file, rows addressed through a JSON index
     t5_offsets  [M + 1] int64
     mean, std   [N, c, h, w]      VAE posterior of the image as training decodes it (identity VAE: `image`)
     index       uint8 JSON        {"samples": {key: [image row, {caption hash: text row}]},
-                                   "bad": {key: "caption" | "image"}}
+                                   "bad": {key: "caption" | "image" | ...}}
+
+With aspect-ratio buckets (data.buckets, t2i.data.buckets) each image is decoded as training decodes it
+(cover-cropped to the bucket its size falls in; out of the set's aspect range: bad "aspect") and its
+posterior is stored at its bucket's size, one tensor per bucket present in the shard:
+
+    mean@WxH, std@WxH  [N_b, c, H/f, W/f]  (identity VAE: image@WxH [N_b, 3, H, W]), e.g. mean@1216x832
+    index       uint8 JSON        {"samples": {key: [row in its bucket's tensors, {caption hash: text row},
+                                                     "WxH"]}, "bad": {...}}
+
+and the metadata's ``buckets`` holds the images per bucket ({"WxH": n} over the whole set). The VAE
+encodes per bucket (a batch has one size). Without buckets the file is exactly the square format above.
 
 M counts (sample, caption) pairs: every caption of a json ``captions`` list is encoded, since the
 loader picks one at random. Captions go through the loader's rule (t2i.data.decode.clean_caption:
 invalid UTF-8 -> U+FFFD, cut to data.max_caption_bytes), so the hashes training looks up match.
 Floats are stored in bf16 unless ``--dtype float32``. The safetensors metadata holds the identity
-JSON (encoders, VAE, resolution, crop rule, t5_padding, store dtype, format, and data.max_caption_bytes
-/ data.max_image_pixels when not at their defaults), ``identity_sha256`` (the hash of that identity
+JSON (encoders, VAE, resolution, crop rule, t5_padding, store dtype, format, data.max_caption_bytes
+/ data.max_image_pixels when not at their defaults, and with data.buckets the bucket set and its crop rule), ``identity_sha256`` (the hash of that identity
 WITHOUT store_dtype, which training accepts either way), the source shard's size in bytes and its
 sample count (and its read / short-shard events and caption notes). A file whose hash or shard size
 differs from the current ones is stale and refused (``check_cache``), never silently used.
@@ -44,6 +55,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from t2i.data.buckets import BucketSet, bucket_set
 from t2i.data.decode import MAX_CAPTION_BYTES, MAX_IMAGE_PIXELS, caption_candidates, decode_sample, read_caption
 from t2i.data.shards import manifest_counts, raw_samples
 from t2i.errors import CacheError
@@ -52,6 +64,9 @@ from t2i.models.text_encoders import DTYPES
 FORMAT_VERSION = 1
 # Part of the cache identity (hashed): the text is kept verbatim so that existing caches stay valid.
 CROP_RULE = "short side -> resolution (bicubic), centre crop, [-1, 1] (t2i.data.loader.decode_sample)"
+# With data.buckets (identity key "bucket_crop", next to the bucket set under "buckets").
+BUCKET_CROP_RULE = ("bucket nearest in log aspect (json width/height, else the image header); scale (bicubic) "
+                    "to cover it, centre crop, [-1, 1] (t2i.data.buckets.resize_cover_crop)")
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 SUFFIX = ".safetensors"
 
@@ -114,6 +129,11 @@ def identity(text, vae, cfg) -> dict:
         value = getattr(cfg.data, key, default)
         if value != default:
             ident[key] = value
+    # Buckets: only when on, so that square caches (and their hashes) stay what they were.
+    buckets = bucket_set(getattr(cfg.data, "buckets", None), cfg.data.resolution)
+    if buckets is not None:
+        ident["buckets"] = buckets.identity()
+        ident["bucket_crop"] = BUCKET_CROP_RULE
     return ident
 
 
@@ -132,11 +152,28 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _bucket_text(ident: Optional[dict], digits: str = ".4g") -> str:
+    if not ident:
+        return "none (square images at data.resolution)"
+    lo, hi = (ident.get(k) for k in ("min_aspect", "max_aspect"))
+    aspects = " to ".join(format(v, digits) if isinstance(v, (int, float)) else repr(v) for v in (lo, hi))
+    return f"[{', '.join(map(str, ident.get('sizes') or []))}] (aspects {aspects})"
+
+
 def identity_diff(cached: dict, current: dict) -> list[str]:
-    """'field: cache X, now Y' for every differing field (store_dtype is not compared)."""
+    """'field: cache X, now Y' for every differing field (store_dtype is not compared). A changed bucket
+    set is one entry, 'buckets (data.buckets): cache [sizes] (aspects ...), now ...'."""
     a, b = _flat(cached), _flat(current)
-    return [f"{k}: cache {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k != "store_dtype" and a.get(k) != b.get(k)]
+    out = {k: f"{k}: cache {a.get(k)!r}, now {b.get(k)!r}" for k in set(a) | set(b)
+           if k != "store_dtype" and not k.startswith("buckets.") and a.get(k) != b.get(k)}
+    if cached.get("buckets") != current.get("buckets"):
+        was, now = _bucket_text(cached.get("buckets")), _bucket_text(current.get("buckets"))
+        if was == now:  # aspects that differ past 4 digits
+            was, now = _bucket_text(cached.get("buckets"), ""), _bucket_text(current.get("buckets"), "")
+        out["buckets"] = f"buckets (data.buckets): cache {was}, now {now}"
+        if not cached.get("buckets") or not current.get("buckets"):
+            out.pop("bucket_crop", None)  # follows from the line above
+    return [out[k] for k in sorted(out)]
 
 
 def _local_size(url: str) -> Optional[int]:
@@ -218,14 +255,16 @@ class _Encoder:
         self.t5_lengths: list[int] = []
 
     @torch.no_grad()
-    def images(self, images: list[torch.Tensor]) -> None:
+    def images(self, images: list[torch.Tensor], bucket: Optional[str] = None) -> None:
+        """Encode images of one size; with `bucket` ("WxH") their rows go to `<name>@<bucket>`."""
+        at = "" if bucket is None else f"@{bucket}"
         x = torch.stack(images).to(self.device)
         if self.vae.vae is None:
-            self.rows["image"].append(x.to("cpu", self.store))
+            self.rows["image" + at].append(x.to("cpu", self.store))
             return
         dist = self.vae.vae.encode(x.to(self.vae.vae.dtype)).latent_dist
-        self.rows["mean"].append(dist.mean.to("cpu", self.store))
-        self.rows["std"].append(dist.std.to("cpu", self.store))
+        self.rows["mean" + at].append(dist.mean.to("cpu", self.store))
+        self.rows["std" + at].append(dist.std.to("cpu", self.store))
 
     @torch.no_grad()
     def captions(self, captions: list[str]) -> None:
@@ -241,12 +280,17 @@ class _Encoder:
         self.rows["t5"] += [t5[i, :n] for i, n in enumerate(lengths)]
         self.t5_lengths += lengths
 
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self, bucketed: bool = False) -> dict[str, torch.Tensor]:
+        """The file's tensors. `bucketed`: the image rows are per bucket (`<name>@WxH`, only the buckets
+        present), instead of one square `mean`/`std`/`image` (present even when empty)."""
         text, vae, C = self.text, self.vae, self.text.cfg.clip_context
-        side = vae.latent_size(self.cfg.data.resolution)
         shapes = {"clip": (C, self.clip_width), "pooled": (text.pooled_dim,), "t5": (text.context_dim,)}
         names = ("image",) if vae.vae is None else ("mean", "std")
-        shapes.update({n: (vae.latent_channels, side, side) for n in names})
+        if bucketed:
+            shapes.update({n: () for n in sorted(self.rows) if "@" in n})  # never empty
+        else:
+            side = vae.latent_size(self.cfg.data.resolution)
+            shapes.update({n: (vae.latent_channels, side, side) for n in names})
         out = {n: torch.cat(self.rows[n]).contiguous() if self.rows[n] else torch.zeros((0, *shape), dtype=self.store)
                for n, shape in shapes.items()}
         out["t5_offsets"] = torch.tensor([0] + self.t5_lengths, dtype=torch.int64).cumsum(0)
@@ -255,22 +299,27 @@ class _Encoder:
 
 def write_shard(url: str, out_dir, text, vae, cfg, store_dtype: str = "bfloat16", batch_size: int = 32,
                 device="cpu", progress: Optional[Callable[[int], None]] = None) -> Path:
-    """Encode one shard into ``out_dir/<name>.safetensors`` (temp file + atomic rename)."""
+    """Encode one shard into ``out_dir/<name>.safetensors`` (temp file + atomic rename). With data.buckets
+    every image is decoded at its bucket's size and encoded in batches of one bucket."""
     store = STORE_DTYPES[store_dtype]
     enc = _Encoder(text, vae, cfg, store, device)
     index: dict = {"samples": {}, "bad": {}}
     counts = {"read": 0, "short_shard": 0, "caption_truncated": 0, "caption_invalid_utf8": 0}
     max_bytes = getattr(cfg.data, "max_caption_bytes", MAX_CAPTION_BYTES)
     max_pixels = getattr(cfg.data, "max_image_pixels", MAX_IMAGE_PIXELS)
-    images: list = []
+    buckets = bucket_set(getattr(cfg.data, "buckets", None), cfg.data.resolution)
+    names = buckets.names if buckets is not None else [None]
+    images: list[list] = [[] for _ in names]  # pending images per bucket (one list without buckets)
+    per_bucket = [0] * len(names)  # rows written per bucket
     captions: list = []
     n_images = n_texts = n_samples = 0
 
     def flush(force: bool = False):
-        nonlocal images, captions
-        if images and (force or len(images) >= batch_size):
-            enc.images(images)
-            images = []
+        nonlocal captions
+        for b, pending in enumerate(images):
+            if pending and (force or len(pending) >= batch_size):
+                enc.images(pending, names[b])
+                images[b] = []
         while captions and (force or len(captions) >= batch_size):
             enc.captions(captions[:batch_size])
             captions = captions[batch_size:]
@@ -279,7 +328,8 @@ def write_shard(url: str, out_dir, text, vae, cfg, store_dtype: str = "bfloat16"
         n_samples += 1
         key = raw["__key__"]
         sample, reason = decode_sample(raw, cfg.data.resolution, random.Random(0), max_caption_bytes=max_bytes,
-                                       max_pixels=max_pixels, min_size=getattr(cfg.data, "min_size", 0))
+                                       max_pixels=max_pixels, min_size=getattr(cfg.data, "min_size", 0),
+                                       buckets=buckets)
         if sample is None:
             index["bad"][key] = reason
         else:
@@ -288,14 +338,16 @@ def write_shard(url: str, out_dir, text, vae, cfg, store_dtype: str = "bfloat16"
                 rows[caption_hash(caption)] = n_texts
                 captions.append(caption)
                 n_texts += 1
-            index["samples"][key] = [n_images, rows]
-            images.append(sample["image"])
+            b = sample["bucket"] if buckets is not None else 0
+            index["samples"][key] = [n_images, rows] if buckets is None else [per_bucket[b], rows, names[b]]
+            images[b].append(sample["image"])
+            per_bucket[b] += 1
             n_images += 1
         flush()
         if progress:
             progress(1)
     flush(force=True)
-    tensors = enc.tensors()
+    tensors = enc.tensors(bucketed=buckets is not None)
     tensors["index"] = torch.frombuffer(bytearray(json.dumps(index).encode()), dtype=torch.uint8)
     ident = dict(identity(text, vae, cfg), store_dtype=store_dtype)
     size = _local_size(url)
@@ -306,6 +358,8 @@ def write_shard(url: str, out_dir, text, vae, cfg, store_dtype: str = "bfloat16"
             "short_shard": str(counts["short_shard"]), "captions_truncated": str(counts["caption_truncated"]),
             "captions_invalid_utf8": str(counts["caption_invalid_utf8"]),
             "t5_tokens": "trimmed" if cfg.text.t5_padding == "zero" else "full"}
+    if buckets is not None:  # (a square file's metadata is what it always was)
+        meta["buckets"] = json.dumps(dict(zip(names, per_bucket)))
     out = cache_path(out_dir, url)
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -329,23 +383,37 @@ class ShardCache:
         self.index = json.loads(bytes(self.file.get_tensor("index").numpy()).decode())
         self.offsets = self.file.get_tensor("t5_offsets").tolist()
         names = set(self.file.keys())
-        self.image_names = ("image",) if "image" in names else ("mean", "std")
-        self.slices = {n: self.file.get_slice(n) for n in ("clip", "pooled", "t5") + self.image_names}
+        self.image_names = ("image",) if any(n.split("@")[0] == "image" for n in names) else ("mean", "std")
+        self.slices = {n: self.file.get_slice(n) for n in ("clip", "pooled", "t5") + self.image_names
+                       if n in names}  # (a bucketed file has `<name>@WxH` instead: opened when first read)
 
-    def lookup(self, key: str, caption: str) -> tuple[Optional[dict], Optional[str]]:
+    def _slice(self, name: str):
+        if name not in self.slices:
+            self.slices[name] = self.file.get_slice(name)
+        return self.slices[name]
+
+    def lookup(self, key: str, caption: str, buckets: Optional[BucketSet] = None
+               ) -> tuple[Optional[dict], Optional[str], int]:
+        """(rows, None, bucket) or (None, bad reason, 0). `bucket`: the entry's bucket's index in
+        `buckets` (0 for a square file). An entry whose bucket is not in `buckets` (or a bucketed entry
+        read without buckets, or a square one with) is bad "cache": a matching identity rules it out."""
         entry = self.index["samples"].get(key)
         if entry is None:
-            return None, self.index["bad"].get(key, "cache")
-        image_row, rows = entry
+            return None, self.index["bad"].get(key, "cache"), 0
+        image_row, rows = entry[0], entry[1]
+        name = entry[2] if len(entry) > 2 else None
+        if (name is None) != (buckets is None) or (name is not None and name not in buckets.names):
+            return None, "cache", 0
         row = rows.get(caption_hash(caption))
         if row is None:
-            return None, "cache"
+            return None, "cache", 0
         s = self.slices
-        out = {n: s[n][image_row:image_row + 1][0] for n in self.image_names}
+        at = "" if name is None else f"@{name}"
+        out = {n: self._slice(n + at)[image_row:image_row + 1][0] for n in self.image_names}
         out["clip"] = s["clip"][row:row + 1][0]
         out["pooled"] = s["pooled"][row:row + 1][0]
         out["t5"] = s["t5"][self.offsets[row]:self.offsets[row + 1]]
-        return out, None
+        return out, None, 0 if name is None else buckets.index(name)
 
 
 class CacheReader:
@@ -365,18 +433,19 @@ class CacheReader:
                 self.open.popitem(last=False)
         return self.open[url]
 
-    def sample(self, raw: dict, rng: random.Random, counts: Optional[dict] = None, buckets=None
-               ) -> tuple[Optional[dict], Optional[str]]:
+    def sample(self, raw: dict, rng: random.Random, counts: Optional[dict] = None,
+               buckets: Optional[BucketSet] = None) -> tuple[Optional[dict], Optional[str]]:
+        """The sample's cached rows ("cache") and "bucket", its bucket's index in `buckets` (0 without)."""
         caption = read_caption(raw, rng, max_bytes=self.max_caption_bytes, counts=counts)
         if not caption:
             return None, "caption"
         try:
-            cached, reason = self.shard(raw["__url__"]).lookup(raw["__key__"], caption)
+            cached, reason, bucket = self.shard(raw["__url__"]).lookup(raw["__key__"], caption, buckets)
         except Exception:  # noqa: BLE001 -- an unreadable cache file: a bad sample, not a crash
             return None, "cache"
         if cached is None:
             return None, reason
-        return {"key": raw["__key__"], "caption": caption, "cache": cached, "bucket": 0}, None
+        return {"key": raw["__key__"], "caption": caption, "cache": cached, "bucket": bucket}, None
 
 
 def collate(items: list[dict]) -> dict:

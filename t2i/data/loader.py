@@ -301,6 +301,12 @@ class TrainLoader:
                             f"resuming with {cfg.num_workers} would change the sample order")
         self.state = LoaderState(n_workers, 0, {}) if state is None else LoaderState(
             state["num_workers"], state["next_worker"], state["workers"])
+        names = self.buckets.names if self.buckets else None
+        if state is not None and state.get("buckets") != names:  # only a --force-override resume gets here
+            dropped = sum(len(w.pop("waiting", ())) for w in self.state.workers.values())
+            log.warning("data.buckets changed since the checkpoint (%s -> %s): %d sample(s) waiting in the old "
+                        "buckets' buffers are dropped, not moved into other buckets; the streams continue where "
+                        "they stood", state.get("buckets"), names, dropped)
         self.batch_size = batch_size
         self.dataset = ShardDataset(self.urls, cfg, seed, rank, world_size, dict(self.state.workers),
                                     self.state.next_worker, batch_size, self.expected)
@@ -323,8 +329,11 @@ class TrainLoader:
         return batch
 
     def state_dict(self) -> dict:
-        return {"num_workers": self.state.num_workers, "next_worker": self.state.next_worker,
-                "workers": {k: dict(v) for k, v in self.state.workers.items()}}
+        state = {"num_workers": self.state.num_workers, "next_worker": self.state.next_worker,
+                 "workers": {k: dict(v) for k, v in self.state.workers.items()}}
+        if self.buckets is not None:  # (a square run's state is what it was before buckets existed)
+            state["buckets"] = self.buckets.names
+        return state
 
     def counts(self) -> dict:
         total = {r: 0 for r in COUNT_KEYS}
@@ -363,3 +372,16 @@ def note_counts(loader: TrainLoader, reduce=None) -> dict:
     total = torch.tensor([counts[r] for r in CAPTION_NOTES], dtype=torch.long)
     total = reduce(total) if reduce is not None else total
     return {r: int(n) for r, n in zip(CAPTION_NOTES, total) if n}
+
+
+def bucket_counts(loader: TrainLoader, reduce=None) -> dict:
+    """With data.buckets: {"images_per_bucket": {WxH: images trained}, "waiting": samples in the bucket
+    buffers, "dropped_aspect": samples out of the aspect range}, summed over ranks by `reduce` (as in
+    bad_counts; every rank must call it at the same step). {} without buckets."""
+    if loader.buckets is None:
+        return {}
+    counts, names = loader.counts(), loader.buckets.names
+    local = torch.tensor([counts.get(f"bucket/{n}", 0) for n in names] + [loader.waiting(), counts["aspect"]],
+                         dtype=torch.long)
+    total = (reduce(local) if reduce is not None else local).tolist()
+    return {"images_per_bucket": dict(zip(names, total)), "waiting": total[-2], "dropped_aspect": total[-1]}

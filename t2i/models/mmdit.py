@@ -34,8 +34,9 @@ def preset_kwargs(cfg: ModelConfig, *, in_channels: int, sample_size: int, joint
 
 
 def build_model(cfg: ModelConfig, *, in_channels: int, sample_size: int, joint_attention_dim: int,
-                pooled_projection_dim: int, seed: int = 0) -> SD3Transformer2DModel:
-    """A randomly initialised preset (deterministic in `seed`) or a local pretrained folder."""
+                pooled_projection_dim: int, seed: int = 0, n_shapes: int = 1) -> SD3Transformer2DModel:
+    """A randomly initialised preset (deterministic in `seed`) or a local pretrained folder. `n_shapes`: the
+    number of latent shapes the model will see (the number of `data.buckets`), for `model.compile`."""
     if cfg.pretrained:
         model = load_pretrained(cfg.pretrained)
         check_compatible(model, in_channels=in_channels, joint_attention_dim=joint_attention_dim,
@@ -51,7 +52,7 @@ def build_model(cfg: ModelConfig, *, in_channels: int, sample_size: int, joint_a
     force_backend(model, cfg.attention_backend)
     enable_checkpointing(model, cfg.gradient_checkpointing, cfg.attention_backend)
     if cfg.compile:
-        compile_model(model)
+        compile_model(model, n_shapes=n_shapes)
     return model
 
 
@@ -96,17 +97,108 @@ def attention_context_fn(backend: str):
 OUTSIDE_BLOCKS = ("pos_embed", "norm_out")
 
 
-def compile_model(model: SD3Transformer2DModel) -> None:
+def compile_model(model: SD3Transformer2DModel, n_shapes: int = 1, *, backend: str = "inductor") -> None:
     """torch.compile every transformer block whole (its adaLN-Zero modulation, layer norms, QK RMS-norm,
     joint attention and MLPs are one graph; tests/test_speed_keys.py checks there is no graph break) and
     the position embedding and final adaLN outside them, in place (torchtitan's per-block recipe). Blocks of the same kind share compiled
     code, so compile time stays that of ~3 blocks (plain, dual-attention, last), and the module tree, its
     state-dict keys and DeepSpeed's hooks on it are unchanged. Compiling the top-level forward instead
-    would trace through DeepSpeed's ZeRO-3 parameter hooks."""
-    for block in model.transformer_blocks:
-        block.compile()
-    for name in OUTSIDE_BLOCKS:
-        getattr(model, name).compile()
+    would trace through DeepSpeed's ZeRO-3 parameter hooks.
+
+    `n_shapes` > 1 (aspect-ratio buckets: that many latent shapes): static graphs (`dynamic=False`), one per
+    shape and kind of module, compiled on the shape's first batch, and Dynamo's recompile limits raised to
+    `recompile_budget` (never lowered) so that no bucket falls back to eager; the recompiles are then bounded
+    by the buckets (tests/test_compile_shapes.py). `n_shapes` == 1: torch's defaults, as before. `backend`:
+    torch.compile's (tests use "eager" / "aot_eager")."""
+    kwargs = {} if n_shapes <= 1 else {"dynamic": False}
+    if backend != "inductor":
+        kwargs["backend"] = backend
+    modules = [*model.transformer_blocks, *(getattr(model, name) for name in OUTSIDE_BLOCKS)]
+    if n_shapes > 1:
+        raise_recompile_limits(recompile_budget(n_shapes, max_kinds(modules)))
+    for module in modules:
+        module.compile(**kwargs)
+
+
+# Dynamo keeps its compiled graphs per code object, not per module: all the transformer blocks share
+# JointTransformerBlock.forward's cache, one entry per (kind of block, latent shape, grad mode / train-eval
+# mode), with no per-instance guard (torch 2.14 inlines nn.Modules, their parameters are graph inputs), and
+# `recompile_limit` (default 8) counts all of them: 3 kinds of block x 3 buckets already reach it, after
+# which a new shape runs eagerly. Hence the budget per kind.
+def recompile_budget(n_shapes: int, kinds: int = 1) -> int:
+    """Cache entries one compiled code object may need: for each kind of module sharing it, every bucket in
+    training and once more in no-grad evaluation (the validation loss), plus 2 spare shapes (e.g. a
+    sampling batch)."""
+    return kinds * (2 * n_shapes + 2)
+
+
+def max_kinds(modules) -> int:
+    """The most modules of distinct structure (`structure_key`) that share one forward code object; modules of
+    one structure share their compiled graphs."""
+    kinds: dict = {}
+    for module in modules:
+        kinds.setdefault(type(module).forward.__code__, set()).add(structure_key(module))
+    return max((len(k) for k in kinds.values()), default=1)
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def structure_key(module: torch.nn.Module) -> tuple:
+    """What Dynamo specialises a module's graph on, approximately: every submodule's type, its plain attributes
+    (flags, sizes) and the kinds of its other attributes (e.g. the attention processor), and its parameters'
+    shapes and dtypes. Two blocks with one key trace to the same graph; distinct keys count as distinct
+    graphs (an overestimate at worst, which only raises the limit)."""
+    def plain(v):
+        return isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(isinstance(e, _PLAIN) for e in v))
+
+    key = []
+    for name, m in module.named_modules():
+        attrs = tuple(sorted((k, v if plain(v) else type(v).__qualname__) for k, v in vars(m).items()
+                             if (plain(v) or not k.startswith("_")) and not isinstance(v, torch.Tensor)))
+        params = tuple((n, tuple(p.shape), p.dtype) for n, p in m.named_parameters(recurse=False))
+        key.append((name, type(m).__qualname__, attrs, params))
+    return tuple(key)
+
+
+def raise_recompile_limits(limit: int) -> None:
+    """Raise Dynamo's per-code-object recompile limit (`recompile_limit`, `cache_size_limit` before torch 2.6)
+    and its total-per-code-object cap (`accumulated_...`) to at least `limit`; never lowers them."""
+    import torch._dynamo.config as dynamo_config
+
+    for names in (("recompile_limit", "cache_size_limit"),
+                  ("accumulated_recompile_limit", "accumulated_cache_size_limit")):
+        name = next((n for n in names if hasattr(dynamo_config, n)), None)
+        if name is not None and getattr(dynamo_config, name) < limit:
+            setattr(dynamo_config, name, limit)
+
+
+class ShapeWatch:
+    """Notes each latent shape's first batch under model.compile (that batch compiles new graphs) for the log:
+    `see(latent.shape)` returns a one-line message the first time a (height, width) comes, None after."""
+
+    def __init__(self, n_expected: int):
+        self.n_expected = n_expected
+        self.seen: list[tuple[int, int]] = []
+
+    def see(self, latent_shape) -> str | None:
+        height, width = (int(d) for d in tuple(latent_shape)[-2:])
+        if (height, width) in self.seen:
+            return None
+        self.seen.append((height, width))
+        k, n = len(self.seen), self.n_expected
+        if k <= n:
+            return f"model.compile: first batch at latent {height}x{width} (bucket {k} of {n}): compiling for it"
+        return (f"model.compile: first batch at latent {height}x{width} (shape {k}, more than the {n} buckets "
+                f"expected): compiling for it; past torch._dynamo's recompile limit a shape runs eagerly")
+
+
+def compiled_graphs() -> int:
+    """Graphs Dynamo has compiled in this process so far (all torch.compile'd code, the loss parts included; one
+    per module kind and new shape under model.compile). A process-wide count: compare two readings."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def init_from_scratch(model: SD3Transformer2DModel) -> None:

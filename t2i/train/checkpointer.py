@@ -23,9 +23,10 @@ log = logging.getLogger("t2i")
 class Checkpointer:
     """Saves and restores engine + EMA + RNG + data position + skip count under <run>/checkpoints."""
 
-    def __init__(self, root: Path, cfg: Config, engine, ema, generator, world: int, save_last: bool = True):
+    def __init__(self, root: Path, cfg: Config, engine, ema, generator, world: int, save_last: bool = True,
+                 force: bool = False):
         self.root, self.cfg, self.engine, self.ema, self.generator = root, cfg, engine, ema, generator
-        self.world, self.save_last = world, save_last
+        self.world, self.save_last, self.force = world, save_last, force
         self.last_saved: int | None = None
         self.after_rank_files = None  # a test hook may pause a rank mid-save here (t2i.train.faults)
 
@@ -68,6 +69,17 @@ class Checkpointer:
                                   f"rank(s); optimizer.kind=adamw_8bit resumes at the same world size only "
                                   f"(DeepSpeed's universal checkpoint reshards Adam's fp32 state, not "
                                   f"bitsandbytes' 8-bit blocks)")
+        written_by = store.read_meta(self.root, tag)["world_size"]
+        if self.cfg.data.buckets is not None and written_by != self.world:
+            if not self.force:
+                raise CheckpointError(
+                    f"{self.root / tag} was written by {written_by} rank(s) with data.buckets set; resuming with "
+                    f"{self.world} would drop the samples waiting in every rank's bucket buffers and restart the "
+                    f"data streams' epoch (docs/design/buckets.md); resume with {written_by} rank(s), or pass "
+                    f"--force-override to do it anyway")
+            log.warning("--force-override: resuming a bucketed run written by %d rank(s) with %d: the samples "
+                        "waiting in the bucket buffers are dropped and the data streams restart their epoch",
+                        written_by, self.world)
         meta, client = store.load(self.engine, self.root, tag)
         self.ema.load_state_dict(client["ema"])
         if client.get("resharded_from"):  # per-rank RNG states of another world size: derive fresh ones

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from t2i import flow
 from t2i.config import DataConfig, ValidationConfig
+from t2i.data.buckets import bucket_set
 from t2i.data.shards import expand_shards
 from t2i.data.loader import slot_stream
 from t2i.models.mmdit import velocity
@@ -60,34 +61,41 @@ class FixedSigmaValidation:
 
     Every σ sees the same samples and noise, and the input is the standard interpolation at σ with
     the model conditioned on σ, for any training objective, so runs and checkpoints compare directly.
+    With data.buckets each sample is cover-cropped to its bucket, as in training, and the samples are
+    batched per bucket (groups in bucket order; the loss is still the mean over all N samples).
     """
 
     def __init__(self, cfg: ValidationConfig, data: DataConfig, text, vae, device: torch.device):
         self.cfg, self.device = cfg, device
         urls = expand_shards(cfg.shards, allow_pipe_in_lists=data.allow_pipe_in_lists, key="validation.shards")
-        in_order = DataConfig(shards=urls, resolution=data.resolution, shuffle_buffer=1,
+        in_order = DataConfig(shards=urls, resolution=data.resolution, shuffle_buffer=1, buckets=data.buckets,
                               max_caption_bytes=data.max_caption_bytes, max_image_pixels=data.max_image_pixels)
-        samples = list(itertools.islice(slot_stream(urls, in_order, seed=0, slot=0, n_slots=1), cfg.num_samples))
-        images = torch.stack([s["image"] for s in samples]).to(device)
-        self.keys = [s["key"] for s in samples]
-        self.x = vae.encode(images, torch.Generator().manual_seed(cfg.seed)).float()
-        context, pooled = text.encode([s["caption"] for s in samples])
-        self.cond = {"context": context.to(device), "pooled": pooled.to(device)}
+        buckets = bucket_set(data.buckets, data.resolution)
+        samples = list(itertools.islice(slot_stream(urls, in_order, seed=0, slot=0, n_slots=1, buckets=buckets),
+                                        cfg.num_samples))
+        self.keys, self.groups = [], []
+        latent_gen, noise_gen = torch.Generator().manual_seed(cfg.seed), torch.Generator().manual_seed(cfg.seed + 1)
         self.sigmas = (torch.arange(cfg.num_sigmas, dtype=torch.float32) + 0.5) / cfg.num_sigmas
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
-        self.noise = torch.randn((cfg.num_sigmas, *self.x.shape), generator=gen).to(device)
+        for b in sorted({s["bucket"] for s in samples}):  # one group without buckets: the values as before
+            group = [s for s in samples if s["bucket"] == b]
+            self.keys += [s["key"] for s in group]
+            x = vae.encode(torch.stack([s["image"] for s in group]).to(device), latent_gen).float()
+            context, pooled = text.encode([s["caption"] for s in group])
+            noise = torch.randn((cfg.num_sigmas, *x.shape), generator=noise_gen).to(device)
+            self.groups.append((x, {"context": context.to(device), "pooled": pooled.to(device)}, noise))
 
     @torch.no_grad()
     def __call__(self, model, dtype: torch.dtype = torch.float32) -> dict:
-        n, bs = self.x.shape[0], self.cfg.batch_size
+        bs = self.cfg.batch_size
         per_sigma = []
         for i, s in enumerate(self.sigmas.tolist()):
             losses = []
-            for a in range(0, n, bs):
-                x, noise = self.x[a:a + bs], self.noise[i, a:a + bs]
-                sigma = torch.full((x.shape[0],), s, device=self.device)
-                cond = {k: v[a:a + bs].to(dtype) for k, v in self.cond.items()}
-                fn = lambda x_in, t: velocity(model, x_in.to(dtype), t.float(), cond).float()  # noqa: E731 -- fp32 timestep
-                losses.append(flow.flow_matching_loss(fn, x, noise, sigma))
+            for x_all, cond_all, noise_all in self.groups:
+                for a in range(0, x_all.shape[0], bs):
+                    x, noise = x_all[a:a + bs], noise_all[i, a:a + bs]
+                    sigma = torch.full((x.shape[0],), s, device=self.device)
+                    cond = {k: v[a:a + bs].to(dtype) for k, v in cond_all.items()}
+                    fn = lambda x_in, t: velocity(model, x_in.to(dtype), t.float(), cond).float()  # noqa: E731 -- fp32 timestep
+                    losses.append(flow.flow_matching_loss(fn, x, noise, sigma))
             per_sigma.append(torch.cat(losses).mean().item())
         return {"val_loss": sum(per_sigma) / len(per_sigma), "val_loss_by_sigma": per_sigma}

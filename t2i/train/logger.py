@@ -78,6 +78,9 @@ class RunLogger:
                                                         for v in metrics["loss_by_sigma"])
             if "val_loss" in metrics:
                 extra += f"  val {metrics['val_loss']:.4f}"
+            if "images_per_bucket" in metrics:  # data.buckets (t2i.data.loader.bucket_counts)
+                extra += ("  buckets " + " ".join(f"{k}={v}" for k, v in metrics["images_per_bucket"].items())
+                          + f"  waiting {metrics['waiting']}  dropped for aspect {metrics['dropped_aspect']}")
             log.info("step %d/%d  loss %.4f  lr %.2e  %.1f img/s  grad_norm %.3f  skipped %d  bad %s%s",
                      step, self.cfg.train.steps, metrics["loss"], metrics["lr"], metrics["images_per_s"],
                      metrics.get("grad_norm", float("nan")), metrics.get("skipped_nonfinite", 0),
