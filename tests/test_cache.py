@@ -220,3 +220,159 @@ def test_two_folders_with_the_same_shard_names_get_different_cache_files(tmp_pat
     legacy.parent.mkdir()
     legacy.write_bytes(b"")
     assert cache.cache_path(tmp_path / "c", str(a)) == legacy
+
+
+# ----------------------------------------------------------------------------------------------
+# Aspect-ratio buckets (data.buckets): latents stored at each sample's bucket size
+# ----------------------------------------------------------------------------------------------
+
+BUCKETS = "data.buckets={area: 1024, step: 8}"  # at data.resolution=32: 24x40, 32x32, 40x24
+ASPECTS = [(64, 64), (96, 64), (64, 96)]
+
+
+def _png_sized(color, size) -> bytes:
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def aspect_shards(tmp_path):
+    """Multi-aspect shapes (json width/height) plus a shard without json: a too-wide image (bad "aspect",
+    sized from its header), two tall ones (header-assigned to 24x40) and one without a caption. (Two: the
+    tiny VAE's CPU convolution of a batch of one differs from a larger batch's by ~1e-6.)"""
+    from t2i.data.writers import write_shapes_shards
+    shards = write_shapes_shards(tmp_path / "shapes", 18, samples_per_shard=6, size=64, aspects=ASPECTS,
+                                 progress=False)
+    extra = write_tar(tmp_path / "odd-000000.tar", [
+        ("wide.png", _png_sized((200, 10, 10), (160, 32))), ("wide.txt", b"a very wide red bar"),
+        ("tall.png", _png_sized((10, 200, 10), (30, 50))), ("tall.txt", b"a tall green bar"),
+        ("tall2.png", _png_sized((10, 10, 200), (33, 52))), ("tall2.txt", b"a tall blue bar"),
+        ("nocap.png", _png_sized((1, 2, 3), (40, 40)))])
+    return [str(s) for s in shards] + [str(extra)]
+
+
+def _bcfg(shards, *extra):
+    return load_config(overrides=[f"data.shards={shards}", "data.resolution=32", "data.shuffle_buffer=8",
+                                  "data.bad_check_after=100000", BUCKETS, *extra])
+
+
+@pytest.mark.parametrize("vae_kind", ["identity", "tiny"])
+def test_bucketed_cache_gives_the_uncached_bucketed_batches(aspect_shards, tmp_path, vae_kind, capsys):
+    over = [f"vae.kind={vae_kind}", "vae.latent_channels=4"]
+    out = tmp_path / "c"
+    _build([f"data.shards={aspect_shards}", "data.resolution=32", BUCKETS, *over], out, "--dtype", "float32",
+           "--batch-size", "4")
+    summary = capsys.readouterr().out
+    cfg = _bcfg(aspect_shards, *over)
+    text, vae = build_frozen(cfg)
+    ident = cache.identity(text, vae, cfg)
+    assert ident["buckets"]["sizes"] == ["24x40", "32x32", "40x24"] and ident["bucket_crop"] == cache.BUCKET_CROP_RULE
+    assert ident["crop"] == cache.CROP_RULE
+    # 6 + 6 + 6 shapes (64x64 -> 32x32, 96x64 -> 40x24, 64x96 -> 24x40) and the header-sized tall images
+    assert "images per bucket in rank 0's 4 file(s): 24x40=8, 32x32=6, 40x24=6" in summary, summary
+
+    # the format: one tensor per bucket present, entries [row, {hash: text row}, "WxH"], bad "aspect"
+    f = vae.downsample
+    shard = cache.ShardCache(cache.cache_path(out, aspect_shards[0]))  # samples 0..5: 2 per bucket
+    image_names = ["image"] if vae_kind == "identity" else ["mean", "std"]
+    assert set(shard.file.keys()) == {"clip", "pooled", "t5", "t5_offsets", "index"} | {
+        f"{n}@{b}" for n in image_names for b in ("24x40", "32x32", "40x24")}
+    for (w, h) in ((24, 40), (32, 32), (40, 24)):
+        t = shard.file.get_tensor(f"{image_names[0]}@{w}x{h}")
+        assert t.shape == (2, vae.latent_channels, h // f, w // f) and t.dtype == torch.float32
+    entries = shard.index["samples"]
+    assert sorted((e[2], e[0]) for e in entries.values()) == [(b, r) for b in ("24x40", "32x32", "40x24")
+                                                              for r in (0, 1)]
+    assert json.loads(cache.read_meta(cache.cache_path(out, aspect_shards[0]))["buckets"]) == {
+        "24x40": 2, "32x32": 2, "40x24": 2}
+    odd = cache.ShardCache(cache.cache_path(out, aspect_shards[-1]))
+    assert odd.index["bad"] == {"wide": "aspect", "nocap": "caption"}
+    assert [odd.index["samples"][k][::2] for k in ("tall", "tall2")] == [[0, "24x40"], [1, "24x40"]]
+    assert not any("32x32" in k for k in odd.file.keys())  # only the buckets present
+
+    # training: the same batches, buckets and latents as the uncached bucketed path
+    cached_cfg = _bcfg(aspect_shards, *over, f"data.cache={out}")
+    plain = TrainLoader(cfg.data, seed=0, rank=0, world_size=1, batch_size=3)
+    cached = TrainLoader(cached_cfg.data, seed=0, rank=0, world_size=1, batch_size=3, cache_identity=ident)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    seen = set()
+    for _ in range(10):  # > one epoch (20 good samples)
+        a, b = next(plain), next(cached)
+        assert a["keys"] == b["keys"] and a["captions"] == b["captions"] and a["bucket"] == b["bucket"]
+        assert "images" not in b
+        seen.add(b["bucket"])
+        xa, ca = encode_batch(text, vae, a, g1, torch.device("cpu"), torch.float32)
+        xb, cb = encode_batch(text, vae, b, g2, torch.device("cpu"), torch.float32)
+        w, h = map(int, b["bucket"].split("x"))
+        assert xb.shape == xa.shape == (3, vae.latent_channels, h // f, w // f)
+        if vae_kind == "identity":
+            assert torch.equal(xb, xa)
+        else:
+            torch.testing.assert_close(xb, xa, atol=1e-6, rtol=1e-6)
+        for k in ("context", "pooled"):
+            torch.testing.assert_close(cb[k], ca[k], atol=1e-6, rtol=1e-6)
+        assert torch.equal(g1.get_state(), g2.get_state())
+    assert seen == {"24x40", "32x32", "40x24"}
+    assert plain.counts() == cached.counts() and plain.counts()["aspect"] >= 1 and plain.counts()["caption"] >= 1
+    assert plain.state_dict() == cached.state_dict()
+
+
+def test_bucket_set_changes_are_refused_naming_data_buckets(aspect_shards, tmp_path):
+    shards = aspect_shards[:1]
+    bucketed, square = tmp_path / "b", tmp_path / "s"
+    _build([f"data.shards={shards}", "data.resolution=32", BUCKETS], bucketed)
+    _build([f"data.shards={shards}", "data.resolution=32"], square)
+
+    def refusal(cfg):
+        text, vae = build_frozen(cfg)
+        with pytest.raises(CacheError) as err:
+            TrainLoader(cfg.data, seed=0, rank=0, world_size=1, batch_size=2,
+                        cache_identity=cache.identity(text, vae, cfg))
+        return str(err.value)
+
+    other = refusal(_bcfg(shards, f"data.cache={bucketed}", "data.buckets={area: 1024, step: 16}"))  # 32x32 only
+    assert ("1 stale" in other and "buckets (data.buckets): cache [24x40, 32x32, 40x24] (aspects 0.5 to 2), "
+            "now [32x32] (aspects 0.5 to 2)" in other), other
+    # only the aspect range differs, past the 4 digits shown: the full values
+    narrow = refusal(_bcfg(shards, f"data.cache={bucketed}",
+                           "data.buckets={area: 1024, step: 8, max_aspect: 2.0000001}"))
+    assert "(aspects 0.5 to 2.0), now [24x40, 32x32, 40x24] (aspects 0.5 to 2.0000001)" in narrow, narrow
+    off = refusal(_cfg(shards, "data.resolution=32", f"data.cache={bucketed}"))  # buckets now off
+    assert "buckets (data.buckets): cache [24x40, 32x32, 40x24]" in off and "now none (square" in off, off
+    assert "bucket_crop" not in off, off
+    on = refusal(_bcfg(shards, f"data.cache={square}"))  # a square cache, buckets now on
+    assert "buckets (data.buckets): cache none (square images at data.resolution), now [24x40" in on, on
+
+    # an entry whose bucket the current set lacks is a bad "cache" sample (a matching identity rules it out)
+    import random
+
+    from t2i.data.buckets import bucket_set
+    from t2i.data.shards import raw_samples
+    reader = cache.CacheReader(bucketed)
+    entries = cache.ShardCache(cache.cache_path(bucketed, shards[0])).index["samples"]
+    for raw in raw_samples([shards[0]], {"read": 0, "short_shard": 0}, {}):
+        name = entries[raw["__key__"]][2]
+        good, _ = reader.sample(raw, random.Random(0), buckets=bucket_set({"area": 1024, "step": 8}, 32))
+        assert good["bucket"] == ["24x40", "32x32", "40x24"].index(name)
+        missing = bucket_set(["40x24" if name == "32x32" else "32x32"], 32)
+        assert reader.sample(raw, random.Random(0), buckets=missing) == (None, "cache")
+        assert reader.sample(raw, random.Random(0)) == (None, "cache")  # a bucketed entry read without buckets
+
+
+def test_square_cache_identity_is_unchanged_by_buckets():
+    """The square identity (and so every existing square cache) is what it was before data.buckets existed:
+    hashes recorded before the bucket support was added."""
+    for over, expected in (([], "528c8f075cd4dec50d133c7c884e23d230cfb41489fabbf89d115febf56414bf"),
+                           (["data.resolution=16", "vae.kind=tiny", "vae.latent_channels=4"],
+                            "58fca35ff29a611df5e212271cf4ca97c64deb87fa531967afcf0bb0cccc6657")):
+        cfg = load_config(overrides=over)
+        text, vae = build_frozen(cfg)
+        ident = cache.identity(text, vae, cfg)
+        assert "buckets" not in ident and "bucket_crop" not in ident and ident["crop"] == cache.CROP_RULE
+        assert cache.identity_hash(ident) == expected
+        with_buckets = cache.identity(text, vae, load_config(overrides=[*over, BUCKETS]))
+        assert cache.identity_hash(with_buckets) != expected and "buckets" in with_buckets

@@ -8,6 +8,8 @@
 Writes <out>/<shard name>.safetensors per shard of data.shards (temp file + atomic rename). A shard
 whose cache file exists and matches the current encoders, VAE, resolution, t5_padding, store dtype and
 shard size is skipped, so a killed run resumes where it stopped; a stale file is rewritten.
+With data.buckets each image's posterior is stored at its bucket's size (the bucket set is part of the
+identity), and the summary lists the images per bucket.
 """
 
 from __future__ import annotations
@@ -93,9 +95,28 @@ def main(argv=None) -> int:
         written += 1
     bar.close()
     if rank == 0:
-        print(f"t2i cache: rank 0 wrote {written} file(s), {samples[0]} samples in {time.perf_counter() - t0:.1f} s; "
-              f"train with data.cache={out}", flush=True)
+        print(f"t2i cache: rank 0 wrote {written} file(s), {samples[0]} samples in {time.perf_counter() - t0:.1f} s"
+              f"{bucket_summary(out, mine, cfg)}; train with data.cache={out}", flush=True)
     return 0
+
+
+def bucket_summary(out, urls, cfg) -> str:
+    """With data.buckets: ', images per bucket in rank 0's N file(s): 24x40=3, 32x32=5, ...' (read from
+    the files' metadata, the ones already valid included); '' without buckets."""
+    import json
+
+    from t2i.data import cache
+    from t2i.data.buckets import bucket_set
+
+    buckets = bucket_set(cfg.data.buckets, cfg.data.resolution)
+    if buckets is None:
+        return ""
+    total = dict.fromkeys(buckets.names, 0)
+    for url in urls:
+        for name, n in json.loads(cache.read_meta(cache.cache_path(out, url)).get("buckets", "{}")).items():
+            total[name] = total.get(name, 0) + int(n)
+    per = ", ".join(f"{name}={n}" for name, n in total.items())
+    return f"; images per bucket in rank 0's {len(urls)} file(s): {per}"
 
 
 if __name__ == "__main__":

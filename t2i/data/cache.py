@@ -29,9 +29,10 @@ loader picks one at random. Captions go through the loader's rule (t2i.data.deco
 invalid UTF-8 -> U+FFFD, cut to data.max_caption_bytes), so the hashes training looks up match.
 Floats are stored in bf16 unless ``--dtype float32``. The safetensors metadata holds the identity
 JSON (encoders, VAE, resolution, crop rule, t5_padding, store dtype, format, data.max_caption_bytes
-/ data.max_image_pixels when not at their defaults, and with data.buckets the bucket set and its crop rule), ``identity_sha256`` (the hash of that identity
-WITHOUT store_dtype, which training accepts either way), the source shard's size in bytes and its
-sample count (and its read / short-shard events and caption notes). A file whose hash or shard size
+/ data.max_image_pixels when not at their defaults, and with data.buckets the bucket set and its crop
+rule), ``identity_sha256`` (the hash of that identity WITHOUT store_dtype, which training accepts either
+way), the source shard's size in bytes and its sample count (and its read / short-shard events and
+caption notes). A file whose hash or shard size
 differs from the current ones is stale and refused (``check_cache``), never silently used.
 
 Training (``encode_batch``) rebuilds exactly what the encoders give: context = [pad_channels(clip);
