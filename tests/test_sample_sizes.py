@@ -238,3 +238,16 @@ def test_t2i_eval_at_width_x_height_builds_its_reference_at_that_size_and_record
     assert {k: json.loads((out / "toy" / "manifest.json").read_text())[k] for k in ("resolution", "width", "height")} \
         == {"resolution": "16x8", "width": 16, "height": 8}
     assert Image.open(out / "grid.png").format == "PNG"
+
+
+def test_a_size_the_model_cannot_sample_is_refused_naming_the_flag(toy):
+    from t2i.errors import ConfigError
+
+    loaded = toy["loaded"]                                               # patch 4, grid 4 patches, factor 1
+    with pytest.raises(ConfigError, match=r"--resolution 18x8: each side must be a multiple of 4 \(VAE downsampling 1 "
+                                          r"x patch size 4\)"):
+        plan(loaded, resolution=(18, 8), explicit=set())
+    with pytest.raises(ConfigError, match=r"--resolution 20x8: a side of 20 px is past the model's positional grid "
+                                          r"of 16 px"):
+        plan(loaded, resolution=(20, 8), explicit=set())
+    assert plan(loaded, resolution=(16, 8), explicit=set()).resolution == (16, 8)

@@ -135,6 +135,8 @@ def plan(loaded, *, steps=None, guidance=None, shift=None, resolution=None, expl
         sources["grid"] = f"{config_name}: sample.sigmas" if folder is not None else "the checkpoint's config"
     full = flow.scheduler_config(scheduler, shift) if grid == "diffusers" else None
     resolution = as_resolution(resolution)
+    if isinstance(resolution, tuple):
+        check_size(resolution, getattr(getattr(loaded, "vae", None), "downsample", None), model_cfg)
     tokens = None
     if full and full.get("use_dynamic_shifting"):  # μ from the latent token count, as the pipeline
         width, height = size_of(resolution)
@@ -143,6 +145,23 @@ def plan(loaded, *, steps=None, guidance=None, shift=None, resolution=None, expl
     sigmas = flow.inference_sigmas(steps, grid, shift, full, image_seq_len=tokens)
     return Plan(steps=int(steps), guidance=float(guidance), shift=float(shift), resolution=resolution,
                 grid=grid, sigmas=sigmas, scheduler=full, model=family, sources=sources, guidance_interval=interval)
+
+
+def check_size(size: tuple[int, int], factor: Optional[int], model_config: dict, key: str = "--resolution") -> None:
+    """A (width, height) the model can sample: each side a multiple of VAE factor × patch size and at most the
+    positional grid (pos_embed_max_size patches), else ConfigError naming `key` (before any model call)."""
+    from t2i.errors import ConfigError
+
+    patch = (model_config or {}).get("patch_size") or 1
+    step = (factor or 1) * patch
+    width, height = size
+    if width % step or height % step:
+        raise ConfigError(f"{key} {width}x{height}: each side must be a multiple of {step} (VAE downsampling "
+                          f"{factor or 1} x patch size {patch})")
+    grid = (model_config or {}).get("pos_embed_max_size")
+    if grid and max(width, height) > grid * step:
+        raise ConfigError(f"{key} {width}x{height}: a side of {max(width, height)} px is past the model's positional "
+                          f"grid of {grid * step} px ({grid} patches of {step} px)")
 
 
 def image_tokens(latent_size, patch_size: Optional[int]) -> int:
