@@ -193,3 +193,17 @@ def test_a_square_loader_state_is_what_it_was_before_buckets(make_shards):
         "epoch", "index", "counts"}
     assert not any(k.startswith("bucket/") for k in state["workers"][0]["counts"])
     assert bucket_counts(loader) == {}
+
+
+def test_the_run_sample_grid_draws_two_buckets_when_buckets_are_on():
+    from t2i.models.build import build_for, build_frozen
+    from t2i.train.live_eval import grid_samples
+
+    cfg = load_config(overrides=["data.buckets={step: 8}", "sample.steps=1", "sample.prompts=[a, b]"])
+    text, vae = build_frozen(cfg)
+    images, labels = grid_samples(cfg, build_for(cfg, text, vae), text, vae, None)
+    assert [tuple(i.shape[1:]) for i in images] == [(32, 32), (24, 40)] * 2  # (height, width): 32x32 and 40x24
+    assert labels == ["a (32x32)", "a (40x24)", "b (32x32)", "b (40x24)"]
+    square = load_config(overrides=["sample.steps=1", "sample.prompts=[a, b]"])
+    images, labels = grid_samples(square, build_for(square, text, vae), text, vae, None)
+    assert images.shape == (4, 3, 32, 32) and labels == ["a", "a", "b", "b"]

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from t2i.checkpoint import ema as ema_lib
+from t2i.data.buckets import bucket_set, size_name
 from t2i.eval import geneval
 from t2i.models import build
 from t2i.models.mmdit import load_weights
@@ -54,12 +55,9 @@ class LiveEval:
             self.model = build.build_for(self.cfg, self.text, self.vae).to(self.device).eval()
         load_weights(self.model, weights)
         s, res = self.cfg.sample, self.cfg.data.resolution
-        prompts = [p for p in s.prompts for _ in range(2)]
         self.sigmas = config_sigmas(self.cfg, dict(self.model.config), self.vae.latent_size(res))
-        images = generate(self.model, self.text, self.vae, prompts, resolution=res, steps=s.steps,
-                          guidance=s.guidance, shift=s.shift, seed=s.seed, sigmas=self.sigmas,
-                          interval=s.guidance_interval)
-        grid = save_grid(images, prompts, self.run_dir / "samples" / f"step{step:08d}.png")
+        images, labels = grid_samples(self.cfg, self.model, self.text, self.vae, self.sigmas)
+        grid = save_grid(images, labels, self.run_dir / "samples" / f"step{step:08d}.png")
         logger.image("samples", grid, step)
         metrics = {}
         if self.prompts:
@@ -67,7 +65,7 @@ class LiveEval:
         logger.evaluation(step, metrics, grid)
         return metrics
 
-    def geneval(self, s, resolution: int) -> dict:
+    def geneval(self, s, resolution: int) -> dict:  # (square: the shapes detector's boxes assume it)
         """Shapes-domain GenEval of `geneval_images` images per prompt: {"overall", <tag>: score}."""
         from t2i.eval.shapes_detector import ShapesColorClassifier, ShapesDetector
         from t2i.viz import to_pil
@@ -82,3 +80,22 @@ class LiveEval:
                    for im, dets, e in zip(pils, detector(pils), entries, strict=True)]
         summary = geneval.summarize(records)
         return {"overall": summary["overall"], **{t: v["score"] for t, v in summary["tags"].items()}}
+
+
+def grid_samples(cfg, model, text, vae, sigmas) -> tuple[list, list[str]]:
+    """The run's sample grid (in training and at the end): each of cfg.sample.prompts twice, seeds
+    sample.seed + i. Square runs draw both at data.resolution; with data.buckets the first is drawn at the
+    most square bucket and the second at the most extreme one (t2i.data.buckets.BucketSet.sample_sizes),
+    labelled with their size, so the grid shows how the model does at two aspect ratios."""
+    s = cfg.sample
+    buckets = bucket_set(cfg.data.buckets, cfg.data.resolution)
+    common = dict(steps=s.steps, guidance=s.guidance, shift=s.shift, sigmas=sigmas, interval=s.guidance_interval)
+    if buckets is None:
+        prompts = [p for p in s.prompts for _ in range(2)]
+        return generate(model, text, vae, prompts, resolution=cfg.data.resolution, seed=s.seed, **common), prompts
+    sizes = (buckets.sample_sizes() * 2)[:2]
+    drawn = [generate(model, text, vae, list(s.prompts), resolution=size, seed=s.seed + k * len(s.prompts), **common)
+             for k, size in enumerate(sizes)]
+    images = [drawn[k][i] for i in range(len(s.prompts)) for k in range(2)]
+    labels = [f"{p} ({size_name(size)})" for p in s.prompts for size in sizes]
+    return images, labels

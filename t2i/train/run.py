@@ -87,17 +87,15 @@ def accept(cfg: Config, run_dir: Path, rank: int) -> None:
 def finish(cfg: Config, run_dir: Path, text, vae, ckpt_root: Path, device) -> None:
     """Rank 0: sample the fixed prompts from the final checkpoint's EMA weights; plot the loss."""
     from t2i.checkpoint import loading  # the models: not imported where only the run folder is planned (t2i.train.plan)
-    from t2i.eval.sampling import config_sigmas, generate
+    from t2i.eval.sampling import config_sigmas
+    from t2i.train.live_eval import grid_samples
     from t2i.train.logger import read_metrics
     from t2i.viz import plot_loss, save_grid
 
     tag = store.latest_tag(ckpt_root)
     model = loading.load(ckpt_root / tag, ema=cfg.sample.use_ema, device=device, text=text, vae=vae).model
-    prompts = [p for p in cfg.sample.prompts for _ in range(2)]
     sigmas = config_sigmas(cfg, dict(model.config), vae.latent_size(cfg.data.resolution))
-    images = generate(model, text, vae, prompts, resolution=cfg.data.resolution, steps=cfg.sample.steps, sigmas=sigmas,
-                      guidance=cfg.sample.guidance, shift=cfg.sample.shift, seed=cfg.sample.seed,
-                      interval=cfg.sample.guidance_interval)
-    grid = save_grid(images, prompts, run_dir / "samples" / f"{tag}.png")
+    images, labels = grid_samples(cfg, model, text, vae, sigmas)
+    grid = save_grid(images, labels, run_dir / "samples" / f"{tag}.png")
     curve = plot_loss(read_metrics(run_dir), run_dir / "loss.png", title=f"{cfg.run.name}: training loss")
     log.info("samples: %s  loss curve: %s", grid, curve)
