@@ -97,6 +97,12 @@ def _check_buckets(run, keys) -> None:
             assert len({bucket_of_key(k) for k in step_keys}) == 1, step_keys
             used.add(bucket_of_key(step_keys[0]))
     assert used == {"12x20", "16x16", "20x12"}
+    # the checkpoint at step K: a stream stopped mid-epoch (each slot reads one 12-sample shard per epoch) with
+    # samples waiting in its buffers
+    from t2i.checkpoint.store import read_client_state
+    states = [read_client_state(run / "checkpoints", tag_for(K), rank)["data"] for rank in range(2)]
+    assert all(s["buckets"] == ["12x20", "16x16", "20x12"] for s in states)
+    assert any(0 < w["index"] < 12 and w.get("waiting") for s in states for w in s["workers"].values()), states
     records = {r["step"]: r for r in read_records(run) if "images_per_bucket" in r}
     at_k = records[K]
     assert at_k["waiting"] > 0 and at_k["dropped_aspect"] > 0 and at_k["bad"].get("aspect") == at_k["dropped_aspect"]
