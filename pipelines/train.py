@@ -28,7 +28,7 @@ from t2i.errors import Preempted
 from t2i.io import write_json
 from t2i.models.build import build_for, build_frozen
 from t2i.models import attention
-from t2i.models.mmdit import checkpointed_blocks, count_parameters
+from t2i.models.mmdit import ShapeWatch, checkpointed_blocks, count_parameters
 from t2i.train import engine as engine_lib, faults, optim, step_profile
 from t2i.train.checkpointer import Checkpointer, init_from_parent
 from t2i.train.diagnostics import FixedSigmaValidation, SigmaStats
@@ -108,6 +108,8 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
     phases = Phases(cfg.logging.phase_times, device, comm=comm_seconds)  # off by default: it syncs the GPU
     step_profile.install(optimizer, phases)  # DeepSpeed's step by part (opt.* phases), with phase_times only
 
+    # model.compile with buckets: one static graph per bucket shape; each first batch is logged (it compiles)
+    shapes = ShapeWatch(len(loader.buckets.sizes)) if cfg.model.compile and loader.buckets is not None else None
     end = min(cfg.train.steps, stop_at or cfg.train.steps)
     log_every = log_interval(cfg.train)
     t_loop, cpu_loop = time.perf_counter(), time.process_time()
@@ -122,6 +124,8 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
         for _ in range(cfg.train.grad_accum):
             with phases("data"):
                 batch = next(loader)
+            if shapes is not None and (note := shapes.see(_latent_hw(batch["bucket"], vae))):
+                log.info(note)  # (this rank's; every rank compiles each bucket's graphs once)
             loss, stats = compute_loss(engine, text, vae, batch, generator, cfg, device, dtype, phases=phases)
             with phases("backward"):
                 engine.backward(loss)
@@ -172,6 +176,12 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
                  resume_command(cfg, world))
     dist.barrier()
     return run_dir
+
+
+def _latent_hw(bucket: str, vae) -> tuple[int, int]:
+    """(height, width) of a bucket's latents ("WxH" in pixels)."""
+    w, h = (int(v) for v in bucket.split("x"))
+    return vae.latent_size(h), vae.latent_size(w)
 
 
 def log_speed_setup(cfg: Config, model, optimizer, text, vae, dtype, device) -> None:

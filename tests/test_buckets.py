@@ -207,3 +207,18 @@ def test_the_run_sample_grid_draws_two_buckets_when_buckets_are_on():
     square = load_config(overrides=["sample.steps=1", "sample.prompts=[a, b]"])
     images, labels = grid_samples(square, build_for(square, text, vae), text, vae, None)
     assert images.shape == (4, 3, 32, 32) and labels == ["a", "a", "b", "b"]
+
+
+def test_a_forced_smaller_micro_batch_keeps_the_waiting_samples_in_their_buckets(make_shards):
+    urls = make_shards(n_shards=2, per_shard=12, sizes=SIZES)
+    first = TrainLoader(bucketed(urls), seed=0, rank=0, world_size=1, batch_size=4)
+    next(first)
+    state = first.state_dict()
+    held = sorted(tuple(p) for w in state["workers"].values() for p in w["waiting"])
+    assert len(held) >= 2
+    resumed = TrainLoader(bucketed(urls), seed=0, rank=0, world_size=1, batch_size=1, state=state)
+    batches = [next(resumed) for _ in range(len(held))]
+    # the waiting samples come out first, one per micro-batch, each in the bucket it waited in
+    assert all(len(b["keys"]) == 1 and b["bucket"] == NAME[SIZES[int(b["keys"][0].rsplit("_", 1)[1]) % 6]]
+               for b in batches)
+    assert resumed.waiting() == 0

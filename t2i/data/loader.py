@@ -203,16 +203,15 @@ def bucket_batches(stream: Iterator[dict], batch_size: int, names: Optional[list
             (epoch, index), counts = sample["pos"], sample["counts"]
         buffer = buffers[sample["bucket"]]
         buffer.append(sample)
-        if len(buffer) < batch_size:
-            continue
-        batch, buffer[:] = buffer[:batch_size], buffer[batch_size:]
-        out = collate(batch)
-        if names is not None:
-            out["bucket"] = name = names[batch[0]["bucket"]]
-            emitted[f"bucket/{name}"] = emitted.get(f"bucket/{name}", 0) + batch_size
-        out["state"] = {"epoch": epoch, "index": index, "counts": counts | emitted,
-                        "waiting": sorted(s["pos"] for b in buffers for s in b)}
-        yield out
+        while len(buffer) >= batch_size:  # (more than one batch only after a forced smaller micro-batch)
+            batch, buffer[:] = buffer[:batch_size], buffer[batch_size:]
+            out = collate(batch)
+            if names is not None:
+                out["bucket"] = name = names[batch[0]["bucket"]]
+                emitted[f"bucket/{name}"] = emitted.get(f"bucket/{name}", 0) + batch_size
+            out["state"] = {"epoch": epoch, "index": index, "counts": counts | emitted,
+                            "waiting": sorted(s["pos"] for b in buffers for s in b)}
+            yield out
 
 
 # ----------------------------------------------------------------------------------------------

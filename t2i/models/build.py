@@ -32,4 +32,5 @@ def build_for(cfg: Config, text: TextEncoders, vae: FrozenVAE) -> torch.nn.Modul
         side = max(sample_size, *(vae.latent_size(s) for size in buckets.sizes for s in size))
         model_cfg = dataclasses.replace(model_cfg, kwargs={**model_cfg.kwargs, "pos_embed_max_size": side // patch})
     return build_model(model_cfg, in_channels=vae.latent_channels, sample_size=sample_size,
-                       joint_attention_dim=text.context_dim, pooled_projection_dim=text.pooled_dim, seed=cfg.run.seed)
+                       joint_attention_dim=text.context_dim, pooled_projection_dim=text.pooled_dim, seed=cfg.run.seed,
+                       n_shapes=len(buckets.sizes) if buckets is not None else 1)
