@@ -81,6 +81,11 @@ def test_a_resume_mid_run_gives_the_same_losses_and_samples(make_shards, tmp_pat
         assert all(len(keys) == 4 * grad_accum for keys in keys_a[rank])
     if bucketed:
         _check_buckets(run, keys_a)
+        # the same checkpoint at another world size: refused (its buffers belong to those 2 ranks' streams)
+        refused = run_t2i("train", "--resume", *tiny_train_args(shards, tmp_path / "runs", "r"), check=False)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert "was written by 2 rank(s) with data.buckets set; resuming with 1 would drop the samples waiting" \
+            in refused.stderr and "--force-override" in refused.stderr
     assert (run / "samples").is_dir() and (run / "loss.png").is_file()  # the resumed run drew the final samples
     # DeepSpeed's CPU shared-memory all-reduce is skipped (t2i.train.engine.skip_shm_allreduce): no segment is made
     assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= shm_before
