@@ -93,6 +93,11 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
     cache_identity = cache_lib.identity(text, vae, cfg) if cfg.data.cache else None
     loader = TrainLoader(cfg.data, seed=cfg.run.seed, rank=rank, world_size=world,
                          batch_size=cfg.train.micro_batch_size, state=data_state, cache_identity=cache_identity)
+    if loader.buckets is not None:
+        b, mb = loader.buckets, cfg.train.micro_batch_size
+        log.info("data.buckets: %d buckets %s (image aspects %.3g to %.3g); each loader slot's buffers hold at most "
+                 "%d samples (%.1f MB)", len(b.sizes), " ".join(b.names), b.min_aspect, b.max_aspect,
+                 len(b.sizes) * (mb - 1), sum(w * h * 3 for w, h in b.sizes) * (mb - 1) / 1e6)
     if cfg.data.cache:
         log.info("data.cache: reading text encodings and VAE posteriors from %s (%d shard files checked)",
                  cfg.data.cache, len(loader.urls))

@@ -14,7 +14,7 @@ from helpers import REPO
 HEADING = "### Train on your own data"
 # appended to each command: the README's lines stay as a user types them (overrides go anywhere)
 TINY = {"train": "train.steps=2 data.resolution=16 train.micro_batch_size=4 data.shuffle_buffer=16 "
-                 "train.warmup_steps=1 sample.steps=2 logging.wandb=disabled",
+                 "train.warmup_steps=1 sample.steps=2 logging.wandb=disabled 'data.buckets={step: 4}'",
         "sample": "--steps 2 --images-per-prompt 1"}
 
 
@@ -29,6 +29,7 @@ def test_the_walkthrough_is_what_a_user_types():
     assert [line.split()[:2] for line in lines if line.startswith("t2i")] == [
         ["t2i", "make-shards"], ["t2i", "train"], ["t2i", "sample"]]
     assert "data.shards=data/mine" in walkthrough() and "--src my_images" in walkthrough()
+    assert "'data.buckets={step: 8}'" in walkthrough()  # multi-aspect
 
 
 @pytest.mark.slow
@@ -53,6 +54,8 @@ def test_the_readme_walkthrough_runs(tmp_path):
                  "INFO live GenEval off: data.shards=data/mine is not the shapes domain"):
         assert line in proc.stderr
     run = tmp_path / "runs" / "mine"
+    # multi-aspect: 40x40 .. 64x40 images in the 16x16 and 20x12 buckets (16 px area in steps of 4, appended)
+    assert "buckets 12x20=0 16x16=" in proc.stderr and "dropped for aspect 0" in proc.stderr
     assert (run / "samples" / "step00000002.png").is_file() and (run / "loss.png").is_file()
     assert "- a photo of the cat" in (run / "config.yaml").read_text()  # the grid's prompts are the captions
     assert (tmp_path / "samples/mine/00000/samples/0000.png").is_file()
