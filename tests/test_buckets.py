@@ -222,3 +222,11 @@ def test_a_forced_smaller_micro_batch_keeps_the_waiting_samples_in_their_buckets
     assert all(len(b["keys"]) == 1 and b["bucket"] == NAME[SIZES[int(b["keys"][0].rsplit("_", 1)[1]) % 6]]
                for b in batches)
     assert resumed.waiting() == 0
+
+
+def test_the_bucket_numbers_reach_wandb_under_their_own_keys():
+    from t2i.train.logger import _flatten
+    flat = _flatten({"images_per_bucket": {"12x20": 8, "16x16": 16}, "waiting": 5, "dropped_aspect": 2,
+                     "bad": {"aspect": 2}}, "train/")
+    assert flat == {"train/images_per_bucket/12x20": 8, "train/images_per_bucket/16x16": 16, "train/waiting": 5,
+                    "train/dropped_aspect": 2, "train/bad/aspect": 2}
