@@ -129,7 +129,7 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
         for _ in range(cfg.train.grad_accum):
             with phases("data"):
                 batch = next(loader)
-            if shapes is not None and (note := shapes.see(_latent_hw(batch["bucket"], vae))):
+            if shapes is not None and (note := shapes.see(_latent_hw(batch["bucket"], vae), f"bucket {batch['bucket']}")):
                 log.info(note)  # (this rank's; every rank compiles each bucket's graphs once)
             loss, stats = compute_loss(engine, text, vae, batch, generator, cfg, device, dtype, phases=phases)
             with phases("backward"):

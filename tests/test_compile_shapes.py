@@ -65,7 +65,8 @@ def test_the_first_batch_of_each_latent_shape_is_logged_once():
     assert watch.see(torch.Size([4, 16, 128, 96])) == ("model.compile: first batch at latent 128x96 (bucket 1 of 2): "
                                                        "compiling for it")
     assert watch.see((4, 16, 128, 96)) is None and watch.see((8, 16, 128, 96)) is None   # batch size aside
-    assert watch.see((96, 128)) == "model.compile: first batch at latent 96x128 (bucket 2 of 2): compiling for it"
+    assert watch.see((96, 128), "bucket 1024x768") == ("model.compile: first batch at bucket 1024x768, latent 96x128 "
+                                                        "(height x width) (bucket 2 of 2): compiling for it")
     assert watch.see((4, 16, 96, 128)) is None
     assert watch.see((4, 16, 64, 64)).startswith("model.compile: first batch at latent 64x64 (shape 3, more than "
                                                  "the 2 buckets expected)")

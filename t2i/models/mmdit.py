@@ -181,15 +181,17 @@ class ShapeWatch:
         self.n_expected = n_expected
         self.seen: list[tuple[int, int]] = []
 
-    def see(self, latent_shape) -> str | None:
+    def see(self, latent_shape, label: str = "") -> str | None:
+        """`label`: what the shape is to the user, e.g. "bucket 1216x832" (width x height in pixels)."""
         height, width = (int(d) for d in tuple(latent_shape)[-2:])
         if (height, width) in self.seen:
             return None
         self.seen.append((height, width))
         k, n = len(self.seen), self.n_expected
+        what = f"{label}, latent {height}x{width} (height x width)" if label else f"latent {height}x{width}"
         if k <= n:
-            return f"model.compile: first batch at latent {height}x{width} (bucket {k} of {n}): compiling for it"
-        return (f"model.compile: first batch at latent {height}x{width} (shape {k}, more than the {n} buckets "
+            return f"model.compile: first batch at {what} (bucket {k} of {n}): compiling for it"
+        return (f"model.compile: first batch at {what} (shape {k}, more than the {n} buckets "
                 f"expected): compiling for it; past torch._dynamo's recompile limit a shape runs eagerly")
 
 
