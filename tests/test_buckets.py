@@ -230,3 +230,28 @@ def test_the_bucket_numbers_reach_wandb_under_their_own_keys():
                      "bad": {"aspect": 2}}, "train/")
     assert flat == {"train/images_per_bucket/12x20": 8, "train/images_per_bucket/16x16": 16, "train/waiting": 5,
                     "train/dropped_aspect": 2, "train/bad/aspect": 2}
+
+
+def test_img2dataset_keep_ratio_samples_are_bucketed_from_their_json_without_decoding():
+    """img2dataset's webdataset output (resize_mode keep_ratio) writes the final width and height in each
+    sample's json: the bucket (or the 'aspect' drop) is decided from it; the image is not decoded for that."""
+    import io
+    import random
+
+    from t2i.data.decode import decode_sample
+
+    b = bucket_set({"step": 8}, 32)
+    meta = {"url": "http://x/y.jpg", "caption": "a cat", "key": "000000001", "status": "success",
+            "width": 60, "height": 36, "original_width": 1200, "original_height": 720, "exif": "{}"}
+    buf = io.BytesIO()
+    Image.new("RGB", (60, 36), (10, 200, 30)).save(buf, "JPEG")
+    raw = {"__key__": "000000001", "jpg": buf.getvalue(), "txt": b"a cat", "json": json.dumps(meta).encode()}
+    sample, reason = decode_sample(raw, 32, random.Random(0), buckets=b)
+    assert reason is None and b.names[sample["bucket"]] == "40x24" and sample["image"].shape == (3, 24, 40)
+    # out of range by its json: dropped for aspect; the (undecodable) bytes are never opened
+    wide = dict(raw, jpg=b"not an image", json=json.dumps({**meta, "width": 100, "height": 36}).encode())
+    assert decode_sample(wide, 32, random.Random(0), buckets=b) == (None, "aspect")
+    # no size in the json: the header decides (an undecodable image stays a bad 'image')
+    no_size = dict(raw, json=json.dumps({"caption": "a cat"}).encode())
+    assert b.names[decode_sample(no_size, 32, random.Random(0), buckets=b)[0]["bucket"]] == "40x24"
+    assert decode_sample(dict(no_size, jpg=b"junk"), 32, random.Random(0), buckets=b) == (None, "image")
