@@ -14,12 +14,11 @@ opens). What webdataset does not give us, and is written here:
   over data.max_image_pixels), "caption" (none), "read" (a shard the reader failed on: cut inside a
   member, corrupt), "short_shard" (a shard that ends early without error: no end-of-archive marker,
   or fewer samples than its make-shards manifest.json lists; see t2i.data.shards), "cache" (missing
-  from data.cache). A shard event is counted by the one slot that owns the sample index where it
+  from data.cache), "small" (under data.min_size), "aspect" (outside data.buckets' range). A shard event is counted by the one slot that owns the sample index where it
   happened, so a shard read by several slots (fewer shards than slots) still counts once.
   Captions cut to data.max_caption_bytes or with invalid UTF-8 are counted too (CAPTION_NOTES) but
   are not bad. Counts ride along with the batches and are checkpointed; a checkpoint whose counts
   lack a key (written before it existed) resumes with that key at 0.
-
 * **Buckets** (data.buckets, t2i.data.buckets, docs/design/buckets.md). Each slot batches its own
   stream: a sample joins its bucket's buffer, and a buffer that reaches the micro-batch size is one
   micro-batch (of one size). Without buckets there is one bucket, the square, and this is plain
