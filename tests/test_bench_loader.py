@@ -110,3 +110,79 @@ def test_without_shards_the_tools_make_a_cached_shapes_set_once(tmp_path, monkey
     assert with_data(args) == ["train.steps=3", f'data.shards="{spec}"']
     args.shards = urls[0]
     assert with_data(args) == ["train.steps=3", f'data.shards="{urls[0]}"']
+
+
+def test_bucketed_mode_reports_square_and_bucketed_rows(tmp_path, capsys):
+    """--buckets: the square TrainLoader (ours) and the bucketed one side by side on a tiny mixed-aspect
+    synthetic set (--synthetic-aspects, json width / height), with ratios, aspect drops and the buffers'
+    memory (exact waiting bytes within the upper bound; waiting within the hard bound)."""
+    import tarfile
+
+    from PIL import Image
+
+    from tools.bench_loader import write_synthetic_shards
+
+    out = tmp_path / "bench.json"
+    folder = tmp_path / "aspects"
+    sizes = "64x48,48x64,64x64,100x40"  # 100x40 (2.5:1) is past max_aspect 2: dropped for its aspect
+    assert cli_main(["bench-loader", "--synthetic-aspects", str(folder), "--synthetic-shape", "2x12",
+                     "--synthetic-sizes", sizes, "--resolution", "32", "--buckets", "{step: 8}",
+                     "--batch-size", "4", "--workers", "0,1", "--seconds", "0.3", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "buckets {'step': 8}: 24x40, 32x32, 40x24" in printed
+    assert "| ratio vs square (samples/s) |" in printed and "| bucketed | 1 |" in printed
+    report = json.loads(out.read_text())
+    assert report["bucket_sizes"] == ["24x40", "32x32", "40x24"] and report["buckets"] == {"step": 8}
+    assert report["hard_bound_waiting_samples_per_slot"] == 3 * 3
+    assert report["hard_bound_waiting_bytes_per_slot"] == 3 * 3 * (24 * 40 + 32 * 32 + 40 * 24)
+    rows = {(r["loader"], r["workers"]): r for r in report["results"]}
+    assert set(rows) == {("ours", 0), ("bucketed", 0), ("ours", 1), ("bucketed", 1)}
+    for (loader, workers), r in rows.items():
+        for field in ("samples_per_s", "cpu_ms_per_sample", "ratio_vs_square", "cpu_ratio_vs_square"):
+            assert r[field] > 0, (loader, workers, field)
+        assert r["ratio_vs_plain"] is None
+        slots = max(1, workers)
+        if loader == "ours":  # one buffer, emptied at every batch: nothing waits
+            assert r["ratio_vs_square"] == 1.0 and r["aspect_dropped"] == 0
+            assert r["peak_waiting_samples"] == 0 and r["peak_waiting_bytes"] == 0
+            assert r["peak_slot_buffer_bytes"] == 4 * 32 * 32 * 3
+            assert r["runs"][0]["image_shape"] == [3, 32, 32]
+        else:
+            assert r["aspect_dropped"] > 0 and r["bad_samples"] >= r["aspect_dropped"]
+            assert 0 < r["peak_waiting_samples"] <= slots * report["hard_bound_waiting_samples_per_slot"]
+            assert 24 * 40 * 3 * r["peak_waiting_samples"] <= r["peak_waiting_bytes"] \
+                <= r["peak_waiting_bytes_upper_bound"] == r["peak_waiting_samples"] * 32 * 32 * 3
+            assert r["peak_slot_buffer_bytes"] <= report["hard_bound_waiting_bytes_per_slot"] + 4 * 32 * 32 * 3
+            assert set(r["runs"][0]["samples_per_bucket"]) <= set(report["bucket_sizes"])
+    # the set: sizes cycled per shard, each with its json width / height; a rerun reuses it
+    with tarfile.open(folder / "bench-000000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    for i, (w, h) in enumerate([(64, 48), (48, 64), (64, 64), (100, 40)] * 3):
+        import io
+        assert json.loads(members[f"b0_{i:05d}.json"]) == {"width": w, "height": h}
+        assert Image.open(io.BytesIO(members[f"b0_{i:05d}.jpg"])).size == (w, h)
+    stamp = (folder / "bench-manifest.json").stat().st_mtime_ns
+    write_synthetic_shards(folder, 2, 12, sizes=[(64, 48), (48, 64), (64, 64), (100, 40)])
+    assert (folder / "bench-manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_the_plain_synthetic_set_is_unchanged(tmp_path):
+    """--synthetic (recorded benchmarks) still writes 640x480-style JPEGs without json, and its manifest."""
+    import tarfile
+
+    from tools.bench_loader import write_synthetic_shards
+
+    write_synthetic_shards(tmp_path, n_shards=1, per_shard=2, width=20, height=15)
+    assert json.loads((tmp_path / "bench-manifest.json").read_text()) == {
+        "n_shards": 1, "per_shard": 2, "width": 20, "height": 15, "quality": 90, "seed": 0}
+    with tarfile.open(tmp_path / "bench-000000.tar") as tar:
+        assert sorted(m.name for m in tar.getmembers()) == ["b0_00000.jpg", "b0_00000.txt", "b0_00001.jpg",
+                                                            "b0_00001.txt"]
+
+
+def test_bucketed_loader_needs_buckets(make_shards, capsys):
+    urls = make_shards(n_shards=1, per_shard=4)
+    assert cli_main(["bench-loader", "--shards", urls[0], "--loaders", "ours,bucketed", "--workers", "0"]) != 0
+    assert "--loaders bucketed needs --buckets" in capsys.readouterr().err
+    assert cli_main(["bench-loader", "--shards", urls[0], "--buckets", "{stp: 64}", "--workers", "0"]) != 0
+    assert "'--buckets.stp'" in capsys.readouterr().err
