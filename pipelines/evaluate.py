@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CFG only while sigma_lo <= sigma <= sigma_hi, one conditional pass elsewhere (default: "
                         "sample.guidance_interval; [0, 1] guides every step)")
     p.add_argument("--shift", type=float, default=None)
-    from t2i.cli import resolution_arg
+    from t2i.cliargs import resolution_arg
 
     p.add_argument("--resolution", type=resolution_arg, default=None, metavar="N|WxH",
                    help="a square side or WIDTHxHEIGHT in pixels (e.g. 1216x832); default as for t2i sample")

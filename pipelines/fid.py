@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from t2i.cli import resolution_arg
+from t2i.cliargs import resolution_arg
 from t2i.cmdline import HelpFormatter, parser as make_parser
 from t2i.errors import EvalError
 from t2i.io import write_json

@@ -25,7 +25,7 @@ import gc
 import importlib
 import sys
 
-from t2i.cliargs import add_overrides_argument, parse_with_overrides
+from t2i.cliargs import add_overrides_argument, parse_with_overrides, resolution_arg
 from t2i.cmdline import HelpFormatter
 from t2i.errors import EXIT_PREEMPTED, EXIT_USER, Preempted, T2IError
 from t2i.runtime import configure_environment, relaunch, under_launcher
@@ -44,19 +44,6 @@ TOOLS = {
     "cache": ("tools.cache:main", "precompute text encodings + VAE latents per shard (tools/cache.py)"),
     "bench-loader": ("tools.bench_loader:main", "samples/s of the data loader vs a plain webdataset loop"),
 }
-
-
-def resolution_arg(text: str):
-    """--resolution of `t2i sample` / `t2i eval`: "N" -> N (a square, as always; so is "NxN"), "WxH" -> (W, H)
-    (t2i.data.buckets.parse_size: width x height in pixels); a malformed value is an argparse error."""
-    from t2i.data.buckets import parse_size
-    from t2i.errors import ConfigError
-
-    try:
-        w, h = parse_size(text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--resolution: ")) from None
-    return w if w == h else (w, h)
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:

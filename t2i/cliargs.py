@@ -73,3 +73,16 @@ def _in_argv_order(tokens: list[str], argv: list[str]) -> list[str]:
             ordered.append(token)
             pool[token] -= 1
     return ordered
+
+
+def resolution_arg(text: str):
+    """--resolution of `t2i sample` / `t2i eval`: "N" -> N (a square, as always; so is "NxN"), "WxH" -> (W, H)
+    (t2i.buckets.parse_size: width x height in pixels); a malformed value is an argparse error."""
+    from t2i.buckets import parse_size
+    from t2i.errors import ConfigError
+
+    try:
+        w, h = parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--resolution: ")) from None
+    return w if w == h else (w, h)

@@ -132,7 +132,7 @@ class DataConfig:
                                     # square. With buckets: the side of the model's square sample_size (a
                                     # from-scratch model; its positional grid also covers the largest bucket),
                                     # the default sampling size and, for a rule without `area`, area = resolution²
-    buckets: Optional[Union[dict, list]] = None  # aspect-ratio buckets (t2i.data.buckets, docs/design/buckets.md):
+    buckets: Optional[Union[dict, list]] = None  # aspect-ratio buckets (t2i.buckets, docs/design/buckets.md):
                                     # null = the square above | {area, step, min_aspect, max_aspect} |
                                     # ["1024x1024", "1216x832", ...] (width x height)
     shuffle_buffer: int = 256
@@ -342,7 +342,7 @@ class Config:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.data.max_bad_fraction}")
         if self.data.resolution < 8:
             raise ConfigError(f"data.resolution must be >= 8, got {self.data.resolution}")
-        from t2i.data.buckets import bucket_set  # plain Python: the form here, the model's limits in t2i.models.geometry
+        from t2i.buckets import bucket_set  # plain Python: the form here, the model's limits in t2i.models.geometry
         bucket_set(self.data.buckets, self.data.resolution)
         _positive(self, "train.lr", "train.timesteps.shift", "train.timesteps.std", "sample.shift")
         _at_least(self, 0, "train.warmup_steps", "train.log_every", "train.weight_decay", "train.grad_clip",

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from t2i.config import DataConfig, load_config
-from t2i.data.buckets import (bucket_set, header_size, metadata_size, parse_size, resize_cover_crop,
-                              rule_sizes)
+from t2i.buckets import bucket_set, parse_size, rule_sizes
+from t2i.data.decode import header_size, metadata_size, resize_cover_crop
 from t2i.data.decode import resize_center_crop
 from t2i.data.loader import TrainLoader, bucket_counts
 from t2i.errors import ConfigError

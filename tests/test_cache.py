@@ -350,7 +350,7 @@ def test_bucket_set_changes_are_refused_naming_data_buckets(aspect_shards, tmp_p
     # an entry whose bucket the current set lacks is a bad "cache" sample (a matching identity rules it out)
     import random
 
-    from t2i.data.buckets import bucket_set
+    from t2i.buckets import bucket_set
     from t2i.data.shards import raw_samples
     reader = cache.CacheReader(bucketed)
     entries = cache.ShardCache(cache.cache_path(bucketed, shards[0])).index["samples"]

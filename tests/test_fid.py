@@ -415,7 +415,7 @@ def test_sizes_compare_as_width_height_and_old_int_metas_still_read():
 
 def wide_pngs(folder, n, seed, size=(64, 32)):
     """Shapes images cover-cropped to `size` (width, height), as PNGs."""
-    from t2i.data.buckets import resize_cover_crop
+    from t2i.data.decode import resize_cover_crop
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, (_, image, _, _) in enumerate(iter_samples(n, seed, 64)):
@@ -425,7 +425,7 @@ def wide_pngs(folder, n, seed, size=(64, 32)):
 
 def test_a_reference_at_width_x_height_cover_crops_shards_and_scores_samples_of_that_size_only(data, tmp_path,
                                                                                               capsys):
-    from t2i.data.buckets import resize_cover_crop
+    from t2i.data.decode import resize_cover_crop
     from t2i.data.shapes import iter_samples as shapes
 
     source = ImageSource(shards=str(data["shards_a"]), resolution="64x32", max_images=3)

@@ -368,7 +368,7 @@ def measure(make, workers: int, seconds: float, warmup_batches: int | None = Non
 
 def bucket_bounds(buckets, resolution: int, batch_size: int) -> dict:
     """The bucket set's sizes and the hard bounds on one slot's waiting samples and bytes."""
-    from t2i.data.buckets import bucket_set
+    from t2i.buckets import bucket_set
     bset = bucket_set(buckets, resolution, key="--buckets")
     pixels = [w * h for w, h in bset.sizes]
     return {"buckets": buckets, "bucket_sizes": bset.names, "min_aspect": bset.min_aspect,
@@ -509,7 +509,7 @@ def bench(argv=None) -> dict:
     buckets = None
     if args.buckets is not None:
         import yaml
-        from t2i.data.buckets import bucket_set
+        from t2i.buckets import bucket_set
         try:
             buckets = yaml.safe_load(args.buckets)
         except yaml.YAMLError as e:
@@ -521,7 +521,7 @@ def bench(argv=None) -> dict:
         n_shards, per_shard, width, height = (int(v) for v in args.synthetic_shape.lower().split("x"))
         urls = write_synthetic_shards(args.synthetic, n_shards, per_shard, width, height)
     elif args.synthetic_aspects:
-        from t2i.data.buckets import parse_size
+        from t2i.buckets import parse_size
         n_shards, per_shard = (int(v) for v in args.synthetic_shape.lower().split("x")[:2])
         sizes = [parse_size(v, key="--synthetic-sizes") for v in args.synthetic_sizes.split(",") if v.strip()]
         urls = write_synthetic_shards(args.synthetic_aspects, n_shards, per_shard, sizes=sizes)

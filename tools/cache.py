@@ -106,7 +106,7 @@ def bucket_summary(out, urls, cfg) -> str:
     import json
 
     from t2i.data import cache
-    from t2i.data.buckets import bucket_set
+    from t2i.buckets import bucket_set
 
     buckets = bucket_set(cfg.data.buckets, cfg.data.resolution)
     if buckets is None:

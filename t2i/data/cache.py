@@ -13,7 +13,7 @@ then renamed). A few large tensors per file, rows addressed through a JSON index
     index       uint8 JSON        {"samples": {key: [image row, {caption hash: text row}]},
                                    "bad": {key: "caption" | "image" | ...}}
 
-With aspect-ratio buckets (data.buckets, t2i.data.buckets) each image is decoded as training decodes it
+With aspect-ratio buckets (data.buckets, t2i.buckets) each image is decoded as training decodes it
 (cover-cropped to the bucket its size falls in; out of the set's aspect range: bad "aspect") and its
 posterior is stored at its bucket's size, one tensor per bucket present in the shard:
 
@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from t2i.data.buckets import BucketSet, bucket_set
+from t2i.buckets import BucketSet, bucket_set
 from t2i.data.decode import MAX_CAPTION_BYTES, MAX_IMAGE_PIXELS, caption_candidates, decode_sample, read_caption
 from t2i.data.shards import manifest_counts, raw_samples
 from t2i.errors import CacheError
@@ -67,7 +67,7 @@ FORMAT_VERSION = 1
 CROP_RULE = "short side -> resolution (bicubic), centre crop, [-1, 1] (t2i.data.loader.decode_sample)"
 # With data.buckets (identity key "bucket_crop", next to the bucket set under "buckets").
 BUCKET_CROP_RULE = ("bucket nearest in log aspect (json width/height, else the image header); scale (bicubic) "
-                    "to cover it, centre crop, [-1, 1] (t2i.data.buckets.resize_cover_crop)")
+                    "to cover it, centre crop, [-1, 1] (t2i.buckets.resize_cover_crop)")
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 SUFFIX = ".safetensors"
 

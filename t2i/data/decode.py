@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from t2i.buckets import BucketSet, Size
 from t2i.config import DataConfig
-from t2i.data.buckets import BucketSet, metadata_size, resize_cover_crop
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_NOTES = ("caption_truncated", "caption_invalid_utf8")  # counted, but not bad samples
@@ -37,7 +37,7 @@ def decode_sample(raw: dict, resolution: int, rng: random.Random, *, max_caption
                   max_pixels: int = MAX_IMAGE_PIXELS, min_size: int = 0, counts: Optional[dict] = None,
                   buckets: Optional[BucketSet] = None, as_tensor: bool = True) -> tuple[Optional[dict], Optional[str]]:
     """(sample, None) or (None, bad reason). Image: short side -> resolution, centre crop, [-1, 1]; with
-    `buckets` (t2i.data.buckets) cover-crop to the bucket its size falls in (sample["bucket"] = its index;
+    `buckets` (t2i.buckets) cover-crop to the bucket its size falls in (sample["bucket"] = its index;
     0 without buckets), and the bad reason "aspect" when the size is out of the set's range: the size comes
     from the json (`width`, `height`) or, without it, the image header; no pixel is decoded to choose.
     `as_tensor=False` leaves the image a PIL RGB image (uint8: a quarter of the float tensor's bytes, for
@@ -177,3 +177,44 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     w, h = image.size
     left, top = (w - size) // 2, (h - size) // 2
     return image.crop((left, top, left + size, top + size))
+
+
+def metadata_size(raw: dict) -> Optional[Size]:
+    """(width, height) from the sample's json (`width` / `height`, as t2i make-shards and img2dataset
+    write them), or None when absent or not positive integers."""
+    blob = raw.get("json")
+    if blob is None:
+        return None
+    try:
+        meta = json.loads(blob)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    w, h = meta.get("width"), meta.get("height")
+    if isinstance(w, int) and isinstance(h, int) and not isinstance(w, bool) and not isinstance(h, bool) and w > 0 and h > 0:
+        return w, h
+    return None
+
+
+def header_size(data: bytes) -> Optional[Size]:
+    """(width, height) from an image's header (PIL opens lazily: no pixel decode), or None."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 -- an unreadable image is counted bad where it is decoded
+        return None
+
+
+def resize_cover_crop(image: Image.Image, size: Size) -> Image.Image:
+    """Scale (bicubic) so the image covers `size` = (width, height), then centre-crop to it. For a
+    square size this is exactly t2i.data.decode.resize_center_crop."""
+    W, H = size
+    w, h = image.size
+    scale = max(W / w, H / h)
+    if scale != 1.0:
+        image = image.resize((max(W, round(w * scale)), max(H, round(h * scale))), Image.BICUBIC,
+                             reducing_gap=None if scale > 1 else 3.0)
+    w, h = image.size
+    left, top = (w - W) // 2, (h - H) // 2
+    return image.crop((left, top, left + W, top + H))

@@ -19,7 +19,7 @@ opens). What webdataset does not give us, and is written here:
   Captions cut to data.max_caption_bytes or with invalid UTF-8 are counted too (CAPTION_NOTES) but
   are not bad. Counts ride along with the batches and are checkpointed; a checkpoint whose counts
   lack a key (written before it existed) resumes with that key at 0.
-* **Buckets** (data.buckets, t2i.data.buckets, docs/design/buckets.md). Each slot batches its own
+* **Buckets** (data.buckets, t2i.buckets, docs/design/buckets.md). Each slot batches its own
   stream: a sample joins its bucket's buffer, and a buffer that reaches the micro-batch size is one
   micro-batch (of one size). Without buckets there is one bucket, the square, and this is plain
   consecutive batching. Every slot's stream is infinite, so every rank always has its next batch: no
@@ -43,7 +43,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from t2i.config import DataConfig
-from t2i.data.buckets import BucketSet, bucket_set
+from t2i.buckets import BucketSet, bucket_set
 from t2i.data.cache import CacheReader, collate as collate_cached
 from t2i.data.decode import CAPTION_NOTES, decode_sample, image_to_tensor, read_caption
 from t2i.data.shards import SHARD_EVENTS, expand_shards, manifest_counts, read_shards, slot_plan

@@ -1,7 +1,7 @@
 """Write WebDataset tar shards: the synthetic shapes set, or a folder of images with .txt captions.
 
 Both keep the images' aspect ratios and record each sample's size as json `width` / `height`, which
-bucketed training (t2i.data.buckets, `data.buckets`) reads to choose a bucket without decoding pixels.
+bucketed training (t2i.buckets, `data.buckets`) reads to choose a bucket without decoding pixels.
 A folder's images are copied byte for byte (any aspect ratio; `square=SIZE` / --square instead writes
 each one short-side resized and centre-cropped to SIZE × SIZE); shapes are square unless `aspects`
 (--aspects) gives sizes, taken in turn, on which the square rendering is padded with background.
@@ -33,7 +33,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from t2i.data.buckets import Size, parse_size, size_name
+from t2i.buckets import Size, parse_size, size_name
 from t2i.data.decode import clean_caption, resize_center_crop
 from t2i.data.shapes import MIN_SIZE, iter_samples, make_sample_sized
 from t2i.errors import DataError
@@ -174,7 +174,7 @@ def _json_bytes(obj) -> bytes:
 
 def parse_aspects(spec) -> list[Size]:
     """`--aspects`: "64x64,96x64,64x96" (or a sequence of "WxH" strings / (w, h) pairs) -> [(w, h), ...]
-    (width x height, t2i.data.buckets.parse_size; a bare "64" is 64x64). Each side must be >= MIN_SIZE."""
+    (width x height, t2i.buckets.parse_size; a bare "64" is 64x64). Each side must be >= MIN_SIZE."""
     parts = [p for p in spec.split(",") if p.strip()] if isinstance(spec, str) else list(spec)
     if not parts:
         raise DataError(f"--aspects: give at least one size, WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {spec!r}")
@@ -293,7 +293,7 @@ def write_folder_shards(src_dir, out_dir, samples_per_shard: int = 1000, prefix:
     """Shards from a folder tree of images (jpg/jpeg/png/webp) with same-name `.txt` captions.
 
     Image bytes are copied as they are under `jpg` / `png` / `webp`, so each image keeps its size and
-    aspect ratio (for bucketed training, t2i.data.buckets); `txt` is the stripped caption (invalid UTF-8
+    aspect ratio (for bucketed training, t2i.buckets); `txt` is the stripped caption (invalid UTF-8
     replaced by U+FFFD, counted as `caption_invalid_utf8`; not cut: the loader cuts to
     data.max_caption_bytes); `json` is `{"width", "height", "source"}` (size from the header; null
     when PIL cannot open the file, which is still copied so the loader skips and counts it).

@@ -30,14 +30,14 @@ Resolution = Union[int, tuple[int, int]]  # a square's side, or (width, height),
 
 def size_of(resolution) -> tuple[int, int]:
     """(width, height) of a resolution: an int side (a square), a (width, height) pair (tuple or JSON
-    list), or text ("1216x832", "512"; t2i.data.buckets.parse_size)."""
+    list), or text ("1216x832", "512"; t2i.buckets.parse_size)."""
     if isinstance(resolution, (tuple, list)):
         if len(resolution) != 2:
             raise EvalError(f"a size is (width, height), got {resolution!r}")
         return int(resolution[0]), int(resolution[1])
     if isinstance(resolution, (int, np.integer)) and not isinstance(resolution, bool):
         return int(resolution), int(resolution)
-    from t2i.data.buckets import parse_size
+    from t2i.buckets import parse_size
     return parse_size(resolution)
 
 
@@ -79,7 +79,7 @@ class ImageSource:
 
     Shard images are short-side resized and centre-cropped to `resolution` as training sees them
     (`resize_center_crop`); folder images only when `resolution` is given. A (width, height) resolution
-    (not square) scales the image to cover it and centre-crops (t2i.data.buckets.resize_cover_crop, as a
+    (not square) scales the image to cover it and centre-crops (t2i.buckets.resize_cover_crop, as a
     bucketed run trains); an int, a (w, w) pair or "WxW" text is the square, exactly as before. `max_images` keeps the first N
     *entries* (files / tar samples); bad ones among them are skipped and counted in `counts`, so a rank of a
     distributed run can take its strided share without decoding the others.
@@ -157,7 +157,7 @@ class ImageSource:
                 im.load()
                 image = im.convert("RGB")
             if isinstance(self.resolution, tuple):
-                from t2i.data.buckets import resize_cover_crop
+                from t2i.data.decode import resize_cover_crop
                 image = resize_cover_crop(image, self.resolution)
             elif self.resolution is not None:
                 image = resize_center_crop(image, self.resolution)

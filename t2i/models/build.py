@@ -8,7 +8,7 @@ import dataclasses
 import torch
 
 from t2i.config import Config
-from t2i.data.buckets import bucket_set
+from t2i.buckets import bucket_set
 from t2i.models.mmdit import build_model
 from t2i.models.presets import PRESETS
 from t2i.models.text_encoders import TextEncoders

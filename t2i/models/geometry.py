@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from t2i.config import Config
-from t2i.data.buckets import bucket_set, check_sizes
+from t2i.buckets import bucket_set, check_sizes
 from t2i.errors import ConfigError
 from t2i.models.presets import PRESETS
 from t2i.sd3_folder import refuse_placeholders

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from t2i import flow
 from t2i.config import DataConfig, ValidationConfig
-from t2i.data.buckets import bucket_set
+from t2i.buckets import bucket_set
 from t2i.data.shards import expand_shards
 from t2i.data.loader import slot_stream
 from t2i.models.mmdit import velocity

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from t2i.checkpoint import ema as ema_lib
-from t2i.data.buckets import bucket_set, size_name
+from t2i.buckets import bucket_set, size_name
 from t2i.eval import geneval
 from t2i.models import build
 from t2i.models.mmdit import load_weights
@@ -85,7 +85,7 @@ class LiveEval:
 def grid_samples(cfg, model, text, vae, sigmas) -> tuple[list, list[str]]:
     """The run's sample grid (in training and at the end): each of cfg.sample.prompts twice, seeds
     sample.seed + i. Square runs draw both at data.resolution; with data.buckets the first is drawn at the
-    most square bucket and the second at the most extreme one (t2i.data.buckets.BucketSet.sample_sizes),
+    most square bucket and the second at the most extreme one (t2i.buckets.BucketSet.sample_sizes),
     labelled with their size, so the grid shows how the model does at two aspect ratios."""
     s = cfg.sample
     buckets = bucket_set(cfg.data.buckets, cfg.data.resolution)

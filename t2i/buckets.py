@@ -14,23 +14,21 @@
 
 Assignment: an image of aspect a = w/h goes to the bucket whose aspect is nearest in log space
 (|log a − log a_b|; ties to the first in the sorted order), is scaled to cover the bucket and
-centre-cropped (`resize_cover_crop`). An image outside [min_aspect, max_aspect] is a bad sample for
+centre-cropped (t2i.data.decode.resize_cover_crop). An image outside [min_aspect, max_aspect] is a bad sample for
 the reason "aspect" (t2i.data.loader), chosen from its size alone (the sample's json `width` /
-`height`, or the image header: never a pixel decode).
+`height`, or the image header: never a pixel decode; t2i.data.decode).
 
-Everything here is plain Python over (width, height) tuples in pixels; no torch.
+Everything here is plain Python over (width, height) tuples in pixels (no torch, no PIL), so the config
+and the model's geometry check use it before anything heavy is imported; reading an image's size and the
+cover crop are in t2i.data.decode.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import re
 from dataclasses import dataclass
 from typing import Optional, Union
-
-from PIL import Image
 
 from t2i.errors import ConfigError
 
@@ -190,49 +188,3 @@ def check_sizes(buckets: BucketSet, multiple: int, max_side: Optional[int], what
         if max_side is not None and max(w, h) > max_side:
             raise ConfigError(f"{key}: bucket {w}x{h} has a side of {max(w, h)} px, past the model's positional grid "
                               f"of {max_side} px ({what}); diffusers' PatchEmbed would fail at the first such batch")
-
-
-# ----------------------------------------------------------------------------------------------
-# Per image
-# ----------------------------------------------------------------------------------------------
-
-
-def metadata_size(raw: dict) -> Optional[Size]:
-    """(width, height) from the sample's json (`width` / `height`, as t2i make-shards and img2dataset
-    write them), or None when absent or not positive integers."""
-    blob = raw.get("json")
-    if blob is None:
-        return None
-    try:
-        meta = json.loads(blob)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(meta, dict):
-        return None
-    w, h = meta.get("width"), meta.get("height")
-    if isinstance(w, int) and isinstance(h, int) and not isinstance(w, bool) and not isinstance(h, bool) and w > 0 and h > 0:
-        return w, h
-    return None
-
-
-def header_size(data: bytes) -> Optional[Size]:
-    """(width, height) from an image's header (PIL opens lazily: no pixel decode), or None."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
-    except Exception:  # noqa: BLE001 -- an unreadable image is counted bad where it is decoded
-        return None
-
-
-def resize_cover_crop(image: Image.Image, size: Size) -> Image.Image:
-    """Scale (bicubic) so the image covers `size` = (width, height), then centre-crop to it. For a
-    square size this is exactly t2i.data.decode.resize_center_crop."""
-    W, H = size
-    w, h = image.size
-    scale = max(W / w, H / h)
-    if scale != 1.0:
-        image = image.resize((max(W, round(w * scale)), max(H, round(h * scale))), Image.BICUBIC,
-                             reducing_gap=None if scale > 1 else 3.0)
-    w, h = image.size
-    left, top = (w - W) // 2, (h - H) // 2
-    return image.crop((left, top, left + W, top + H))
