@@ -67,7 +67,7 @@ FORMAT_VERSION = 1
 CROP_RULE = "short side -> resolution (bicubic), centre crop, [-1, 1] (t2i.data.loader.decode_sample)"
 # With data.buckets (identity key "bucket_crop", next to the bucket set under "buckets").
 BUCKET_CROP_RULE = ("bucket nearest in log aspect (json width/height, else the image header); scale (bicubic) "
-                    "to cover it, centre crop, [-1, 1] (t2i.buckets.resize_cover_crop)")
+                    "to cover it, centre crop, [-1, 1] (t2i.data.decode.resize_cover_crop)")
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 SUFFIX = ".safetensors"
 

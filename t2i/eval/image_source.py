@@ -79,7 +79,7 @@ class ImageSource:
 
     Shard images are short-side resized and centre-cropped to `resolution` as training sees them
     (`resize_center_crop`); folder images only when `resolution` is given. A (width, height) resolution
-    (not square) scales the image to cover it and centre-crops (t2i.buckets.resize_cover_crop, as a
+    (not square) scales the image to cover it and centre-crops (t2i.data.decode.resize_cover_crop, as a
     bucketed run trains); an int, a (w, w) pair or "WxW" text is the square, exactly as before. `max_images` keeps the first N
     *entries* (files / tar samples); bad ones among them are skipped and counted in `counts`, so a rank of a
     distributed run can take its strided share without decoding the others.
