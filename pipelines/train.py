@@ -30,7 +30,7 @@ from t2i.models.build import build_for, build_frozen
 from t2i.models import attention
 from t2i.models.mmdit import ShapeWatch, checkpointed_blocks, count_parameters
 from t2i.train import engine as engine_lib, faults, optim, step_profile
-from t2i.train.checkpointer import Checkpointer, init_from_parent
+from t2i.train.checkpointer import Checkpointer, init_from_parent, lora_base
 from t2i.train.diagnostics import FixedSigmaValidation, SigmaStats
 from t2i.train.live_eval import LiveEval
 from t2i.train.logger import RunLogger, log, setup_logging
@@ -71,18 +71,24 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
     log.info("MMDiT %s: %.2fM parameters; text context %d x %d, pooled %d; latents %d x %d^2",
              cfg.model.preset, count_parameters(model) / 1e6, text.seq_len, text.context_dim, text.pooled_dim,
              vae.latent_channels, vae.latent_size(cfg.data.resolution))
-    if cfg.train.init_from and not resume_tag:  # post-training: weights from the parent, all else fresh
+    use_lora = cfg.lora.rank > 0
+    # post-training: weights from the parent, all else fresh. A LoRA run's checkpoints hold no base: it is
+    # loaded on a resume too.
+    if cfg.train.init_from and (not resume_tag or use_lora):
         parent = init_from_parent(model, cfg)
-        if rank == 0:
+        if rank == 0 and not resume_tag:
             write_json(run_dir / "parent.json", parent, indent=1)
         log.info("initialised %s weights from %s", parent.get("weights", "diffusers"), parent["path"])
+    base = apply_lora(model, cfg) if use_lora else None
     engine, optimizer = engine_lib.initialize(model, cfg)
     dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
     log_speed_setup(cfg, model, optimizer, text, vae, dtype, device)
-    ema = ShardedEMA(engine.module, cfg.train.ema_decay)
+    ema = ShardedEMA(engine.module, cfg.train.ema_decay, trainable_only=True) if use_lora else \
+        ShardedEMA(engine.module, cfg.train.ema_decay)
     generator = torch.Generator().manual_seed(1_000_003 * cfg.run.seed + rank)  # noise, sigma, dropout
 
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg, engine, ema, generator, world, save_last, force)
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg, engine, ema, generator, world, save_last, force,
+                                lora=base)
     faults.install(guard, checkpointer)  # test-suite hooks, only when their variables are set
     step, data_state, skipped = checkpointer.restore(resume_tag) if resume_tag else (0, None, 0)
     if resume_tag:  # the checkpoint restored its own param-group settings; the config's apply
@@ -157,7 +163,7 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
         if validation and ((cfg.validation.every and step % cfg.validation.every == 0) or step == end):
             metrics.update(validation(engine, dtype))
         logger.step(step, metrics)
-        if live_eval.due(step):
+        if live_eval.due(step) and not use_lora:  # (sampling a LoRA run's adapters comes with their export)
             live_eval(step, ema, logger)
         if keys_file:
             keys_file.write(json.dumps({"step": step, "keys": keys}) + "\n")
@@ -174,13 +180,32 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
     guard.restore()
     if keys_file:
         keys_file.close()
-    if rank == 0 and step == cfg.train.steps:
+    if rank == 0 and step == cfg.train.steps and use_lora:
+        log.info("LoRA run: the adapters are in %s (no samples drawn: sampling a LoRA comes with its export)",
+                 checkpointer.root)
+    elif rank == 0 and step == cfg.train.steps:
         finish(cfg, run_dir, text, vae, checkpointer.root, device)
     elif step == stop_at and checkpointer.last_saved == step:
         log.info("stopped at step %d of %d (--stop-at); resume with: %s", step, cfg.train.steps,
                  resume_command(cfg, world))
     dist.barrier()
     return run_dir
+
+
+def apply_lora(model, cfg: Config) -> dict:
+    """lora.rank > 0: hash the base (t2i.train.checkpointer.lora_base), inject the adapters (everything else
+    frozen) and log their size. Returns the base record the checkpoints keep."""
+    from t2i.models import lora
+
+    base = lora_base(model, cfg)
+    total = count_parameters(model)
+    lo = cfg.lora
+    names = lora.apply(model, lo.rank, lo.alpha, lo.targets, lo.blocks, lo.dropout, lo.init)
+    size = sum(p.numel() for p in lora.adapter_parameters(model))
+    log.info("LoRA rank %d (alpha %s): %d modules, %s adapter parameters (%.2f %% of the %s base, sha256 %s...); "
+             "the base is frozen", lo.rank, lo.alpha if lo.alpha is not None else lo.rank, len(names), f"{size:,}",
+             100 * size / total, f"{total:,}", base["base_sha256"][:12])
+    return base
 
 
 def _latent_hw(bucket: str, vae) -> tuple[int, int]:

@@ -272,6 +272,28 @@ class SampleConfig:
     geneval_images: int = 2         # images per GenEval prompt
 
 
+LORA_TARGETS = [  # = t2i.models.lora.DEFAULT_TARGETS (plain strings here; a test checks they agree)
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+]
+LORA_INITS = (True, False, "gaussian", "orthogonal")  # = t2i.models.lora.INITS
+
+
+@dataclass
+class LoraConfig:
+    """LoRA post-training (t2i/models/lora.py): rank 0 trains every weight (full fine-tuning); rank > 0 trains
+    only low-rank adapters on the transformer blocks' attention projections, the base weights frozen. The
+    checkpoints then hold the adapters (+ their optimizer state and EMA) only; the base is reloaded from
+    train.init_from / model.pretrained (or rebuilt from run.seed) on a resume and checked by content hash."""
+    rank: int = 0                   # 0 = full fine-tuning; e.g. 16 for a LoRA
+    alpha: Optional[float] = None   # the adapters' scale is alpha / rank; null = rank (scale 1)
+    targets: list = field(default_factory=lambda: list(LORA_TARGETS))  # Linear patterns in a transformer block
+    blocks: Optional[list] = None   # block indices to adapt; null = all
+    dropout: float = 0.0            # dropout on the adapters' input, in [0, 1)
+    init: Union[str, bool] = "gaussian"  # gaussian | orthogonal | true (kaiming A) | false (random A and B)
+
+
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -285,6 +307,7 @@ class Config:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self) -> "Config":
         """Cross-field checks that a type system cannot express."""
@@ -355,6 +378,7 @@ class Config:
         if not all(0.0 <= b < 1.0 for b in self.train.betas):
             raise ConfigError(f"train.betas must both be in [0, 1), got {self.train.betas}")
         _validate_performance(self)
+        _validate_lora(self.lora)
         return self
 
 
@@ -402,6 +426,31 @@ def _validate_performance(cfg: "Config") -> None:
         if used and ds.zero_stage != 3:
             raise ConfigError(f"deepspeed.{key} is a ZeRO-3 (ZeRO++) setting; it needs deepspeed.zero_stage=3, "
                               f"got {ds.zero_stage}")
+
+
+def _validate_lora(lo: LoraConfig) -> None:
+    """lora.*: the rank (0 = off), alpha, init, dropout, and the targets' and blocks' form (their match
+    against the model is checked when the adapters are applied). The rules are t2i.models.lora's
+    (check_rank, INITS, its dropout and pattern checks), restated here: the config imports no model package
+    (tests/test_layout.py); tests/test_lora_train.py checks that both agree."""
+    if isinstance(lo.rank, bool) or not isinstance(lo.rank, int) or lo.rank < 0:
+        raise ConfigError(f"lora.rank must be an integer >= 0 (0 = full fine-tuning, e.g. 16 for a LoRA), "
+                          f"got {lo.rank!r}")
+    if lo.alpha is not None and (isinstance(lo.alpha, bool) or not lo.alpha > 0):
+        raise ConfigError(f"lora.alpha must be a positive number (the LoRA scale is alpha / rank; leave it unset "
+                          f"for alpha = rank), got {lo.alpha!r}")
+    if not any(lo.init is i if isinstance(i, bool) else lo.init == i for i in LORA_INITS):
+        raise ConfigError(f"lora.init must be one of {list(LORA_INITS)} (peft's init_lora_weights that leave the "
+                          f"base weights as they are), got {lo.init!r}")
+    if isinstance(lo.dropout, bool) or not 0 <= lo.dropout < 1:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {lo.dropout!r}")
+    if not lo.targets or not all(isinstance(t, str) and t for t in lo.targets):
+        raise ConfigError(f"lora.targets must be a non-empty list of module patterns relative to a transformer "
+                          f"block (e.g. attn.to_q, attn*.to_k), got {lo.targets!r}")
+    if lo.blocks is not None and (not lo.blocks or any(isinstance(b, bool) or not isinstance(b, int) or b < 0
+                                                       for b in lo.blocks)):
+        raise ConfigError(f"lora.blocks must be null (all blocks) or a non-empty list of block indices, "
+                          f"got {lo.blocks!r}")
 
 
 def _get(cfg: "Config", key: str):

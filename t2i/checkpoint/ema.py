@@ -50,13 +50,16 @@ def _numel(shape) -> int:
 
 
 class ShardedEMA:
-    def __init__(self, model: torch.nn.Module, decay: float, rank: int | None = None, world: int | None = None):
+    def __init__(self, model: torch.nn.Module, decay: float, rank: int | None = None, world: int | None = None,
+                 trainable_only: bool = False):
+        """`trainable_only`: average only the parameters with requires_grad (a LoRA run: the adapters; the
+        frozen base is not kept, not saved, and `update` skips it). Default: every parameter."""
         self.decay = decay
         self.updates = 0
         ddp = dist.is_available() and dist.is_initialized()
         self.rank = rank if rank is not None else (dist.get_rank() if ddp else 0)
         self.world = world if world is not None else (dist.get_world_size() if ddp else 1)
-        params = list(model.named_parameters())
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
         self.zero3 = any(hasattr(p, "ds_tensor") for _, p in params)
         mapped = any(hasattr(p, "_hp_mapping") for _, p in params)
         self.source = "zero3" if self.zero3 else "fp32_master" if mapped else "even_split"
@@ -105,7 +108,7 @@ class ShardedEMA:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         shadows, currents = [], []
         for n, p in model.named_parameters():
-            if self.slices[n][1]:
+            if self.slices.get(n, (0, 0))[1]:  # (not kept: a frozen parameter of a trainable_only EMA)
                 shadows.append(self.shadow[n])
                 currents.append(self._current(p, n).float())
         if shadows:

@@ -104,10 +104,12 @@ def reseed(generator: torch.Generator, seed: int, step: int, rank: int) -> int:
 
 
 def save(engine, root: Path, step: int, client: dict, meta: dict, keep_last: int = 0,
-         after_rank_files=None) -> tuple[str, list[str]]:
+         after_rank_files=None, exclude_frozen: bool = False) -> tuple[str, list[str]]:
     """Collective: every rank calls it. Returns (the tag, the tags retention deleted).
     `after_rank_files(tag_dir, step, rank)`, if given, runs once this rank's files are written and
-    before the tag is marked complete (the test suite's kill-mid-save hook, t2i.train.faults)."""
+    before the tag is marked complete (the test suite's kill-mid-save hook, t2i.train.faults).
+    `exclude_frozen` (a LoRA run): DeepSpeed leaves the parameters without requires_grad (the frozen
+    base) out of the model file; the base is reloaded from its source on a resume."""
     tag = tag_for(step)
     rank = dist.get_rank()
     if latest_pointer(root) == tag:  # every rank sees the same files, so every rank raises
@@ -115,7 +117,8 @@ def save(engine, root: Path, step: int, client: dict, meta: dict, keep_last: int
     if rank == 0 and (root / tag).exists():
         _discard(root, tag)  # an earlier attempt at this step (killed mid-save, or never made `latest`)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    frozen = {"exclude_frozen_parameters": True} if exclude_frozen else {}
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False, **frozen)
     own = root / tag / "t2i"
     own.mkdir(parents=True, exist_ok=True)
     atomic_write(own / f"rank{rank:05d}.pt", lambda tmp: torch.save(client, tmp), fsync=True)
@@ -252,8 +255,10 @@ def read_meta(root: Path, tag: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def load(engine, root: Path, tag: str) -> tuple[dict, dict]:
+def load(engine, root: Path, tag: str, strict: bool = True) -> tuple[dict, dict]:
     """(meta, this rank's client state) after loading DeepSpeed's model and optimizer shards.
+    `strict` False (a LoRA run's tag, saved without the frozen base): the model file's keys need not
+    cover the module (DeepSpeed's load_module_strict); the caller has loaded the base already.
 
     Collective. At the checkpoint's own world size this is DeepSpeed's native load and the client
     state is this rank's own. At another world size (see the module docstring) the model and optimizer
@@ -271,8 +276,9 @@ def load(engine, root: Path, tag: str) -> tuple[dict, dict]:
     _verify(root, tag)  # before DeepSpeed unpickles anything in it
     if meta["world_size"] == world:
         try:
+            lenient = {} if strict else {"load_module_strict": False}
             path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=False)
+                                             load_lr_scheduler_states=False, **lenient)
         except Exception as e:  # noqa: BLE001 -- DeepSpeed's errors name no file: say which tag, what else there is
             raise CheckpointError(f"{root / tag} could not be loaded ({type(e).__name__}: {_first_line(e)}); "
                                   f"{_other_tags(root, tag)}") from e

@@ -24,9 +24,12 @@ class Checkpointer:
     """Saves and restores engine + EMA + RNG + data position + skip count under <run>/checkpoints."""
 
     def __init__(self, root: Path, cfg: Config, engine, ema, generator, world: int, save_last: bool = True,
-                 force: bool = False):
+                 force: bool = False, lora: dict | None = None):
+        """`lora` (a LoRA run, lora.rank > 0): {"base", "base_sha256"} of the frozen base (`lora_base`). The
+        tags then leave the base out (DeepSpeed's exclude_frozen_parameters), meta.json records it, and a
+        resume loads the adapters non-strictly over the base already in the model, refusing another base."""
         self.root, self.cfg, self.engine, self.ema, self.generator = root, cfg, engine, ema, generator
-        self.world, self.save_last, self.force = world, save_last, force
+        self.world, self.save_last, self.force, self.lora = world, save_last, force, lora
         self.last_saved: int | None = None
         self.after_rank_files = None  # a test hook may pause a rank mid-save here (t2i.train.faults)
 
@@ -42,8 +45,10 @@ class Checkpointer:
         meta = {"world_size": self.world, "zero_stage": self.cfg.deepspeed.zero_stage, "config": to_dict(self.cfg),
                 "transformer": {k: v for k, v in dict(self.engine.module.config).items() if not k.startswith("_")},
                 "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if self.lora:
+            meta["lora"] = dict(self.lora)
         tag, deleted = store.save(self.engine, self.root, step, client, meta, keep_last=self.cfg.train.keep_last,
-                                  after_rank_files=self.after_rank_files)
+                                  after_rank_files=self.after_rank_files, exclude_frozen=bool(self.lora))
         log.info("saved checkpoint %s", self.root / tag)
         if deleted:
             log.info("train.keep_last=%d: deleted %s", self.cfg.train.keep_last, ", ".join(deleted))
@@ -80,7 +85,9 @@ class Checkpointer:
             log.warning("--force-override: resuming a bucketed run written by %d rank(s) with %d: the samples "
                         "waiting in the bucket buffers are dropped and the data streams restart their epoch",
                         written_by, self.world)
-        meta, client = store.load(self.engine, self.root, tag)
+        if self.lora:
+            self._check_lora(tag, written_by)
+        meta, client = store.load(self.engine, self.root, tag, strict=not self.lora)
         self.ema.load_state_dict(client["ema"])
         if client.get("resharded_from"):  # per-rank RNG states of another world size: derive fresh ones
             store.reseed(self.generator, meta["config"]["run"]["seed"], meta["step"], dist.get_rank())
@@ -90,6 +97,24 @@ class Checkpointer:
                  f" (written by {client['resharded_from']} rank(s); resharded)" if client.get("resharded_from") else "")
         self.last_saved = meta["step"]
         return meta["step"], client["data"], client["skipped_nonfinite"]
+
+    def _check_lora(self, tag: str, written_by: int) -> None:
+        """A LoRA tag holds the adapters only: it must have been trained on this very base (content hash),
+        and it resumes at its own world size (DeepSpeed's universal conversion of a tag saved without its
+        frozen parameters is untested)."""
+        saved = store.read_meta(self.root, tag).get("lora")
+        if not saved:
+            raise CheckpointError(f"{self.root / tag} holds a full model, not LoRA adapters (no \"lora\" in its "
+                                  f"meta.json); this run has lora.rank={self.cfg.lora.rank}")
+        if saved.get("base_sha256") != self.lora["base_sha256"]:
+            raise CheckpointError(f"{self.root / tag}: its LoRA adapters were trained on the base {saved.get('base')} "
+                                  f"(sha256 {saved.get('base_sha256')}); this run's base {self.lora['base']} has "
+                                  f"sha256 {self.lora['base_sha256']}: another base model. Resume with the run's "
+                                  f"own base weights, or start a new run")
+        if written_by != self.world:
+            raise CheckpointError(f"{self.root / tag} is a LoRA checkpoint written by {written_by} rank(s); it "
+                                  f"resumes at that world size only (a universal checkpoint of a tag saved "
+                                  f"without its frozen parameters is untested): resume with {written_by} rank(s)")
 
     def last_good(self) -> str:
         return f"{store.latest_tag(self.root)!r} in {self.root}"
@@ -109,3 +134,37 @@ def init_from_parent(model, cfg: Config) -> dict:
     return {"kind": "checkpoint", "path": str((root / tag).resolve()), "run": str(root.parent.resolve()),
             "tag": tag, "step": meta["step"], "weights": cfg.train.init_weights,
             "stage": meta["config"]["train"].get("stage", "?")}
+
+
+def lora_base(model, cfg: Config) -> dict:
+    """What a LoRA run records of its frozen base (meta.json "lora"): where it came from (train.init_from,
+    else model.pretrained, else the random init of model.preset from run.seed) and `base_sha256`. Call it
+    before the adapters are applied. Collective when torch.distributed is up: rank 0 hashes, the others
+    receive its digest (every rank builds the same base)."""
+    source = cfg.train.init_from or cfg.model.pretrained
+    base = str(Path(source).resolve()) if source else f"random init (model.preset={cfg.model.preset}, run.seed={cfg.run.seed})"
+    if cfg.train.init_from and not is_diffusers_folder(cfg.train.init_from):
+        base += f" ({cfg.train.init_weights} weights)"
+    distributed = dist.is_available() and dist.is_initialized()
+    box = [weights_sha256(model) if not distributed or dist.get_rank() == 0 else None]
+    if distributed:
+        dist.broadcast_object_list(box, src=0)
+    return {"base": base, "base_sha256": box[0]}
+
+
+def weights_sha256(model) -> str:
+    """sha256 over the model's parameters: each one's name, dtype, shape and raw bytes, in sorted name order,
+    copied to the CPU one tensor at a time. Cost: one pass over the weights' bytes at hashlib's ~1-2 GB/s on
+    one core, so an 8B-parameter base takes ~10-15 s in bf16 (16 GB) and ~20-30 s in fp32 (32 GB) on rank 0,
+    once per start; the tiny preset takes milliseconds."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    params = dict(model.named_parameters())
+    for name in sorted(params):
+        t = params[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
