@@ -144,3 +144,19 @@ def test_a_lora_run_resumes_exactly_and_its_checkpoints_hold_only_the_adapters(m
         refused = run_t2i("train", "--resume", root / tag, *args, check=False)
         assert refused.returncode != 0 and "resumes at that world size only" in refused.stderr, refused.stderr[-2000:]
         assert json.loads((root / tag / "meta.json").read_text())["world_size"] == 2
+
+
+def test_readers_of_full_weights_refuse_a_lora_tag_by_name(tmp_path):
+    """sampling, evaluation, export and init_from read full weights (store.load_weights): a LoRA tag, which
+    holds the adapters only, is refused naming what it is, not with a missing-keys error."""
+    import json
+
+    from t2i.checkpoint import store
+    from t2i.errors import CheckpointError
+
+    tag = tmp_path / "checkpoints" / "step00000002"
+    tag.mkdir(parents=True)
+    (tag / "meta.json").write_text(json.dumps({"step": 2, "lora": {"base": "/bases/sd35", "base_sha256": "ab"}}))
+    with pytest.raises(CheckpointError, match=r"is a LoRA run's checkpoint: it holds the adapters only \(base "
+                                              r"/bases/sd35\)"):
+        store.load_weights(tmp_path / "checkpoints", "step00000002", ema=True)
