@@ -147,8 +147,8 @@ def test_a_lora_run_resumes_exactly_and_its_checkpoints_hold_only_the_adapters(m
 
 
 def test_readers_of_full_weights_refuse_a_lora_tag_by_name(tmp_path):
-    """sampling, evaluation, export and init_from read full weights (store.load_weights): a LoRA tag, which
-    holds the adapters only, is refused naming what it is, not with a missing-keys error."""
+    """sampling, evaluation (loading.load), the diffusers export and init_from read a full model: a LoRA tag,
+    which holds the adapters only, is refused naming what it is, not with a missing-keys error."""
     import json
 
     from t2i.checkpoint import store
@@ -157,6 +157,16 @@ def test_readers_of_full_weights_refuse_a_lora_tag_by_name(tmp_path):
     tag = tmp_path / "checkpoints" / "step00000002"
     tag.mkdir(parents=True)
     (tag / "meta.json").write_text(json.dumps({"step": 2, "lora": {"base": "/bases/sd35", "base_sha256": "ab"}}))
-    with pytest.raises(CheckpointError, match=r"is a LoRA run's checkpoint: it holds the adapters only \(base "
-                                              r"/bases/sd35\)"):
-        store.load_weights(tmp_path / "checkpoints", "step00000002", ema=True)
+    (tag.parent / "latest").write_text(tag.name)
+    from t2i.checkpoint import loading
+    from t2i.checkpoint.export import build_transformer
+    from t2i.config import load_config
+    from t2i.train.checkpointer import init_from_parent
+
+    message = r"is a LoRA run's checkpoint: it holds the adapters only \(base /bases/sd35\)"
+    with pytest.raises(CheckpointError, match=message):
+        loading.load(tmp_path)
+    with pytest.raises(CheckpointError, match=message):
+        build_transformer(tmp_path / "checkpoints", "step00000002", ema=True)
+    with pytest.raises(CheckpointError, match=message):
+        init_from_parent(None, load_config(overrides=[f"train.init_from={tmp_path}"]))

@@ -72,6 +72,7 @@ def consolidate(root: Path, tag: str, out: Path, weights: str = "both") -> dict:
 
 def build_transformer(root: Path, tag: str, ema: bool):
     """The SD3Transformer2DModel of a checkpoint with its EMA or raw weights (fp32, CPU, eval)."""
+    store.refuse_adapter_only(root, tag)
     from diffusers import SD3Transformer2DModel
 
     from t2i.models.mmdit import load_weights

@@ -50,6 +50,7 @@ def read_scheduler_config(path: str | Path | None) -> Optional[dict]:
 def load(path: str | Path, ema: bool = True, device="cpu", text=None, vae=None) -> Loaded:
     """A run folder, its checkpoints/ folder (latest) or a tag folder -> model in eval mode."""
     root, tag = store.resolve(path)
+    store.refuse_adapter_only(root, tag)
     stored = store.read_meta(root, tag)["config"]
     # a checkpoint saved before sample.guidance_interval existed was sampled with guidance at every step
     stored.setdefault("sample", {}).setdefault("guidance_interval", [0.0, 1.0])

@@ -452,8 +452,9 @@ def _other_tags(root: Path, tag: str) -> str:
 
 
 def refuse_adapter_only(root: Path, tag: str) -> None:
-    """A LoRA run's tag (meta.json "lora") holds the adapters, not full weights: the readers of full weights
-    (sampling, evaluation, export, train.init_from) refuse it by name instead of failing on missing keys."""
+    """A LoRA run's tag (meta.json "lora") holds the adapters, not full weights: the readers of a full model
+    (t2i.checkpoint.loading.load for sampling and evaluation, the diffusers export, train.init_from) refuse it
+    by name instead of failing on missing keys (load_weights itself reads what the tag holds)."""
     lora = read_meta(root, tag).get("lora")
     if lora:
         raise CheckpointError(f"{root / tag} is a LoRA run's checkpoint: it holds the adapters only (base "
@@ -468,7 +469,6 @@ def load_weights(root: Path, tag: str, ema: bool) -> dict[str, torch.Tensor]:
     or the raw weights (DeepSpeed's zero_to_fp32 over the optimizer's fp32 partitions)."""
     from t2i.checkpoint.ema import consolidate
 
-    refuse_adapter_only(root, tag)
     _verify(root, tag)  # every file of the tag, whichever this reader opens
     if ema:
         try:

@@ -129,6 +129,7 @@ def init_from_parent(model, cfg: Config) -> dict:
             load_weights(model, load_pretrained(path).state_dict())
         return {"kind": "diffusers", "path": str(Path(path).resolve())}
     root, tag = store.resolve(path)
+    store.refuse_adapter_only(root, tag)
     load_weights(model, store.load_weights(root, tag, ema=cfg.train.init_weights == "ema"))
     meta = store.read_meta(root, tag)
     return {"kind": "checkpoint", "path": str((root / tag).resolve()), "run": str(root.parent.resolve()),
