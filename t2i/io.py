@@ -5,6 +5,7 @@ sees the old file or the new one, never a torn one. Two writers of one file neve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -59,3 +60,12 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

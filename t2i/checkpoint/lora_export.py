@@ -34,7 +34,6 @@ is refused: unpickling a file can run code (docs/reliability.md); convert it whe
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 import os
 import shutil
@@ -46,7 +45,7 @@ from pathlib import Path
 import torch
 
 from t2i.errors import CheckpointError
-from t2i.io import write_json
+from t2i.io import file_sha256, write_json
 from t2i.trust import PICKLE_SUFFIXES
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -132,12 +131,6 @@ def check_targets(adapter_state: dict, metadata: dict) -> None:
                               "pass the LoraConfig the adapter was injected with")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_diffusers_lora(adapter_state: dict, lora_config, out_dir, provenance: dict | None = None) -> Path:
@@ -176,7 +169,7 @@ def write_diffusers_lora(adapter_state: dict, lora_config, out_dir, provenance: 
                               f"({stored.get('lora_alpha')} for {metadata['lora_alpha']}); diffusers' writer changed")
     full = json_safe(lora_config.to_dict() if hasattr(lora_config, "to_dict") else dict(lora_config))
     write_json(out / SIDECAR, {
-        "file": WEIGHT_NAME, "sha256": _sha256(path), "format": "diffusers LoRA: peft keys under 'transformer.', "
+        "file": WEIGHT_NAME, "sha256": file_sha256(path), "format": "diffusers LoRA: peft keys under 'transformer.', "
         f"LoraConfig arguments in the safetensors metadata '{METADATA_KEY}'",
         "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values()),
         "r": metadata["r"], "lora_alpha": metadata["lora_alpha"],
@@ -287,7 +280,7 @@ def read_provenance(path) -> dict | None:
     if not sidecar.is_file():
         return None
     info = json.loads(sidecar.read_text())
-    info["matches"] = info.get("file") == file.name and info.get("sha256") == _sha256(file)
+    info["matches"] = info.get("file") == file.name and info.get("sha256") == file_sha256(file)
     return info
 
 

@@ -169,14 +169,8 @@ def read_caption(raw: dict, rng: random.Random, *, max_bytes: Optional[int] = MA
 
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    w, h = image.size
-    scale = size / min(w, h)
-    if scale != 1.0:
-        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC,
-                             reducing_gap=None if scale > 1 else 3.0)
-    w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    """Short side -> `size` (bicubic), centre crop to the square: resize_cover_crop at (size, size)."""
+    return resize_cover_crop(image, (size, size))
 
 
 def metadata_size(raw: dict) -> Optional[Size]:
@@ -207,8 +201,8 @@ def header_size(data: bytes) -> Optional[Size]:
 
 
 def resize_cover_crop(image: Image.Image, size: Size) -> Image.Image:
-    """Scale (bicubic) so the image covers `size` = (width, height), then centre-crop to it. For a
-    square size this is exactly t2i.data.decode.resize_center_crop."""
+    """Scale (bicubic) so the image covers `size` = (width, height), then centre-crop to it (for a square
+    size: short side -> side, the square crop every run without buckets trains on)."""
     W, H = size
     w, h = image.size
     scale = max(W / w, H / h)

@@ -17,7 +17,6 @@ and a `name` stored in reference files (t2i.eval.fid), so stats of different ext
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,6 +30,7 @@ from tqdm import tqdm
 
 from t2i.errors import EvalError
 from t2i.eval.image_source import ImageSource
+from t2i.io import file_sha256
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 
@@ -56,7 +56,7 @@ class InceptionExtractor:
                 f"from {INCEPTION_URL} on a machine with internet (docs/design/evaluation.md §5.2), copy it to this machine "
                 f"and pass it as inception:/path/to/inception-2015-12-05.pt")
         self.path = path
-        self.sha256 = _sha256(path)
+        self.sha256 = file_sha256(path)
         # The name pins the exact weights file, so stats from another file (or a test fake) are refused.
         self.name = f"inception-clean:{self.sha256[:12]}"
         self.spec = f"inception:{path}"
@@ -169,12 +169,6 @@ def build_extractor(spec: str, device: str | torch.device = "cpu") -> Extractor:
     raise EvalError(f"unknown extractor {spec!r}: use random-conv or inception:/path/to/inception-2015-12-05.pt")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 
