@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a checkpoint to evaluate (repeat); PATH as for t2i sample")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
+    p.add_argument("--lora", action="append", default=[], metavar="LABEL=FILE",
+                   help="apply a diffusers-format LoRA file (or folder) to the --ckpt of that label (repeat); "
+                        "a LoRA run as --ckpt needs none")
     p.add_argument("--prompts", default=None, help="GenEval metadata .jsonl, a .txt (one prompt per line) or shards "
                                                    "(their captions); default: the shapes-domain GenEval set")
     p.add_argument("--no-geneval", action="store_true",
@@ -83,6 +86,22 @@ def _label_path(spec: str) -> tuple[str, str]:
     if not sep or not label or not path:
         raise EvalError(f"--ckpt must be LABEL=PATH, got {spec!r}")
     return label, path
+
+
+def adapters_by_label(args) -> dict[str, str]:
+    """--lora LABEL=FILE -> {label: file}, each label one of the --ckpt labels (checked before any sampling)."""
+    labels = [_label_path(spec)[0] for spec in args.ckpt]
+    out = {}
+    for spec in args.lora:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not path:
+            raise EvalError(f"--lora must be LABEL=FILE (LABEL one of the --ckpt labels), got {spec!r}")
+        if label not in labels:
+            raise EvalError(f"--lora {spec}: no --ckpt is labelled {label!r} (labels: {', '.join(labels)})")
+        if label in out:
+            raise EvalError(f"--lora: two adapters for {label!r}")
+        out[label] = path
+    return out
 
 
 def _image_folder(spec: str) -> bool:
@@ -305,10 +324,11 @@ def main(args, cfg) -> int:
     from t2i.eval import geneval, geneval_folder, sample_folder
     from t2i.eval.image_source import as_resolution, size_record
     from t2i.eval.prompts import write_shapes_geneval
-    from pipelines.sample import plan_for
+    from pipelines.sample import lora_lines, plan_for
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     check_fid_arguments(args)  # before any sampling: a wrong reference fails in seconds, not after hours
+    adapters = adapters_by_label(args)
     if world > 1:
         import torch.distributed as dist
         dist.init_process_group("gloo")
@@ -336,10 +356,10 @@ def main(args, cfg) -> int:
     for spec in args.ckpt:
         label, path = _label_path(spec)
         t0 = time.time()
-        loaded = loading.load_any(path, cfg, ema=not args.raw, device=device)
+        loaded = loading.load_any(path, cfg, ema=not args.raw, device=device, lora=adapters.get(label))
         chosen = plan_for(loaded, args)
         if rank == 0:
-            for line in chosen.describe():
+            for line in chosen.describe() + lora_lines(loaded.lora):
                 print(f"[eval] {label}: {line}", flush=True)
         kw = dict(images_per_prompt=args.images_per_prompt, steps=chosen.steps, guidance=chosen.guidance,
                   guidance_interval=list(chosen.guidance_interval), shift=chosen.shift,
@@ -348,6 +368,7 @@ def main(args, cfg) -> int:
         stats = sample_folder.run(loaded, entries, folders[label], prompts_source=prompts, plan=chosen,
                                   **{k: v for k, v in kw.items() if k != "sigmas"})
         loaded_kind = loaded.source.rsplit("(", 1)[1].rstrip(")")  # ema | raw | diffusers
+        adapter = loaded.lora
         del loaded
         if world > 1:  # all ranks' images over the slowest rank's time
             parts = [None] * world
@@ -358,6 +379,8 @@ def main(args, cfg) -> int:
         recorded = {**kw, **size_record(kw["resolution"])}  # resolution: an int, or "WxH"; width, height
         row = {"checkpoint": path, "weights": loaded_kind, "sampling": {**stats, "seconds": round(time.time() - t0, 2)},
                "settings": {**recorded, "model": chosen.model, "sources": chosen.sources}}
+        if adapter:
+            row["lora"] = adapter
         if skip_geneval is None:
             row["geneval"] = geneval_folder.score(folders[label], detector=args.detector, color=args.color,
                                                   object_names=args.object_names, device=device,

@@ -34,18 +34,27 @@ def plan_for(loaded, args):
                 config_name=f"--config {args.config}" if getattr(args, "config", None) else "command-line override")
 
 
+def lora_lines(lora: dict | None) -> list[str]:
+    """What the sampled model's adapter is, for the log (the manifest records the same)."""
+    if not lora:
+        return []
+    return [f"LoRA rank {lora['rank']} (alpha {lora['alpha']:g}, {lora['modules']} modules) from {lora['adapter']} "
+            f"(sha256 {lora['adapter_sha256'][:12]}...) on the base {lora['base']} (sha256 "
+            f"{(lora['base_sha256'] or '?')[:12]}...)"]
+
+
 def main(args, cfg) -> int:
     """`t2i sample` (see t2i/cli.py for the arguments)."""
     entries = load_prompts(args.prompts, limit=args.limit, max_caption_bytes=cfg.data.max_caption_bytes)
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    loaded = loading.load_any(args.ckpt, cfg, ema=not args.raw, device=device)
+    loaded = loading.load_any(args.ckpt, cfg, ema=not args.raw, device=device, lora=args.lora)
     if args.dtype != "float32":
         loaded.model.to(getattr(torch, args.dtype))
     rank = int(os.environ.get("RANK", 0))
     chosen = plan_for(loaded, args)
     if rank == 0:
-        for line in chosen.describe():
+        for line in chosen.describe() + lora_lines(loaded.lora):
             print(f"[sample] {line}", flush=True)
     stats = sample_folder.run(loaded, entries, args.out, prompts_source=str(args.prompts),
                               images_per_prompt=args.images_per_prompt, steps=chosen.steps, guidance=chosen.guidance,

@@ -163,7 +163,7 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
         if validation and ((cfg.validation.every and step % cfg.validation.every == 0) or step == end):
             metrics.update(validation(engine, dtype))
         logger.step(step, metrics)
-        if live_eval.due(step) and not use_lora:  # (sampling a LoRA run's adapters comes with their export)
+        if live_eval.due(step):
             live_eval(step, ema, logger)
         if keys_file:
             keys_file.write(json.dumps({"step": step, "keys": keys}) + "\n")
@@ -180,10 +180,7 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
     guard.restore()
     if keys_file:
         keys_file.close()
-    if rank == 0 and step == cfg.train.steps and use_lora:
-        log.info("LoRA run: the adapters are in %s (no samples drawn: sampling a LoRA comes with its export)",
-                 checkpointer.root)
-    elif rank == 0 and step == cfg.train.steps:
+    if rank == 0 and step == cfg.train.steps:
         finish(cfg, run_dir, text, vae, checkpointer.root, device)
     elif step == stop_at and checkpointer.last_saved == step:
         log.info("stopped at step %d of %d (--stop-at); resume with: %s", step, cfg.train.steps,

@@ -49,6 +49,10 @@ TOOLS = {
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="run folder, checkpoints/, a tag folder, or a diffusers folder")
     p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
+    p.add_argument("--lora", default=None, metavar="FILE",
+                   help="a diffusers-format LoRA (pytorch_lora_weights.safetensors, or its folder: t2i ckpt export "
+                        "of a LoRA run, or another tool's) applied to --ckpt; safetensors only. A LoRA run given as "
+                        "--ckpt needs none: its base and adapters are read from the run")
     p.add_argument("--prompts", required=True, help="GenEval metadata .jsonl, a .txt (one prompt per line) or shards")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument("--out", required=True, help="output folder (GenEval layout)")

@@ -6,6 +6,8 @@
     t2i ckpt export RUN_OR_TAG --out DIR [--weights ema|raw] [--pipeline] [--dtype float32|bfloat16|float16]
                                   -> DIR/transformer/ (SD3Transformer2DModel.from_pretrained), config.yaml,
                                      t2i_export.json; --pipeline: a StableDiffusion3Pipeline folder
+                                  a LoRA run -> DIR/pytorch_lora_weights.safetensors (pipe.load_lora_weights(DIR)),
+                                     DIR/t2i_lora.json; with --merge the full folder above, adapters fused
     t2i ckpt universal RUN_OR_TAG -> <tag>/universal/ (DeepSpeed universal checkpoint), what a resume
                                      at another world size makes by itself; do it ahead for big models
 
@@ -40,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", choices=["ema", "raw"], default="ema")
     s.add_argument("--pipeline", action="store_true",
                    help="also text encoders, tokenizers, VAE, scheduler (needs text.preset=sd3 + vae.kind=pretrained)")
+    s.add_argument("--merge", action="store_true",
+                   help="a LoRA run: its base with the adapters fused, written as a full transformer/ folder "
+                        "(with --pipeline a full pipeline) instead of the adapter file")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the saved transformer (default float32; bfloat16 halves the files). diffusers "
                         "loads any of them in fp32 unless given from_pretrained(..., torch_dtype=torch.bfloat16)")
@@ -62,9 +67,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{root / tag} (step {info['step']}): " + ", ".join(
             f"{k} -> {Path(args.out) / v['file']}" for k, v in info["files"].items()))
     elif args.action == "export":
+        lora = bool(store.read_meta(root, tag).get("lora"))
+        if args.merge and not lora:
+            raise CheckpointError(f"--merge: {root / tag} is a full fine-tuning checkpoint, not a LoRA run's; "
+                                  "export it without --merge")
+        if lora and not args.merge:
+            if args.pipeline or args.dtype != "float32":
+                raise CheckpointError(f"{root / tag} is a LoRA run's: it exports as an adapter file (fp32, as "
+                                      "trained); --pipeline and --dtype apply with --merge (a full folder)")
+            info = export.export_lora(root, tag, Path(args.out), ema=args.weights == "ema")
+            print(f"{root / tag} (step {info['provenance']['step']}, {args.weights}) -> {Path(args.out) / info['file']}"
+                  f": LoRA rank {info['r']} (alpha {info['lora_alpha']}), {info['modules']} modules, "
+                  f"{info['tensors']} tensors, {info['parameters']:,} parameters; load it with "
+                  f"StableDiffusion3Pipeline.load_lora_weights({args.out!r}) on the base {info['provenance']['base']}")
+            return 0
         info = export.export_diffusers(root, tag, Path(args.out), ema=args.weights == "ema",
                                        pipeline=args.pipeline, dtype=args.dtype)
-        print(f"{root / tag} (step {info['step']}, {info['weights']}) -> {args.out}: {info['contents']}")
+        print(f"{root / tag} (step {info['step']}, {info['weights']}) -> {args.out}: {info['contents']}"
+              + (" (LoRA adapters merged into the base)" if lora else ""))
     elif args.action == "universal":
         print(store.ensure_universal(root, tag, workers=args.workers))
     return 0

@@ -22,6 +22,7 @@ Single process, CPU; nothing is downloaded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -71,13 +72,20 @@ def consolidate(root: Path, tag: str, out: Path, weights: str = "both") -> dict:
 
 
 def build_transformer(root: Path, tag: str, ema: bool):
-    """The SD3Transformer2DModel of a checkpoint with its EMA or raw weights (fp32, CPU, eval)."""
-    store.refuse_adapter_only(root, tag)
+    """The SD3Transformer2DModel of a checkpoint with its EMA or raw weights (fp32, CPU, eval); a LoRA run's:
+    its base with the adapters merged in (t2i.checkpoint.lora_run)."""
     from diffusers import SD3Transformer2DModel
 
     from t2i.models.mmdit import load_weights
 
     meta = store.read_meta(root, tag)
+    if meta.get("lora"):
+        from t2i.checkpoint import lora_run
+        from t2i.models import lora
+
+        _, model, _ = lora_run.adapted(root, tag, ema)
+        lora.merge(model)
+        return model.float().eval()
     if "transformer" in meta:  # the constructor arguments, recorded at save time
         model = SD3Transformer2DModel.from_config(meta["transformer"])
     else:  # older checkpoints: rebuild the frozen parts to learn the widths
@@ -97,12 +105,19 @@ def export_diffusers(root: Path, tag: str, out: Path, ema: bool = True, pipeline
     if pipeline:
         check_pipeline_parts(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    model = build_transformer(root, tag, ema).to(getattr(torch, dtype))
+    model = build_transformer(root, tag, ema)  # fp32
+    if dtype != "float32":
+        model.to(getattr(torch, dtype))
     model.save_pretrained(out / "transformer", safe_serialization=True)
-    save_config(cfg, out / "config.yaml")
+    lora = store.read_meta(root, tag).get("lora")
+    # a merged LoRA run is a full model: its config.yaml says so (lora.rank 0), the tag's meta.json keeps the run's
+    save_config(dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=0)) if lora else cfg,
+                out / "config.yaml")
     info = provenance(root, tag)
     info["weights"] = "ema" if ema else "raw"
     info["dtype"] = dtype
+    if lora:
+        info["lora"] = {**lora, "merged": True}
     if pipeline:
         write_pipeline_parts(cfg, out)
         info["contents"] = "StableDiffusion3Pipeline folder: transformer from the checkpoint; text encoders, " \
@@ -114,6 +129,26 @@ def export_diffusers(root: Path, tag: str, out: Path, ema: bool = True, pipeline
                                                       "; they are not diffusers components, so no pipeline"))
     write_json(out / "t2i_export.json", info, indent=1)
     return info
+
+
+def export_lora(root: Path, tag: str, out: Path, ema: bool = True) -> dict:
+    """A LoRA run's adapters as diffusers' pytorch_lora_weights.safetensors (with the adapter metadata, so alpha
+    survives) and t2i_lora.json (t2i.checkpoint.lora_export); returns the sidecar's content. The base is not
+    read: the adapters come from the tag, the module names from the transformer config it records."""
+    from t2i.checkpoint import lora_export, lora_run
+
+    meta = store.read_meta(root, tag)
+    if not meta.get("lora"):
+        raise CheckpointError(f"{root / tag} is a full fine-tuning checkpoint, not a LoRA run's (no \"lora\" in "
+                              f"its meta.json): `t2i ckpt export RUN --out DIR` writes its transformer")
+    cfg = from_dict(meta["config"])
+    weights = lora_run.adapter_weights(root, tag, ema)
+    config = lora_run.run_lora_config(cfg, meta)
+    record = {**meta["lora"], "adapter_sha256": lora_run.tensors_sha256(weights), **provenance(root, tag),
+              "weights": "ema" if ema else "raw"}
+    record.pop("config")
+    lora_export.write_diffusers_lora(weights, config, out, provenance=record)
+    return json.loads((out / lora_export.SIDECAR).read_text())
 
 
 def pipeline_capable(cfg: Config) -> bool:

@@ -451,18 +451,6 @@ def _other_tags(root: Path, tag: str) -> str:
             f"--resume {root / others[-1]}")
 
 
-def refuse_adapter_only(root: Path, tag: str) -> None:
-    """A LoRA run's tag (meta.json "lora") holds the adapters, not full weights: the readers of a full model
-    (t2i.checkpoint.loading.load for sampling and evaluation, the diffusers export, train.init_from) refuse it
-    by name instead of failing on missing keys (load_weights itself reads what the tag holds)."""
-    lora = read_meta(root, tag).get("lora")
-    if lora:
-        raise CheckpointError(f"{root / tag} is a LoRA run's checkpoint: it holds the adapters only (base "
-                              f"{lora.get('base')}), not full weights; sampling, evaluation, export and "
-                              f"train.init_from of LoRA runs are not available yet (the adapters stay in the "
-                              f"tag's DeepSpeed files and resume with `t2i train ... --resume`)")
-
-
 def load_weights(root: Path, tag: str, ema: bool) -> dict[str, torch.Tensor]:
     """Full fp32 model weights of a checkpoint, single process: the EMA (each rank's slice read once,
     memory-mapped, into preallocated full tensors: peak memory is one full copy plus one rank's file)

@@ -60,6 +60,7 @@ class Settings:
     scheduler: dict = None          # the diffusers grid's full FlowMatchEulerDiscreteScheduler config
     model: str = None               # the per-model defaults row (t2i.eval.sampling.MODEL_DEFAULTS), if any
     sources: dict = None            # where each setting came from (informational: not compared on restart)
+    lora: dict = None               # an adapted model: base, adapter, their sha256, rank, alpha (lora_run)
     guidance_interval: list = field(default_factory=lambda: [0.0, 1.0])  # [σ_lo, σ_hi]: CFG only there
     seed_rule: str = "noise of image k of prompt p: torch.Generator seeded SeedSequence([seed, p, k])"
 
@@ -163,7 +164,7 @@ def run(loaded, entries: list[dict], out: str | Path, *, prompts_source: str, im
                         **size_record(resolution), seed=seed, batch_size=batch_size, dtype=str(param.dtype),
                         grid=plan.grid if plan else "t2i", sigmas=[float(x) for x in sigmas],
                         scheduler=plan.scheduler if plan else None, model=plan.model if plan else None,
-                        sources=plan.sources if plan else None,
+                        sources=plan.sources if plan else None, lora=getattr(loaded, "lora", None),
                         guidance_interval=[float(v) for v in flow.check_interval(guidance_interval)])
     check_manifest(out, settings)
 

@@ -221,9 +221,7 @@ def apply(model, rank: int, alpha: float | None = None, targets=DEFAULT_TARGETS,
     if has_adapter(model):
         raise ConfigError("the model already has LoRA adapters (lora.apply once per model; merge() first to stack)")
     names = target_names(model, targets, blocks)
-    config = peft.LoraConfig(r=int(rank), lora_alpha=alpha or int(rank), target_modules=names, lora_dropout=float(dropout),
-                             init_lora_weights=init)
-    peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    peft.inject_adapter_in_model(lora_config(rank, alpha, names, dropout, init), model, adapter_name=ADAPTER_NAME)
     adapted = [name for name, _ in _tuner_layers(model)]
     if sorted(adapted) != sorted(names):  # peft matches on name suffixes: make sure it took exactly ours
         raise RuntimeError(f"peft adapted {len(adapted)} modules, {len(names)} were targeted: "
@@ -232,6 +230,14 @@ def apply(model, rank: int, alpha: float | None = None, targets=DEFAULT_TARGETS,
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
     return names
+
+
+def lora_config(rank: int, alpha: float | None, names: list[str], dropout: float = 0.0, init: bool | str = "gaussian"):
+    """The peft LoraConfig of `apply`: the adapted modules by full name (what diffusers' loader matches)."""
+    import peft
+
+    return peft.LoraConfig(r=int(rank), lora_alpha=alpha or int(rank), target_modules=list(names),
+                           lora_dropout=float(dropout), init_lora_weights=init)
 
 
 def _is_adapter_name(name: str) -> bool:
@@ -252,6 +258,14 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     if not has_adapter(model):
         raise ConfigError("the model has no LoRA adapters (lora.apply first)")
     return get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME, save_embedding_layers=False)
+
+
+def peft_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter tensors of a checkpoint's weights (named as the adapted model's parameters,
+    `...to_q.lora_A.default.weight`), keyed as `adapter_state_dict` gives them (`...to_q.lora_A.weight`);
+    base weights and buffers are left out."""
+    marker = re.compile(rf"\.(lora_[AB])\.{ADAPTER_NAME}\.")
+    return {marker.sub(r".\1.", name): t for name, t in weights.items() if marker.search(name)}
 
 
 def load_adapter(model, state_dict: dict[str, torch.Tensor]) -> int:

@@ -129,9 +129,13 @@ def init_from_parent(model, cfg: Config) -> dict:
             load_weights(model, load_pretrained(path).state_dict())
         return {"kind": "diffusers", "path": str(Path(path).resolve())}
     root, tag = store.resolve(path)
-    store.refuse_adapter_only(root, tag)
-    load_weights(model, store.load_weights(root, tag, ema=cfg.train.init_weights == "ema"))
     meta = store.read_meta(root, tag)
+    ema = cfg.train.init_weights == "ema"
+    if meta.get("lora"):  # a LoRA run's tag: its base with the adapters folded in
+        from t2i.checkpoint import lora_run
+        load_weights(model, lora_run.merged_weights(root, tag, ema))
+    else:
+        load_weights(model, store.load_weights(root, tag, ema=ema))
     return {"kind": "checkpoint", "path": str((root / tag).resolve()), "run": str(root.parent.resolve()),
             "tag": tag, "step": meta["step"], "weights": cfg.train.init_weights,
             "stage": meta["config"]["train"].get("stage", "?")}

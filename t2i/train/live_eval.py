@@ -44,6 +44,20 @@ class LiveEval:
             return ema_lib.consolidate(gathered) if self.rank == 0 else None
         return ema_lib.consolidate([state]) if self.rank == 0 else None
 
+    def build(self) -> torch.nn.Module:
+        """The sampling model: the MMDiT; for a LoRA run its frozen base (train.init_from, as training loaded it)
+        with adapters of the run's shape, whose values each call loads from the EMA."""
+        model = build.build_for(self.cfg, self.text, self.vae)
+        if self.cfg.lora.rank > 0:
+            from t2i.models import lora
+            from t2i.train.checkpointer import init_from_parent
+
+            if self.cfg.train.init_from:
+                init_from_parent(model, self.cfg)
+            lo = self.cfg.lora
+            lora.apply(model, lo.rank, lo.alpha, lo.targets, lo.blocks, lo.dropout, lo.init)
+        return model.to(self.device).eval()
+
     @torch.no_grad()
     def __call__(self, step: int, ema: ema_lib.ShardedEMA, logger) -> dict:
         from t2i.viz import save_grid
@@ -52,8 +66,12 @@ class LiveEval:
         if self.rank != 0:
             return {}
         if self.model is None:
-            self.model = build.build_for(self.cfg, self.text, self.vae).to(self.device).eval()
-        load_weights(self.model, weights)
+            self.model = self.build()
+        if self.cfg.lora.rank > 0:  # the EMA holds the adapters only
+            from t2i.models import lora
+            lora.load_adapter(self.model, lora.peft_keys(weights))
+        else:
+            load_weights(self.model, weights)
         s, res = self.cfg.sample, self.cfg.data.resolution
         self.sigmas = config_sigmas(self.cfg, dict(self.model.config), self.vae.latent_size(res))
         images, labels = grid_samples(self.cfg, self.model, self.text, self.vae, self.sigmas)
