@@ -81,9 +81,11 @@ def test_a_lora_run_resumes_exactly_and_its_checkpoints_hold_only_the_adapters(m
               "text.dropout_t5": 0.3, "train.init_from": parent, "train.init_weights": "raw"}
     root = runs / "r" / "checkpoints"
     live: dict = {}  # the adapters the straight run saved at its last step, before the resumed run replaces the tag
+    dump = tmp_path / "live"  # the live fp32 adapters at each save (t2i.train.faults)
     a, b, keys_a, keys_b = straight_and_resumed(
         shards, runs, "r", common, before_resume=lambda: live.update(store.load_weights(root, store.tag_for(2 * K),
-                                                                                        ema=False)))
+                                                                                        ema=False)),
+        env={"T2I_TEST_DUMP_TRAINABLE": str(dump)})
     assert max(abs(x - y) for x, y in zip(a[K:], b)) <= 1e-6, (a, b)
     assert a[0] != a[1]
     for rank in range(2):
@@ -120,6 +122,12 @@ def test_a_lora_run_resumes_exactly_and_its_checkpoints_hold_only_the_adapters(m
     else:  # ZeRO-3's model file holds empty placeholders; the fp32 partitions hold the values
         assert all(module[k].numel() == 0 for k in raw)
     assert all(4 in t.shape and t.dim() == 2 for t in raw.values())
+    # what the tag holds is what was live when it was saved, tensor for tensor (under ZeRO-3 each rank held a
+    # partition; the saved partitions, put together, are the gathered live master weights)
+    saved_live = torch.load(dump / f"step{K}.pt", weights_only=True)
+    assert set(saved_live) == set(raw) and all(t.numel() > 0 for t in saved_live.values())
+    for k, t in raw.items():
+        assert torch.equal(saved_live[k], t), k
     # (d) the adapters saved at step 2K by the resumed run (K steps on the saved adapters) are those of the straight
     # run: saving and loading the adapters lost nothing
     resumed = store.load_weights(root, store.tag_for(2 * K), ema=False)

@@ -58,6 +58,9 @@ def load(path: str | Path, ema: bool = True, device="cpu", text=None, vae=None) 
     stored = meta["config"]
     # a checkpoint saved before sample.guidance_interval existed was sampled with guidance at every step
     stored.setdefault("sample", {}).setdefault("guidance_interval", [0.0, 1.0])
+    if meta.get("lora"):
+        from t2i.checkpoint.lora_run import require_base
+        require_base(meta)
     cfg = from_dict(stored)
     if text is None or vae is None:
         text, vae = build_frozen(cfg, device)

@@ -54,6 +54,17 @@ def source_of(cfg: Config) -> str | None:
     return cfg.train.init_from or cfg.model.pretrained
 
 
+def require_base(meta: dict) -> None:
+    """Refuse, before anything is built, a LoRA run whose base folder or run is no longer where it was (`meta`:
+    the tag's meta.json, whose config is not parsed yet: parsing checks model.pretrained's folder)."""
+    stored = meta["config"]
+    source = stored.get("train", {}).get("init_from") or stored.get("model", {}).get("pretrained")
+    if source and not Path(source).exists():
+        raise CheckpointError(f"the base of this LoRA run is gone: {source} does not exist (recorded: "
+                              f"{meta['lora'].get('base')}). Put it back, or apply the exported adapter to a copy of "
+                              f"the base elsewhere: t2i ckpt export RUN --out DIR; t2i sample --ckpt BASE --lora DIR")
+
+
 def base_model(cfg: Config, meta: dict, text=None, vae=None) -> torch.nn.Module:
     """The frozen base of the LoRA run whose tag's meta.json is `meta`, built as training built it, fp32, CPU.
     With `text` and `vae` through t2i's model builder (what sampling needs anyway); without them from the
@@ -64,10 +75,6 @@ def base_model(cfg: Config, meta: dict, text=None, vae=None) -> torch.nn.Module:
 
     recorded = meta["lora"]
     source = source_of(cfg)
-    if source and not Path(source).exists():
-        raise CheckpointError(f"the base of this LoRA run is gone: {source} does not exist (recorded: "
-                              f"{recorded.get('base')}). Put the folder back, or apply the exported adapter to a "
-                              f"copy of the base elsewhere: t2i sample --ckpt BASE --lora ADAPTER")
     if text is not None and vae is not None or not source or "transformer" not in meta:
         from t2i.models.build import build_for, build_frozen
 
@@ -122,6 +129,7 @@ def adapted(root: Path, tag: str, ema: bool = True, text=None, vae=None) -> tupl
     meta = store.read_meta(root, tag)
     if not meta.get("lora"):
         raise CheckpointError(f"{root / tag} is not a LoRA run's checkpoint (no \"lora\" in its meta.json)")
+    require_base(meta)
     cfg = from_dict(meta["config"])
     weights = adapter_weights(root, tag, ema)
     model = base_model(cfg, meta, text, vae)

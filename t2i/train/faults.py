@@ -9,6 +9,12 @@ itself; `install` attaches a hook only when one is set, and unset they cost noth
                                             time-limit warning (1-minute --time granularity, up to
                                             60 s early) lands mid-training however fast the machine
                                             is (tests/test_slurm.py)
+    T2I_TEST_DUMP_TRAINABLE=<dir>           at every save, once the rank files are written, every rank
+                                            gathers the live fp32 master of each trainable parameter
+                                            (DeepSpeed's safe_get_full_fp32_param, collective under
+                                            ZeRO-3) and rank 0 writes them to <dir>/step<N>.pt, so a test
+                                            can compare what a tag holds with what was live
+                                            (tests/test_lora_train.py)
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from t2i.io import write_text
 
 PAUSE_ENV = "T2I_TEST_PAUSE_IN_SAVE"
 PACE_ENV = "T2I_TEST_MIN_STEP_SECONDS"
+DUMP_ENV = "T2I_TEST_DUMP_TRAINABLE"
 
 
 def install(guard, checkpointer) -> None:
@@ -31,6 +38,9 @@ def install(guard, checkpointer) -> None:
     want = os.environ.get(PAUSE_ENV)
     if want:
         checkpointer.after_rank_files = _PauseInSave(want)
+    dump = os.environ.get(DUMP_ENV)
+    if dump:
+        checkpointer.after_rank_files = _DumpTrainable(Path(dump), checkpointer.engine)
 
 
 class _Pacer:
@@ -50,3 +60,18 @@ class _PauseInSave:
         if self.want == f"{step}:{rank}":
             write_text(tag_dir / f".paused-rank{rank}", str(os.getpid()))
             time.sleep(600)
+
+
+class _DumpTrainable:
+    def __init__(self, folder: Path, engine):
+        self.folder, self.engine = folder, engine
+
+    def __call__(self, tag_dir: Path, step: int, rank: int) -> None:
+        import torch
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        live = {n: safe_get_full_fp32_param(p).detach().cpu().clone()
+                for n, p in self.engine.module.named_parameters() if p.requires_grad}
+        if rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            torch.save(live, self.folder / f"step{step}.pt")
