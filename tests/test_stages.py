@@ -94,3 +94,40 @@ def test_the_stage_configs_differ_in_the_objective_only():
     assert mix["train"].pop("objective") == "mixflow" and control["train"].pop("objective") == "flow_matching"
     assert mix["run"].pop("name") == "mixflow" and control["run"].pop("name") == "control"
     assert mix == control
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["sd3.5-medium-lora-mixflow.yaml", "sd3.5-large-lora-control.yaml"])
+def test_a_shipped_lora_stage_trains_its_adapters_only_on_the_release_shaped_folder(sd35_folder, make_shards,
+                                                                                    tmp_path, config):
+    """configs/stages/*-lora-*.yaml with path overrides only (and a CPU-sized batch, as test_sd35.py's stage test):
+    two bf16 ZeRO-2 steps through the SD3.5 MMDiT train rank-16 adapters on exactly the default targets of the
+    folder's model (attn2 included), from the frozen release, and the tag holds those adapters and nothing else."""
+    from t2i.checkpoint import store
+    from t2i.models import lora
+    from t2i.models.mmdit import load_pretrained
+
+    shards = make_shards(n_shards=2, per_shard=4, sizes=[(16, 16), (24, 16)])
+    proc = run_t2i("train", "--config", f"configs/stages/{config}", f"model.pretrained={sd35_folder}",
+                   f"train.init_from={sd35_folder}", f"data.shards={shards[0]}::{shards[1]}", "data.resolution=64",
+                   "data.buckets={area: 4096, step: 16}", "data.min_size=0", "data.num_workers=0",
+                   "data.shuffle_buffer=4", "train.steps=2", "train.micro_batch_size=2", "train.warmup_steps=1",
+                   "train.ckpt_every=2", "model.gradient_checkpointing=false", "logging.wandb=disabled",
+                   "validation.shards=null", "sample.steps=2", "sample.prompts=[a photo of a cat]",
+                   f"run.output_dir={tmp_path}", "run.name=r", timeout=900)
+    objective = "mixflow" if "mixflow" in config else "control"
+    assert f"stage {objective}" in proc.stderr and "ZeRO-2, bf16" in proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["loss"] == r["loss"] for r in records)
+    assert records[-1]["lr"] == pytest.approx(1e-4)
+
+    names = lora.target_names(load_pretrained(str(sd35_folder)))  # the default targets on the folder's model
+    assert any(".attn2." in n for n in names) and len(names) == 19  # block 0: 8 + attn2's 4; the last block: 7
+    root = tmp_path / "r" / "checkpoints"
+    meta = json.loads((root / "step00000002" / "meta.json").read_text())
+    assert meta["lora"]["base"] == str(sd35_folder.resolve())
+    assert (meta["config"]["lora"]["rank"], meta["config"]["lora"]["alpha"]) == (16, None)
+    ema = store.load_weights(root, "step00000002", ema=True)
+    assert set(ema) == {f"{n}.lora_{m}.default.weight" for n in names for m in "AB"}
+    assert all(ema[f"{n}.lora_A.default.weight"].shape[0] == 16 for n in names)
+    assert any(ema[f"{n}.lora_B.default.weight"].abs().sum() > 0 for n in names)  # B (0 at the start) moved
