@@ -30,7 +30,8 @@ from t2i.models.build import build_for, build_frozen
 from t2i.models import attention
 from t2i.models.mmdit import ShapeWatch, checkpointed_blocks, count_parameters
 from t2i.train import engine as engine_lib, faults, optim, step_profile
-from t2i.train.checkpointer import Checkpointer, init_from_parent, lora_base
+from t2i.checkpoint.parents import init_from_parent, lora_base
+from t2i.train.checkpointer import Checkpointer
 from t2i.train.diagnostics import FixedSigmaValidation, SigmaStats
 from t2i.train.live_eval import LiveEval
 from t2i.train.logger import RunLogger, log, setup_logging
@@ -190,7 +191,7 @@ def train(cfg: Config, guard: PreemptionGuard, rank: int, world: int, resume: bo
 
 
 def apply_lora(model, cfg: Config) -> dict:
-    """lora.rank > 0: hash the base (t2i.train.checkpointer.lora_base), inject the adapters (everything else
+    """lora.rank > 0: hash the base (t2i.checkpoint.parents.lora_base), inject the adapters (everything else
     frozen) and log their size. Returns the base record the checkpoints keep."""
     from t2i.models import lora
 

@@ -77,6 +77,30 @@ def test_the_run_trained_adapters_only_and_its_tag_records_the_base(lora_run, sd
     assert meta["config"]["train"]["objective"] == "mixflow"
     assert meta["lora"]["base"] == str(sd35_folder.resolve()) and len(meta["lora"]["base_sha256"]) == 64
     assert (lora_run / "samples" / "step00000002.png").is_file()  # the final grid, from base + EMA adapters
+    # the optimizer held the adapters only: DeepSpeed's fp32 partitions put together are the 38 adapter tensors,
+    # the parameter count the log states (the base stayed in bf16, outside the optimizer)
+    raw = store.load_weights(lora_run / "checkpoints", "step00000002", ema=False)
+    adapters = {k: t for k, t in raw.items() if ".lora_" in k}
+    assert len(adapters) == 38 and sum(t.numel() for t in adapters.values()) == 2432
+    assert "2,432 adapter parameters" in log
+    assert not [k for k in raw if ".lora_" not in k and not k.startswith("pos_embed.")]  # (+ buffers)
+
+
+def test_init_from_a_lora_run_starts_from_its_merged_weights(lora_run, exported):
+    """train.init_from a LoRA run: the base with the adapters folded in, what `t2i ckpt export --merge` writes."""
+    from t2i.config import load_config
+    from t2i.models.mmdit import load_pretrained
+    from t2i.checkpoint.parents import init_from_parent
+
+    model = load_pretrained(str(exported[1]))  # the merged folder's architecture; its weights are overwritten
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    parent = init_from_parent(model, load_config(overrides=[f"train.init_from={lora_run}"]))
+    assert parent["kind"] == "checkpoint" and parent["step"] == 2
+    merged = load_pretrained(str(exported[1])).state_dict()
+    for k, t in model.state_dict().items():
+        assert torch.equal(t, merged[k]), k
 
 
 def test_diffusers_loads_every_key_and_draws_t2is_image_the_merged_folders_and_not_the_bases(
@@ -180,7 +204,7 @@ def test_a_changed_base_folder_is_refused_naming_both_hashes(lora_run, sd35_fold
 
 
 def test_an_adapter_of_another_model_is_refused(exported):
-    from t2i.checkpoint.lora_run import apply_file
+    from t2i.checkpoint.parents import apply_file
     from t2i.config import load_config
     from t2i.models.build import build_for, build_frozen
 

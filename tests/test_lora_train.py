@@ -93,7 +93,7 @@ def test_a_lora_run_resumes_exactly_and_its_checkpoints_hold_only_the_adapters(m
     run = runs / "r"
     log = (run / "train.log").read_text()
     assert "LoRA rank 4 (alpha 4): 31 modules" in log and "the base is frozen" in log
-    # the final grid is drawn from the base + the EMA adapters (t2i.checkpoint.lora_run, the base hash checked)
+    # the final grid is drawn from the base + the EMA adapters (t2i.checkpoint.parents, the base hash checked)
     assert (run / "samples" / f"{store.tag_for(2 * K)}.png").is_file()
 
     tag = store.tag_for(K)

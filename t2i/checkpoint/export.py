@@ -73,17 +73,17 @@ def consolidate(root: Path, tag: str, out: Path, weights: str = "both") -> dict:
 
 def build_transformer(root: Path, tag: str, ema: bool):
     """The SD3Transformer2DModel of a checkpoint with its EMA or raw weights (fp32, CPU, eval); a LoRA run's:
-    its base with the adapters merged in (t2i.checkpoint.lora_run)."""
+    its base with the adapters merged in (t2i.checkpoint.parents)."""
     from diffusers import SD3Transformer2DModel
 
     from t2i.models.mmdit import load_weights
 
     meta = store.read_meta(root, tag)
     if meta.get("lora"):
-        from t2i.checkpoint import lora_run
+        from t2i.checkpoint import parents
         from t2i.models import lora
 
-        _, model, _ = lora_run.adapted(root, tag, ema)
+        _, model, _ = parents.adapted(root, tag, ema)
         lora.merge(model)
         return model.float().eval()
     if "transformer" in meta:  # the constructor arguments, recorded at save time
@@ -135,16 +135,16 @@ def export_lora(root: Path, tag: str, out: Path, ema: bool = True) -> dict:
     """A LoRA run's adapters as diffusers' pytorch_lora_weights.safetensors (with the adapter metadata, so alpha
     survives) and t2i_lora.json (t2i.checkpoint.lora_export); returns the sidecar's content. The base is not
     read: the adapters come from the tag, the module names from the transformer config it records."""
-    from t2i.checkpoint import lora_export, lora_run
+    from t2i.checkpoint import lora_export, parents
 
     meta = store.read_meta(root, tag)
     if not meta.get("lora"):
         raise CheckpointError(f"{root / tag} is a full fine-tuning checkpoint, not a LoRA run's (no \"lora\" in "
                               f"its meta.json): `t2i ckpt export RUN --out DIR` writes its transformer")
     cfg = from_dict(meta["config"])
-    weights = lora_run.adapter_weights(root, tag, ema)
-    config = lora_run.run_lora_config(cfg, meta)
-    record = {**meta["lora"], "adapter_sha256": lora_run.tensors_sha256(weights), **provenance(root, tag),
+    weights = parents.adapter_weights(root, tag, ema)
+    config = parents.run_lora_config(cfg, meta)
+    record = {**meta["lora"], "adapter_sha256": parents.tensors_sha256(weights), **provenance(root, tag),
               "weights": "ema" if ema else "raw"}
     record.pop("config")
     lora_export.write_diffusers_lora(weights, config, out, provenance=record)

@@ -28,7 +28,7 @@ class Loaded:
     source: str  # "<checkpoint dir> (ema|raw)"
     folder: Optional[str] = None      # the diffusers folder it came from (None for a t2i checkpoint)
     scheduler: Optional[dict] = None  # that folder's (or model.pretrained's) scheduler/scheduler_config.json
-    lora: Optional[dict] = None       # an adapted model: base, adapter and their sha256 (lora_run.AdapterInfo)
+    lora: Optional[dict] = None       # an adapted model: base, adapter and their sha256 (parents.AdapterInfo)
 
     @property
     def latent_shape(self) -> tuple:
@@ -52,14 +52,14 @@ def read_scheduler_config(path: str | Path | None) -> Optional[dict]:
 def load(path: str | Path, ema: bool = True, device="cpu", text=None, vae=None) -> Loaded:
     """A run folder, its checkpoints/ folder (latest) or a tag folder -> model in eval mode. A LoRA run's tag
     (it holds the adapters only) gives its base, rebuilt and hash-checked, with the adapters applied
-    (t2i.checkpoint.lora_run)."""
+    (t2i.checkpoint.parents)."""
     root, tag = store.resolve(path)
     meta = store.read_meta(root, tag)
     stored = meta["config"]
     # a checkpoint saved before sample.guidance_interval existed was sampled with guidance at every step
     stored.setdefault("sample", {}).setdefault("guidance_interval", [0.0, 1.0])
     if meta.get("lora"):
-        from t2i.checkpoint.lora_run import require_base
+        from t2i.checkpoint.parents import require_base
         require_base(meta)
     cfg = from_dict(stored)
     if text is None or vae is None:
@@ -67,9 +67,9 @@ def load(path: str | Path, ema: bool = True, device="cpu", text=None, vae=None) 
     source = f"{root / tag} ({'ema' if ema else 'raw'})"
     scheduler = read_scheduler_config(cfg.model.pretrained)
     if meta.get("lora"):
-        from t2i.checkpoint import lora_run
+        from t2i.checkpoint import parents
 
-        _, model, info = lora_run.adapted(root, tag, ema, text, vae)
+        _, model, info = parents.adapted(root, tag, ema, text, vae)
         return Loaded(cfg, model.to(device).eval(), text, vae, source, scheduler=scheduler, lora=info.record())
     model = build_for(cfg, text, vae)
     load_weights(model, store.load_weights(root, tag, ema=ema))
@@ -103,7 +103,7 @@ def load_diffusers(folder: str | Path, cfg: Config, device="cpu") -> Loaded:
 
 def load_any(path: str | Path, cfg: Config, ema: bool = True, device="cpu", lora: str | Path | None = None) -> Loaded:
     """A t2i checkpoint (run folder, checkpoints/ or tag; EMA or raw weights) or a diffusers folder; with
-    `lora`, a diffusers-format adapter file (or folder) applied to it (t2i.checkpoint.lora_run.apply_file)."""
+    `lora`, a diffusers-format adapter file (or folder) applied to it (t2i.checkpoint.parents.apply_file)."""
     from t2i.sd3_folder import is_pipeline_folder
 
     if (is_diffusers_folder(str(path)) or is_pipeline_folder(path)) and not (Path(path) / "meta.json").exists():
@@ -111,12 +111,12 @@ def load_any(path: str | Path, cfg: Config, ema: bool = True, device="cpu", lora
     else:
         loaded = load(path, ema=ema, device=device)
     if lora is not None:
-        from t2i.checkpoint import lora_run
+        from t2i.checkpoint import parents
 
         if loaded.lora:
             raise CheckpointError(f"--lora {lora}: {path} is a LoRA run, its adapters are already applied; give "
                                   f"--lora with a base model (a diffusers folder or a full t2i run)")
-        info = lora_run.apply_file(loaded.model, lora, base=loaded.source)
+        info = parents.apply_file(loaded.model, lora, base=loaded.source)
         loaded.model.to(device).eval()
         loaded.lora = info.record()
     return loaded

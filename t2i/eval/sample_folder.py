@@ -60,7 +60,7 @@ class Settings:
     scheduler: dict = None          # the diffusers grid's full FlowMatchEulerDiscreteScheduler config
     model: str = None               # the per-model defaults row (t2i.eval.sampling.MODEL_DEFAULTS), if any
     sources: dict = None            # where each setting came from (informational: not compared on restart)
-    lora: dict = None               # an adapted model: base, adapter, their sha256, rank, alpha (lora_run)
+    lora: dict = None               # an adapted model: base, adapter, their sha256, rank, alpha (t2i.checkpoint.parents)
     guidance_interval: list = field(default_factory=lambda: [0.0, 1.0])  # [σ_lo, σ_hi]: CFG only there
     seed_rule: str = "noise of image k of prompt p: torch.Generator seeded SeedSequence([seed, p, k])"
 

@@ -1,5 +1,5 @@
-"""The training run's checkpoints: when to save, what goes in, how a run continues, and the
-weights a post-training run starts from. The loop calls `save(step, ...)` after every step and
+"""The training run's checkpoints: when to save, what goes in, how a run continues (the weights a
+post-training run starts from and a LoRA run's base: t2i.checkpoint.base). The loop calls `save(step, ...)` after every step and
 this class decides (cadence, last step, not in a non-finite streak, not twice for one step); the
 format itself is t2i.checkpoint.store's.
 """
@@ -15,7 +15,6 @@ import torch.distributed as dist
 from t2i.checkpoint import store
 from t2i.config import Config, to_dict
 from t2i.errors import CheckpointError
-from t2i.models.mmdit import is_diffusers_folder, load_pretrained, load_weights
 
 log = logging.getLogger("t2i")
 
@@ -25,7 +24,7 @@ class Checkpointer:
 
     def __init__(self, root: Path, cfg: Config, engine, ema, generator, world: int, save_last: bool = True,
                  force: bool = False, lora: dict | None = None):
-        """`lora` (a LoRA run, lora.rank > 0): {"base", "base_sha256"} of the frozen base (`lora_base`). The
+        """`lora` (a LoRA run, lora.rank > 0): {"base", "base_sha256"} of the frozen base (t2i.checkpoint.base.lora_base). The
         tags then leave the base out (DeepSpeed's exclude_frozen_parameters), meta.json records it, and a
         resume loads the adapters non-strictly over the base already in the model, refusing another base."""
         self.root, self.cfg, self.engine, self.ema, self.generator = root, cfg, engine, ema, generator
@@ -118,58 +117,3 @@ class Checkpointer:
 
     def last_good(self) -> str:
         return f"{store.latest_tag(self.root)!r} in {self.root}"
-
-
-def init_from_parent(model, cfg: Config) -> dict:
-    """Load the parent's weights (train.init_from) into `model`; returns what <run>/parent.json records."""
-    path = cfg.train.init_from
-    if is_diffusers_folder(path):
-        same = cfg.model.pretrained and Path(cfg.model.pretrained).resolve() == Path(path).resolve()
-        if not same:  # model.pretrained already built the model from this folder: no second load
-            load_weights(model, load_pretrained(path).state_dict())
-        return {"kind": "diffusers", "path": str(Path(path).resolve())}
-    root, tag = store.resolve(path)
-    meta = store.read_meta(root, tag)
-    ema = cfg.train.init_weights == "ema"
-    if meta.get("lora"):  # a LoRA run's tag: its base with the adapters folded in
-        from t2i.checkpoint import lora_run
-        load_weights(model, lora_run.merged_weights(root, tag, ema))
-    else:
-        load_weights(model, store.load_weights(root, tag, ema=ema))
-    return {"kind": "checkpoint", "path": str((root / tag).resolve()), "run": str(root.parent.resolve()),
-            "tag": tag, "step": meta["step"], "weights": cfg.train.init_weights,
-            "stage": meta["config"]["train"].get("stage", "?")}
-
-
-def lora_base(model, cfg: Config) -> dict:
-    """What a LoRA run records of its frozen base (meta.json "lora"): where it came from (train.init_from,
-    else model.pretrained, else the random init of model.preset from run.seed) and `base_sha256`. Call it
-    before the adapters are applied. Collective when torch.distributed is up: rank 0 hashes, the others
-    receive its digest (every rank builds the same base)."""
-    source = cfg.train.init_from or cfg.model.pretrained
-    base = str(Path(source).resolve()) if source else f"random init (model.preset={cfg.model.preset}, run.seed={cfg.run.seed})"
-    if cfg.train.init_from and not is_diffusers_folder(cfg.train.init_from):
-        base += f" ({cfg.train.init_weights} weights)"
-    distributed = dist.is_available() and dist.is_initialized()
-    box = [weights_sha256(model) if not distributed or dist.get_rank() == 0 else None]
-    if distributed:
-        dist.broadcast_object_list(box, src=0)
-    return {"base": base, "base_sha256": box[0]}
-
-
-def weights_sha256(model) -> str:
-    """sha256 over the model's parameters: each one's name, dtype, shape and raw bytes, in sorted name order,
-    copied to the CPU one tensor at a time. Cost: one pass over the weights' bytes at hashlib's ~1-2 GB/s on
-    one core, so an 8B-parameter base takes ~10-15 s in bf16 (16 GB) and ~20-30 s in fp32 (32 GB) on rank 0,
-    once per start; the tiny preset takes milliseconds."""
-    import hashlib
-
-    import torch
-
-    h = hashlib.sha256()
-    params = dict(model.named_parameters())
-    for name in sorted(params):
-        t = params[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()

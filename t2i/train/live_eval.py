@@ -50,7 +50,7 @@ class LiveEval:
         model = build.build_for(self.cfg, self.text, self.vae)
         if self.cfg.lora.rank > 0:
             from t2i.models import lora
-            from t2i.train.checkpointer import init_from_parent
+            from t2i.checkpoint.parents import init_from_parent
 
             if self.cfg.train.init_from:
                 init_from_parent(model, self.cfg)

@@ -1,6 +1,11 @@
-"""A LoRA run's checkpoint as a model: the frozen base rebuilt from what the run recorded, checked by content hash,
-with the tag's adapters applied; and a diffusers-format adapter file applied to any model.
+"""The weights a run starts from and a LoRA run's model: train.init_from's parent, a LoRA run's frozen base
+(recorded by content hash, rebuilt and checked), its adapters applied, and a diffusers-format adapter file
+applied to any model.
 
+    init_from_parent(model, cfg)         train.init_from's weights into `model`: a diffusers folder, a t2i run's
+                                         EMA or raw weights, or a LoRA run's base with its adapters merged
+    lora_base(model, cfg)                what a LoRA run's tags record of its base: where from, sha256
+    weights_sha256(model)                the content hash of a model's parameters (tensors_sha256)
     base_model(cfg, meta, text, vae)     the run's base as training built it (train.init_from, else
                                          model.pretrained, else model.preset's random init from run.seed),
                                          refused unless its sha256 is the one meta.json "lora" records
@@ -12,8 +17,8 @@ with the tag's adapters applied; and a diffusers-format adapter file applied to 
     merged_weights(root, tag, ema)       base + adapters folded in, a plain state dict (train.init_from)
 
 A tag of a LoRA run holds the adapters only (docs/design/lora.md); the base is read again from the folder or
-run the config names, so that folder must still be there. The content hash (t2i.train.checkpointer.
-weights_sha256, rank 0 of training took it before the adapters were applied) makes sure it is the same base:
+run the config names, so that folder must still be there. The content hash (`weights_sha256`;
+rank 0 of training took it before the adapters were applied) makes sure it is the same base:
 a folder replaced by another release, or a t2i parent trained further, is refused naming both hashes.
 The adapters stay peft layers (W x + (alpha / r) B A x, as diffusers' load_lora_weights computes them), so a
 sample equals diffusers' pipeline with the exported file; `t2i.models.lora.merge` folds them in where a plain
@@ -26,18 +31,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from t2i.checkpoint import store
 from t2i.config import Config, from_dict
 from t2i.errors import CheckpointError
 from t2i.io import file_sha256
+from t2i.models.mmdit import is_diffusers_folder, load_pretrained, load_weights
 
 
 @dataclass
 class AdapterInfo:
     """What a manifest records of an adapted model: the base and the adapter, each with its sha256."""
     base: str
-    base_sha256: str       # t2i.train.checkpointer.weights_sha256 of the base, before the adapter
+    base_sha256: str       # weights_sha256 of the base, before the adapter
     adapter: str           # "<tag folder> (ema|raw)" or the adapter file
     adapter_sha256: str    # tensors_sha256 of the adapter: the same for a run's tag and for its export
     rank: int
@@ -52,6 +59,50 @@ class AdapterInfo:
 def source_of(cfg: Config) -> str | None:
     """The folder or run the base weights come from (None: model.preset's random init)."""
     return cfg.train.init_from or cfg.model.pretrained
+
+
+def init_from_parent(model, cfg: Config) -> dict:
+    """Load the parent's weights (train.init_from) into `model`; returns what <run>/parent.json records."""
+    path = cfg.train.init_from
+    if is_diffusers_folder(path):
+        same = cfg.model.pretrained and Path(cfg.model.pretrained).resolve() == Path(path).resolve()
+        if not same:  # model.pretrained already built the model from this folder: no second load
+            load_weights(model, load_pretrained(path).state_dict())
+        return {"kind": "diffusers", "path": str(Path(path).resolve())}
+    root, tag = store.resolve(path)
+    meta = store.read_meta(root, tag)
+    ema = cfg.train.init_weights == "ema"
+    if meta.get("lora"):  # a LoRA run's tag: its base with the adapters folded in
+        load_weights(model, merged_weights(root, tag, ema))
+    else:
+        load_weights(model, store.load_weights(root, tag, ema=ema))
+    return {"kind": "checkpoint", "path": str((root / tag).resolve()), "run": str(root.parent.resolve()),
+            "tag": tag, "step": meta["step"], "weights": cfg.train.init_weights,
+            "stage": meta["config"]["train"].get("stage", "?")}
+
+
+def lora_base(model, cfg: Config) -> dict:
+    """What a LoRA run records of its frozen base (meta.json "lora"): where it came from (train.init_from,
+    else model.pretrained, else the random init of model.preset from run.seed) and `base_sha256`. Call it
+    before the adapters are applied. Collective when torch.distributed is up: rank 0 hashes, the others
+    receive its digest (every rank builds the same base)."""
+    source = source_of(cfg)
+    base = str(Path(source).resolve()) if source else f"random init (model.preset={cfg.model.preset}, run.seed={cfg.run.seed})"
+    if cfg.train.init_from and not is_diffusers_folder(cfg.train.init_from):
+        base += f" ({cfg.train.init_weights} weights)"
+    distributed = dist.is_available() and dist.is_initialized()
+    box = [weights_sha256(model) if not distributed or dist.get_rank() == 0 else None]
+    if distributed:
+        dist.broadcast_object_list(box, src=0)
+    return {"base": base, "base_sha256": box[0]}
+
+
+def weights_sha256(model) -> str:
+    """tensors_sha256 of the model's parameters, copied to the CPU one tensor at a time. Cost: one pass over the
+    weights' bytes at hashlib's ~1-2 GB/s on one core: an 8B-parameter base hashed in fp32 (32 GB, as training
+    does on the host before DeepSpeed casts it) takes ~20-30 s on rank 0, once per start; the tiny preset
+    milliseconds."""
+    return tensors_sha256(dict(model.named_parameters()))
 
 
 def require_base(meta: dict) -> None:
@@ -70,9 +121,6 @@ def base_model(cfg: Config, meta: dict, text=None, vae=None) -> torch.nn.Module:
     With `text` and `vae` through t2i's model builder (what sampling needs anyway); without them from the
     recorded transformer config (no text encoder is loaded: the export). Refused unless its content hash is
     the recorded one."""
-    from t2i.models.mmdit import load_pretrained
-    from t2i.train.checkpointer import init_from_parent, weights_sha256
-
     recorded = meta["lora"]
     source = source_of(cfg)
     if text is not None and vae is not None or not source or "transformer" not in meta:
@@ -176,8 +224,6 @@ def apply_file(model: torch.nn.Module, path, base: str = "") -> AdapterInfo:
 
     from t2i.checkpoint.lora_export import check_loaded, read_lora, weight_file
     from t2i.models.lora import ADAPTER_NAME, has_adapter
-
-    from t2i.train.checkpointer import weights_sha256
 
     file = weight_file(path)
     state, config = read_lora(file)
