@@ -1,4 +1,4 @@
-"""The README's command blocks -- Quickstart; Evaluation; SLURM, preemption and checkpoint tools;
+"""The README's command blocks -- Quickstart; Evaluation; SLURM, preemption and checkpoint tools; LoRA;
 Performance -- run in the README's order, as one session in one folder, with tiny settings appended
 to each `t2i` line, so the README cannot drift from the code.
 
@@ -20,13 +20,15 @@ from helpers import REPO
 HEADINGS = ["## Quickstart",
             "### Evaluation: sampling at scale, GenEval, FID, CLIP score",
             "### SLURM, preemption and checkpoint tools",
+            "### LoRA: MixFlow on a budget, loaded by diffusers",
             "### Performance: benchmark, precomputed caches, compile"]
 # needs real weights (/weights/..., mask2former, clip:), a cluster (sbatch, $SLURM...), a GPU
 # (gpu_bench), the user's own config (my.yaml) or a fresh checkout's setup (make setup)
 SKIP = re.compile(r"/weights/|\bsbatch\b|\$SLURM|mask2former|clip:|gpu_bench|make setup|\bmy\.yaml\b")
 SKIPPED = ["make setup", "sbatch --nodes 2", "t2i sample --ckpt /weights/sd3.5-medium",
            "t2i geneval samples/sd35 --prompts", "t2i clipscore --images samples/r",
-           "sbatch slurm/train.sbatch", "t2i bench --config my.yaml", "t2i cache --config my.yaml",
+           "sbatch slurm/train.sbatch", "sbatch --nodes 1 slurm/train.sbatch --config configs/stages/sd3.5-large-lora",
+           "t2i bench --config my.yaml", "t2i cache --config my.yaml",
            "t2i train --config my.yaml", "bash tools/gpu_bench.sh"]
 
 TRAIN = ("data.resolution=16 train.micro_batch_size=4 train.warmup_steps=1 train.ckpt_every=50 "
@@ -95,7 +97,8 @@ def test_the_skip_rule_skips_only_what_needs_weights_a_cluster_or_a_gpu():
     for needle in ("make-shards folder", "make-shards shapes", "train data.shards=data/mine", "--stop-at",
                    "--resume", "--auto-resume", "sample --ckpt runs/r", "geneval-prompts", "geneval samples/r",
                    "fid ref", "fid score", "eval --ckpt r=runs/r", "ckpt list", "ckpt consolidate",
-                   "ckpt export", "bench", "bench --shards", "bench-loader"):
+                   "ckpt export", "bench", "bench --shards", "bench-loader", "lora.rank=16", "--merge",
+                   "--lora runs/r-lora/lora"):
         assert any(needle in line for line in run), needle
 
 
@@ -145,6 +148,13 @@ def test_the_readme_quickstart_runs_in_order(tmp_path):
     assert "latest" in proc.stdout + proc.stderr
     assert list((r / "fp32").glob("*.safetensors"))
     assert list((r / "diffusers").rglob("config.json"))
+    # LoRA: trained on runs/r, exported both ways, sampled from the run and as a file on the base: same adapter
+    assert "LoRA rank 16 (alpha 16)" in (tmp_path / "runs/r-lora/train.log").read_text()
+    assert (tmp_path / "runs/r-lora/lora/pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "runs/r-lora/merged/transformer/config.json").is_file()
+    by_run, by_file = (json.loads((tmp_path / "samples" / k / "manifest.json").read_text())["lora"]
+                       for k in ("r-lora", "r-lora-file"))
+    assert by_run["adapter_sha256"] == by_file["adapter_sha256"] and by_run["base_sha256"] == by_file["base_sha256"]
     # bench
     assert "failed with exit code" not in proc.stderr  # a variant that fails leaves t2i bench exiting 0
     assert json.loads((tmp_path / "runs/bench/bench.json").read_text())
