@@ -474,10 +474,11 @@ def fake_sampling(monkeypatch):
     from t2i.checkpoint import loading
     from t2i.eval import sample_folder
 
-    def load_any(path, cfg, ema=True, device="cpu"):
+    def load_any(path, cfg, ema=True, device="cpu", lora=None):
         return SimpleNamespace(cfg=SimpleNamespace(sample=SimpleNamespace(steps=2, guidance=1.0, shift=1.0,
                                                                              guidance_interval=[0.0, 1.0]),
-                                                   data=SimpleNamespace(resolution=16)), source=f"{path} (ema)")
+                                                   data=SimpleNamespace(resolution=16)), source=f"{path} (ema)",
+                               lora=None)
 
     def run(loaded, entries, out, *, prompts_source, images_per_prompt, resolution, seed, **kw):
         rng = np.random.default_rng(seed)

@@ -188,3 +188,18 @@ def test_rank_alpha_dropout_and_init_are_checked():
     lora.apply(model, rank=4, init=True)
     with pytest.raises(ConfigError, match="already has LoRA adapters"):
         lora.apply(model, rank=4)
+
+
+def test_eval_lora_flags_name_a_checkpoint_label_and_are_checked_before_sampling():
+    from types import SimpleNamespace
+
+    from pipelines.evaluate import adapters_by_label
+    from t2i.errors import EvalError
+
+    args = SimpleNamespace(ckpt=["base=/w/sd35", "mix=/w/sd35"], lora=["mix=runs/x/lora"])
+    assert adapters_by_label(args) == {"mix": "runs/x/lora"}
+    for lora, message in ((["other=f"], r"no --ckpt is labelled 'other' \(labels: base, mix\)"),
+                          (["runs/x/lora"], "--lora must be LABEL=FILE"),
+                          (["mix=a", "mix=b"], "two adapters for 'mix'")):
+        with pytest.raises(EvalError, match=message):
+            adapters_by_label(SimpleNamespace(ckpt=args.ckpt, lora=lora))
