@@ -212,3 +212,12 @@ def test_an_adapter_of_another_model_is_refused(exported):
     tiny = build_for(cfg, *build_frozen(cfg))  # the tiny CPU model: no attn2, other widths
     with pytest.raises(CheckpointError, match=r"--lora .*: \d+ of its 19 modules are not in the model|does not fit"):
         apply_file(tiny, exported[0])
+
+
+def test_export_options_that_do_not_apply_to_an_adapter_file_are_refused(lora_run, tmp_path, capsys):
+    assert cli.main(["ckpt", "export", str(lora_run), "--out", str(tmp_path / "x"), "--pipeline"]) == 2
+    assert "it exports as an adapter file" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert cli.main(["ckpt", "export", str(lora_run), "--out", str(tmp_path / "raw"), "--weights", "raw"]) == 0
+    side = json.loads((tmp_path / "raw" / SIDECAR).read_text())
+    assert side["provenance"]["weights"] == "raw" and side["tensors"] == 38
