@@ -97,18 +97,20 @@ def test_comm_time_is_the_time_spent_in_collectives_not_the_sum_of_running_total
 @pytest.mark.slow
 def test_a_bench_run_writes_the_table_and_the_ratios(tmp_path):
     """`t2i bench` on the tiny config, one process: the full t2i step (its real training loop), the
-    DeepSpeed model step and the bare loop, all in one process group."""
+    DeepSpeed model step and the bare loop, all in one process group; with --ckpt-bytes and a LoRA variant
+    (checked by check_lora_pair: in this run to save a process start)."""
     from conftest import sample_members, write_tar
     members = []
     for i in range(24):
         members += sample_members(f"k{i:03d}", (10 * i, 100, 200), f"caption {i}")
     shard = write_tar(tmp_path / "shard-000000.tar", members)
     out = tmp_path / "bench"
-    run_t2i("bench", "--nproc", 1, "--in-process", "--variants", "t2i,zero2,bare", "--steps", 3, "--warmup", 1,
-            "--out", out, f"data.shards={shard}", "data.resolution=16", "train.micro_batch_size=4",
-            "data.shuffle_buffer=8", timeout=600)
+    overrides = ["data.resolution=16", "train.micro_batch_size=4", "data.shuffle_buffer=8"]
+    run_t2i("bench", "--nproc", 1, "--in-process", "--ckpt-bytes", "--variants", "t2i,zero2,bare,zero2+lora.rank=16",
+            "--steps", 3, "--warmup", 1, "--out", out, f"data.shards={shard}", *overrides, timeout=600)
     report = json.loads((out / "bench.json").read_text())
-    by = {r["variant"]: r for r in report["results"]}
+    check_lora_pair(report, out, overrides)
+    by = {r["spec"]: r for r in report["results"] if not r["lora_rank"]}
     assert set(by) == {"t2i", "zero2", "bare"}
     for r in by.values():
         assert r["images_per_s"] > 0 and r["micro_batch"] == 4 and r["steps"] == 3
@@ -129,6 +131,41 @@ def test_a_bench_run_writes_the_table_and_the_ratios(tmp_path):
     assert by["bare"]["optimizer_ms"] == {} and by["bare"]["optimizer"] == "adamw (fused)"
     assert all(r["attention"]["kernel"] == "flash" and "math" in r["attention"]["usable"] for r in by.values())
     assert all(r["cpu_ms_median"] > 0 for r in by.values())
+    assert by["t2i"]["ckpt_bytes"]["other"] >= 4 * by["t2i"]["trained_params"]  # the Checkpointer's tag: + fp32 EMA
+    assert by["bare"].get("ckpt_bytes") is None  # not DeepSpeed: no tag
+
+
+def check_lora_pair(report, out, overrides):
+    """zero2 against zero2+lora.rank=16 (tools/bench_lora.py): the LoRA optimizer's parameters are the adapters
+    (lora.adapter_size of the same model, built here independently), the full one's every parameter, and the
+    LoRA tag (--ckpt-bytes) is a small fraction of the full one (the frozen base left out)."""
+    from t2i.config import load_config
+    from t2i.models import lora
+    from t2i.models.mmdit import build_model
+    from tools.bench import model_shapes
+
+    by = {r["spec"]: r for r in report["results"]}
+    full, lo = by["zero2"], by["zero2+lora.rank=16"]
+    cfg = load_config(None, overrides)
+    shapes, _ = model_shapes(cfg)
+    model = build_model(cfg.model, seed=cfg.run.seed, **shapes)
+    total = sum(p.numel() for p in model.parameters())
+    size = lora.adapter_size(model, 16)
+    assert 0 < size.parameters < total / 10
+    assert lo["lora_rank"] == 16 and lo["lora_modules"] == size.modules
+    assert lo["optimizer_params"] == lo["trained_params"] == size.parameters and lo["base_params"] == total
+    assert full["lora_rank"] == 0 and full["optimizer_params"] == full["trained_params"] == total
+
+    a, b = lo["ckpt_bytes"], full["ckpt_bytes"]
+    assert b["model"] >= 4 * total and b["optimizer"] >= 12 * total  # fp32 weights; fp32 master + Adam's two moments
+    assert 0 < a["model"] < b["model"] / 10 and 0 < a["optimizer"] < b["optimizer"] / 10
+    assert a["total"] < b["total"] / 10
+    assert not (out / "ckpt").exists()  # measured, then deleted
+    labels = {q["ratio"].split(" (")[0]: q for q in report["ratios"]}
+    assert labels["zero2+lora.rank=16 / zero2"]["means"].startswith("LoRA (rank 16) over full fine-tuning")
+    md = (out / "bench.md").read_text()
+    assert "| LoRA / full |" in md
+    assert f"| zero2+lora.rank=16 | LoRA r16 ({size.modules} layers) | {size.parameters:,} |" in md
 
 
 def test_variant_overrides_and_round_ratios():
@@ -177,3 +214,42 @@ def test_the_optimizer_step_breakdown_adds_up_to_the_step():
     assert breakdown({"step": 0.1, "forward": 1.0}) == {}
     zero3 = breakdown({"step": 0.1, "opt.update": 0.05, "opt.copy_back": 0.02})  # ZeRO-3 times the copy itself
     assert zero3["copy_back"] == pytest.approx(0.02) and zero3["other"] == pytest.approx(0.03)
+
+
+def test_the_lora_table_pairs_each_lora_variant_with_its_full_form_round_by_round():
+    from tools.bench import summarize
+    from tools.bench_lora import full_spec
+
+    assert full_spec("zero2+lora.rank=16") == "zero2"
+    assert full_spec("t2i+lora.rank=8+deepspeed.overlap_comm=false+lora.alpha=16") == "t2i+deepspeed.overlap_comm=false"
+
+    def rec(spec, repeat, ms, step_ms, lora_rank, ckpt=None):
+        return {"variant": spec.split("+")[0], "spec": spec, "repeat": repeat, "ckpt": False, "compile": False,
+                "step_ms": ms, "step_ms_median": ms, "cpu_ms_median": ms / 2, "zero_stage": 2, "world": 2,
+                "micro_batch": 4, "images_per_s": 1e3 / ms, "images_per_s_per_rank": 5e2 / ms,
+                "phases_ms": {"step": step_ms}, "optimizer_ms": {}, "achieved_tflops_per_rank": 0.0,
+                "peak_mem_gb_per_rank": [1.0], "device": "cpu", "preset": "tiny", "resolution": 32,
+                "lora_rank": lora_rank, "lora_modules": 31 if lora_rank else 0, "base_params": 1000,
+                "trained_params": 50 if lora_rank else 1000, "ckpt_bytes": ckpt}
+
+    def tag(total):
+        return {"model": total / 4, "optimizer": 3 * total / 4, "other": 0, "files": 6, "total": total}
+    # round 0 loaded (both 2x slower), tags measured in round 0 only: the ratios pair rounds
+    results = [rec("zero2", 0, 200, 40, 0, tag(16e6)), rec("zero2+lora.rank=16", 0, 180, 10, 16, tag(1e6)),
+               rec("zero2+lora.rank=16", 1, 80, 4, 16), rec("zero2", 1, 100, 20, 0),
+               rec("zero2", 2, 100, 20, 0), rec("zero2+lora.rank=16", 2, 100, 5, 16)]
+
+    class Args:
+        warmup, steps, nproc, repeats, config, overrides, synthetic = 1, 3, 2, 3, None, [], False
+    report = summarize(results, Args)
+    ratios = {q["ratio"].split(" (")[0]: q for q in report["ratios"]}
+    q = ratios["zero2+lora.rank=16 / zero2"]
+    assert q["value"] == pytest.approx(0.9) and (q["min"], q["max"]) == pytest.approx((0.8, 1.0))
+    assert q["means"].startswith("LoRA (rank 16) over full fine-tuning")
+    md = report["markdown"]
+    assert "| zero2+lora.rank=16 | LoRA r16 (31 layers) | 50 | 5.00 % | 5.00 | 1.00 (0.25 + 0.75 + 0.00) |" in md
+    assert "| zero2 | all | 1,000 | 100.00 % | 20.00 | 16.00 (4.00 + 12.00 + 0.00) |" in md
+    assert ("| zero2+lora.rank=16 / zero2 | 0.900 | 0.800-1.000 (3 rounds) | 0.900 | 0.250 | 0.0625 (16x smaller) "
+            "| 0.0500 |") in md
+    # without a LoRA variant, no LoRA table
+    assert "LoRA / full" not in summarize([r for r in results if not r["lora_rank"]], Args)["markdown"]

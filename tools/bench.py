@@ -32,6 +32,10 @@ SDPA kernel that ran and DeepSpeed's optimizer step by part (t2i/train/step_prof
 --synthetic replaces data and encoders by random latents and text states of the config's shapes
 (SD3: 16 latent channels at 1/8 resolution, 77 + 256 tokens of width 4096, pooled 2048), so
 full-size MMDiTs can be measured without their text encoders' weights; only model-step variants.
+LoRA against full fine-tuning in one run (tools/bench_lora.py; every variant applies lora.rank > 0):
+  t2i bench --in-process --repeats 3 --ckpt-bytes --variants zero2,zero2+lora.rank=16,t2i,t2i+lora.rank=16
+adds the ratio LoRA / full, and a table of the trained parameters, the optimizer step and (--ckpt-bytes)
+the bytes of one saved checkpoint tag per variant.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from pathlib import Path
 from t2i.cmdline import parser as make_parser
 from t2i.errors import ConfigError
 from t2i.io import write_json, write_jsonl, write_text
+from tools import bench_lora
 
 FULL = ("t2i", "mixflow", "cache")
 _RUN_IDS = itertools.count()  # run folders of one worker process (--repeats, --in-process)
@@ -88,6 +93,9 @@ def parse_args(argv):
     p.add_argument("--ckpt", choices=["off", "on", "both"], default="off", help="activation checkpointing")
     p.add_argument("--compile", choices=["off", "on", "both"], default="off", help="torch.compile per block")
     p.add_argument("--cache", default=None, help="cache folder for the `cache` variant (default: build one)")
+    p.add_argument("--ckpt-bytes", action="store_true",
+                   help="after its measured steps (first round), each DeepSpeed variant saves one checkpoint tag "
+                        "(LoRA: the adapters only), reports its bytes and deletes it (tools/bench_lora.py)")
     p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: by name)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.md and the variants' runs")
     p.add_argument("--in-process", action="store_true",
@@ -216,7 +224,7 @@ def _pass(args) -> list[str]:
         value = getattr(args, name)
         if value is not None:
             out += [f"--{name.replace('_', '-')}", str(value)]
-    return out + (["--synthetic"] if args.synthetic else [])
+    return out + (["--synthetic"] if args.synthetic else []) + (["--ckpt-bytes"] if args.ckpt_bytes else [])
 
 
 def build_cache(args, folder: Path) -> str:
@@ -264,10 +272,11 @@ def worker(args) -> int:
                                                                  else ""), flush=True)
         cfg = load_config(args.config, overrides + [f"model.gradient_checkpointing={ckpt == '1'}",
                                                     f"model.compile={comp == '1'}"] + variant_overrides(spec))
+        save = bool(args.ckpt_bytes and repeat == "0")  # the tag's bytes: once per variant
         if variant in FULL:
-            result = run_full(variant, cfg, args, rank, world)
+            result = run_full(variant, cfg, args, rank, world, save=save)
         else:
-            result = run_model_only(variant, cfg, args, rank, world)
+            result = run_model_only(variant, cfg, args, rank, world, save=save, spec=spec)
         gathered = [None] * world
         dist.all_gather_object(gathered, result)
         if rank == 0 and result is not None:
@@ -313,7 +322,10 @@ def _common(variant, cfg, args, world, micro_batch, flops_per_sample, step_times
     return {"variant": variant, "ckpt": cfg.model.gradient_checkpointing, "compile": cfg.model.compile,
             "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision,
             "objective": cfg.train.objective, "world": world, "micro_batch": micro_batch,
-            "resolution": cfg.data.resolution, "preset": cfg.model.preset, "device": name,
+            "resolution": cfg.data.resolution, "device": name,
+            "preset": f"{Path(cfg.model.pretrained).name} (model.pretrained)" if cfg.model.pretrained
+            else cfg.model.preset,
+            "lora_rank": bench_lora.rank_of(cfg),
             "steps": len(step_times), "step_ms": 1e3 * mean, "step_ms_median": 1e3 * statistics.median(step_times),
             # CPU time of rank 0's process per step (all its threads): the work, unlike wall time not
             # stretched by other jobs on a shared machine (time blocked in a collective is not counted)
@@ -333,8 +345,9 @@ def optimizer_path(cfg, device) -> str:
     return implementation(cfg, device)
 
 
-def run_full(variant: str, cfg, args, rank: int, world: int) -> dict:
-    """pipelines.train.main itself, with phase timings on; the numbers come from its metrics.jsonl."""
+def run_full(variant: str, cfg, args, rank: int, world: int, save: bool = False) -> dict:
+    """pipelines.train.main itself, with phase timings on; the numbers come from its metrics.jsonl. `save`: the
+    run's Checkpointer saves its last step (after the measured ones) and the tag's bytes are reported."""
     from pipelines import train
     from t2i.train import engine as engine_lib
     from t2i.config import from_dict, to_dict
@@ -361,12 +374,13 @@ def run_full(variant: str, cfg, args, rank: int, world: int) -> dict:
     dist.broadcast_object_list(name, src=0)  # one run folder for all ranks
     d["run"]["name"] = name[0]
     run_cfg = from_dict(d).validate()
-    run_dir = train.main(run_cfg, stop_at=args.warmup + args.steps, save_last=False)
+    run_dir = train.main(run_cfg, stop_at=args.warmup + args.steps, save_last=save)
     device = engine_lib.device()
     if rank != 0:  # metrics.jsonl is rank 0's; the other ranks report their peak memory only
         return {"peak_mem_gb": peak_memory_gb(device)}
     shapes, text_tokens = model_shapes(run_cfg)
-    flops = train_flops_per_sample(preset_kwargs(run_cfg.model, **shapes), shapes["sample_size"], text_tokens)
+    kw = pretrained_kwargs(run_cfg) or preset_kwargs(run_cfg.model, **shapes)
+    flops = train_flops_per_sample(kw, shapes["sample_size"], text_tokens)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in records if "loss" in r]
     measured = steps[args.warmup:]
@@ -376,19 +390,21 @@ def run_full(variant: str, cfg, args, rank: int, world: int) -> dict:
     cpu_times = [b - a for a, b in zip(cpu[args.warmup - 1:], cpu[args.warmup:])]
     keys = sorted({k for r in measured for k in r["time"]} | set(PHASES))
     phases = {k: statistics.fmean(r["time"].get(k, 0.0) for r in measured) for k in keys}
-    kw = preset_kwargs(run_cfg.model, **shapes)
-    return _common(variant, run_cfg, args, world, run_cfg.train.micro_batch_size, flops, step_times, phases, device,
-                   attention_report(run_cfg, kw, shapes["sample_size"], text_tokens, device), cpu_times)
+    result = _common(variant, run_cfg, args, world, run_cfg.train.micro_batch_size, flops, step_times, phases, device,
+                     attention_report(run_cfg, kw, shapes["sample_size"], text_tokens, device), cpu_times)
+    return dict(result, **bench_lora.meta_counts(run_cfg, shapes),
+                ckpt_bytes=bench_lora.measure_run_tag(run_dir) if save else None)
 
 
-def run_model_only(variant: str, cfg, args, rank: int, world: int) -> dict | None:
-    """One fixed batch; the chosen loop; batch sizes tried in order until one fits in memory."""
+def run_model_only(variant: str, cfg, args, rank: int, world: int, save: bool = False, spec: str = "") -> dict | None:
+    """One fixed batch; the chosen loop; batch sizes tried in order until one fits in memory. `save`: DeepSpeed
+    variants save one tag after the measured steps and report its bytes (tools/bench_lora.py)."""
     import torch
 
     sizes = [int(b) for b in (args.batch_size or str(cfg.train.micro_batch_size)).split(",")]
     for i, b in enumerate(sizes):
         try:
-            result = _model_only_at(variant, cfg, args, world, b)
+            result = _model_only_at(variant, cfg, args, world, b, save, spec or variant)
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -402,7 +418,7 @@ def run_model_only(variant: str, cfg, args, rank: int, world: int) -> dict | Non
     return None
 
 
-def _model_only_at(variant: str, cfg, args, world: int, micro_batch: int) -> dict:
+def _model_only_at(variant: str, cfg, args, world: int, micro_batch: int, save: bool = False, spec: str = "") -> dict:
     import torch
 
     from t2i.train.step import loss_on_latents
@@ -425,6 +441,11 @@ def _model_only_at(variant: str, cfg, args, world: int, micro_batch: int) -> dic
     bf16 = cfg.deepspeed.precision == "bf16"
     with torch.device(device):  # initialise on the accelerator: a 2.5B-parameter CPU init takes minutes
         model = build_model(cfg.model, seed=cfg.run.seed, **shapes)
+    if cfg.model.pretrained:  # the folder's shape, not the preset's
+        kw = pretrained_kwargs(cfg)
+        flops = train_flops_per_sample(kw, shapes["sample_size"], cond["context"].shape[1])
+    lora_modules = bench_lora.apply(model, cfg)  # lora.rank > 0: adapters, the rest frozen (as pipelines/train.py)
+    counts = bench_lora.counts(model)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats(device)
     generator = torch.Generator().manual_seed(cfg.run.seed)
@@ -451,7 +472,7 @@ def _model_only_at(variant: str, cfg, args, world: int, micro_batch: int) -> dic
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         # The same torch AdamW code path t2i's default takes (fused where torch has it), so the ratio
         # measures DeepSpeed and the pipeline, not two optimizer kernels.
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, **optim.settings(cfg, device))
+        opt = torch.optim.AdamW(bench_lora.trainable(model), lr=cfg.train.lr, **optim.settings(cfg, device))
 
         def step():  # the textbook rectified-flow step, as in diffusers' train_text_to_image_sd3.py
             with phases("forward"), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
@@ -463,7 +484,7 @@ def _model_only_at(variant: str, cfg, args, world: int, micro_batch: int) -> dic
             with phases("backward"):
                 loss.backward()
             with phases("step"):
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                torch.nn.utils.clip_grad_norm_(bench_lora.trainable(model), cfg.train.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
@@ -482,11 +503,26 @@ def _model_only_at(variant: str, cfg, args, world: int, micro_batch: int) -> dic
     result = _common(variant, cfg, args, world, micro_batch, flops, times,
                      {k: measured.get(k, 0.0) / args.steps for k in set(measured) | set(PHASES)}, device,
                      attention_report(cfg, kw, shapes["sample_size"], cond["context"].shape[1], device), cpu_times)
+    result.update(counts, lora_modules=lora_modules,
+                  optimizer_params=bench_lora.optimizer_numel(engine.optimizer if deepspeed_engine else opt))
+    if save and deepspeed_engine:
+        result["ckpt_bytes"] = bench_lora.save_and_measure(engine, Path(args.out), spec, 0,
+                                                           args.warmup + args.steps, cfg)
     del step
     if deepspeed_engine and hasattr(engine, "destroy"):
         engine.destroy()
     gc.collect()
     return result
+
+
+def pretrained_kwargs(cfg) -> dict | None:
+    """The SD3Transformer2DModel arguments of a model.pretrained folder (its transformer/config.json), else None."""
+    if not cfg.model.pretrained:
+        return None
+    root = Path(cfg.model.pretrained)
+    path = root / "transformer" / "config.json"
+    path = path if path.is_file() else root / "config.json"
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
 
 
 def model_shapes(cfg, text=None, vae=None) -> tuple[dict, int]:
@@ -592,6 +628,9 @@ def summarize(results: list[dict], args) -> dict:
             def k(spec):
                 return (spec, ckpt, comp) if spec in have else None
 
+            def lora_rank(spec):
+                return next((r.get("lora_rank") or 0 for r in results if _key(r) == k(spec)), 0)
+
             t2i, bare = k("t2i"), k("bare")
             zero_stage = next((r["zero_stage"] for r in results if _key(r) == t2i), None)
             ratio("t2i / bare", t2i, bare, "step time of the full pipeline over a bare PyTorch loop")
@@ -604,7 +643,11 @@ def summarize(results: list[dict], args) -> dict:
             ratio("t2i with cache / t2i", k("cache"), t2i, "full step reading the cache over encoding")
             for spec in specs:  # a variant with overrides against its plain form (and the bare loop)
                 if "+" in spec and k(spec):
-                    ratio(f"{spec} / {base_variant(spec)}", k(spec), k(base_variant(spec)),
+                    full = bench_lora.full_spec(spec)  # a LoRA variant against its full fine-tuning
+                    lora = lora_rank(spec) if full != spec and k(full) and not lora_rank(full) else 0
+                    other = full if lora else base_variant(spec)
+                    ratio(f"{spec} / {other}", k(spec), k(other),
+                          f"LoRA (rank {lora}) over full fine-tuning: step time, same batch" if lora else
                           "the overrides' effect on step time")
                     if base_variant(spec) in FULL:
                         ratio(f"{spec} / bare", k(spec), bare, "step time of the full pipeline over the bare loop")
@@ -642,6 +685,7 @@ def summarize(results: list[dict], args) -> dict:
                   + (f"{q['min']:.3f}-{q['max']:.3f} ({q['rounds']} rounds)" if q["rounds"] > 1 else "-")
                   + (f" | {q['cpu']:.3f}" if q.get("cpu") else " | -") + f" | {q['means']} |"
                   for q in ratios]
+    lines += bench_lora.markdown(results, rows, _key, round_ratio)
     first = results[0] if results else {"device": "?", "preset": "?", "resolution": "?"}
     preamble = (f"Device: {first['device']}; model {first['preset']} at {first['resolution']} px; {args.warmup} "
                 f"warm-up + {args.steps} measured steps per variant"

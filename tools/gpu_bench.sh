@@ -10,6 +10,11 @@
 #   512-selective  the largest batch without full activation checkpointing: every 2nd block recomputed
 #   1024-compiled  the same pair at 1024²
 #   512-zero3      a ZeRO-3 row (eager: ZeRO-3's parameter hooks under compile were never tried here)
+#   512-lora       LoRA (rank 16, the default attention targets: 243 layers, 11.9 M parameters) against full
+#                  fine-tuning, ZeRO-2, eager, the same batch: the ratio LoRA / full and the optimizer step by
+#                  part (tools/bench_lora.py); then the same pair under ZeRO-3 (512-lora-zero3). No
+#                  --ckpt-bytes here: the full model's tag would be ~31 GB of disk writes (2 B weights + 12 B
+#                  optimizer state per parameter); the CPU runs measure the tag bytes (docs/performance.md)
 #
 # Every table has images/s, phases, MFU against the dense bf16 peak (989 TFLOP/s for H100 / H200 SXM), the
 # SDPA kernel that ran and DeepSpeed's optimizer step by part (overflow check, grad norm, grads to fp32,
@@ -66,4 +71,10 @@ run 1024-compiled zero2,bare \
     --resolution "$HI" --compile on --batch-size 4,3,2 --warmup 2 --steps 3
 run 512-zero3     zero3 \
     --resolution "$LO" --batch-size 12,8 --warmup 2 --steps 3
+# LoRA after the groups above (they run first; these only if the budget is left). One batch size for both
+# variants of a pair, so the step-time ratio compares the same work (a list could give the two different sizes).
+run 512-lora       "zero2,zero2+lora.rank=16" \
+    --resolution "$LO" --batch-size 8 --warmup 2 --steps 4
+run 512-lora-zero3 "zero3,zero3+lora.rank=16" \
+    --resolution "$LO" --batch-size 8 --warmup 2 --steps 3
 cat "$OUT/gpu-bench.md"
