@@ -199,6 +199,7 @@ def apply_lora(model, cfg: Config) -> dict:
     total = count_parameters(model)
     lo = cfg.lora
     names = lora.apply(model, lo.rank, lo.alpha, lo.targets, lo.blocks, lo.dropout, lo.init)
+    lora.buffers_out_of_state_dict(model)  # they come with the base: the tags hold the adapters only
     size = sum(p.numel() for p in lora.adapter_parameters(model))
     log.info("LoRA rank %d (alpha %g): %d modules, %s adapter parameters (%.2f %% of the %s base, sha256 %s...); "
              "the base is frozen", lo.rank, lo.alpha if lo.alpha is not None else lo.rank, len(names), f"{size:,}",

@@ -379,7 +379,7 @@ def run_full(variant: str, cfg, args, rank: int, world: int, save: bool = False)
     if rank != 0:  # metrics.jsonl is rank 0's; the other ranks report their peak memory only
         return {"peak_mem_gb": peak_memory_gb(device)}
     shapes, text_tokens = model_shapes(run_cfg)
-    kw = pretrained_kwargs(run_cfg) or preset_kwargs(run_cfg.model, **shapes)
+    kw = bench_lora.pretrained_kwargs(run_cfg) or preset_kwargs(run_cfg.model, **shapes)
     flops = train_flops_per_sample(kw, shapes["sample_size"], text_tokens)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in records if "loss" in r]
@@ -442,7 +442,7 @@ def _model_only_at(variant: str, cfg, args, world: int, micro_batch: int, save: 
     with torch.device(device):  # initialise on the accelerator: a 2.5B-parameter CPU init takes minutes
         model = build_model(cfg.model, seed=cfg.run.seed, **shapes)
     if cfg.model.pretrained:  # the folder's shape, not the preset's
-        kw = pretrained_kwargs(cfg)
+        kw = bench_lora.pretrained_kwargs(cfg)
         flops = train_flops_per_sample(kw, shapes["sample_size"], cond["context"].shape[1])
     lora_modules = bench_lora.apply(model, cfg)  # lora.rank > 0: adapters, the rest frozen (as pipelines/train.py)
     counts = bench_lora.counts(model)
@@ -513,16 +513,6 @@ def _model_only_at(variant: str, cfg, args, world: int, micro_batch: int, save: 
         engine.destroy()
     gc.collect()
     return result
-
-
-def pretrained_kwargs(cfg) -> dict | None:
-    """The SD3Transformer2DModel arguments of a model.pretrained folder (its transformer/config.json), else None."""
-    if not cfg.model.pretrained:
-        return None
-    root = Path(cfg.model.pretrained)
-    path = root / "transformer" / "config.json"
-    path = path if path.is_file() else root / "config.json"
-    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
 
 
 def model_shapes(cfg, text=None, vae=None) -> tuple[dict, int]:

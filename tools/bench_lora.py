@@ -19,6 +19,7 @@ variants through the training run's own Checkpointer (with the EMA: of the adapt
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -38,7 +39,9 @@ def apply(model, cfg) -> int:
     from t2i.models import lora
 
     lo = cfg.lora
-    return len(lora.apply(model, lo.rank, lo.alpha, lo.targets, lo.blocks, lo.dropout, lo.init))
+    names = lora.apply(model, lo.rank, lo.alpha, lo.targets, lo.blocks, lo.dropout, lo.init)
+    lora.buffers_out_of_state_dict(model)  # the tags hold the adapters only, as training's
+    return len(names)
 
 
 def trainable(model) -> list:
@@ -72,8 +75,6 @@ def meta_counts(cfg, shapes: dict) -> dict:
 
     from t2i.models import lora
     from t2i.models.mmdit import preset_kwargs
-
-    from tools.bench import pretrained_kwargs
 
     with torch.device("meta"):
         model = SD3Transformer2DModel(**(pretrained_kwargs(cfg) or preset_kwargs(cfg.model, **shapes)))
@@ -221,3 +222,13 @@ def markdown(results: list[dict], rows: list[dict], key, round_ratio) -> list[st
 
 def _f(r, digits: int = 3) -> str:
     return "-" if not r else f"{r[0]:.{digits}f}"
+
+
+def pretrained_kwargs(cfg) -> dict | None:
+    """The SD3Transformer2DModel arguments of a model.pretrained folder (its transformer/config.json), else None."""
+    if not cfg.model.pretrained:
+        return None
+    root = Path(cfg.model.pretrained)
+    path = root / "transformer" / "config.json"
+    path = path if path.is_file() else root / "config.json"
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}

@@ -240,6 +240,21 @@ def lora_config(rank: int, alpha: float | None, names: list[str], dropout: float
                            lora_dropout=float(dropout), init_lora_weights=init)
 
 
+def buffers_out_of_state_dict(model) -> list[str]:
+    """Make every buffer of an adapted model non-persistent, so that state_dict() (and with it DeepSpeed's model
+    file of a LoRA tag) holds the adapters only. The buffers belong to the base, which a LoRA run loads again
+    from its folder on every start (SD3.5-medium's sin-cos positional table alone is 226 M elements, 0.9 GB in
+    fp32: more than the rank-16 adapters with their optimizer state, and under ZeRO-3 every rank's model file
+    would carry it). Returns the buffers' names."""
+    names = []
+    for module_name, module in model.named_modules():
+        for name in list(module._buffers):
+            if name not in module._non_persistent_buffers_set and module._buffers[name] is not None:
+                module._non_persistent_buffers_set.add(name)
+                names.append(f"{module_name}.{name}" if module_name else name)
+    return names
+
+
 def _is_adapter_name(name: str) -> bool:
     return any(part.startswith("lora_") for part in name.split("."))
 
