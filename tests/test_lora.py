@@ -203,3 +203,30 @@ def test_eval_lora_flags_name_a_checkpoint_label_and_are_checked_before_sampling
                           (["mix=a", "mix=b"], "two adapters for 'mix'")):
         with pytest.raises(EvalError, match=message):
             adapters_by_label(SimpleNamespace(ckpt=args.ckpt, lora=lora))
+
+
+def test_lora_targets_and_blocks_are_checked_before_any_rank_starts(tmp_path):
+    """plan_training (the process the user started, before torchrun) checks the patterns against the model built
+    on the meta device: the tiny preset, and the release-shaped folder's transformer/config.json."""
+    from t2i.train.plan import plan_training
+
+    base = [f"run.output_dir={tmp_path}", "lora.rank=4"]
+    with pytest.raises(ConfigError, match=r"lora.targets: 'attn.to_qq' matches no Linear layer .* closest: attn.to_q"):
+        plan_training(None, [*base, "lora.targets=[attn.to_qq]"])
+    with pytest.raises(ConfigError, match=r"lora.blocks: \[9\] out of range; the model has 4 transformer blocks"):
+        plan_training(None, [*base, "lora.blocks=[9]"])
+    with pytest.raises(ConfigError, match=r"'attn2.to_q' matches no Linear layer"):  # tiny has no second attention
+        plan_training(None, [*base, "lora.targets=[attn2.to_q]"])
+    assert not any(tmp_path.iterdir())  # nothing was started
+
+
+def test_the_prelaunch_check_reads_the_folders_transformer_config(sd35_folder):
+    from t2i.config import load_config
+
+    cfg = load_config(overrides=[f"model.pretrained={sd35_folder}", "lora.rank=4", "lora.targets=[attn2.to_q]",
+                                 "lora.blocks=[1]"])
+    with pytest.raises(ConfigError, match=r"'attn2.to_q' matches no Linear layer in the chosen lora.blocks \[1\] "
+                                          r"\(it does in blocks \[0\]\)"):
+        lora.check_config(cfg)
+    lora.check_config(load_config(overrides=[f"model.pretrained={sd35_folder}", "lora.rank=4",
+                                             "lora.targets=[attn2.to_q]"]))

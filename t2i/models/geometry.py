@@ -13,7 +13,7 @@ from t2i.models.presets import PRESETS
 from t2i.sd3_folder import refuse_placeholders
 
 
-def _folder_config(path: str | None, sub: str) -> dict | None:
+def folder_config(path: str | None, sub: str) -> dict | None:
     """config.json of a diffusers component folder (<path>/<sub>/ or <path> itself), or None."""
     if not path:
         return None
@@ -30,9 +30,9 @@ def check_geometry(cfg: Config) -> None:
     after refusing the example configs' placeholder paths (t2i/sd3_folder.py), which would fail later."""
     refuse_placeholders(cfg)
 
-    vae = _folder_config(cfg.vae.path, "vae") if cfg.vae.kind == "pretrained" else None
+    vae = folder_config(cfg.vae.path, "vae") if cfg.vae.kind == "pretrained" else None
     factor = {"identity": 1, "tiny": 2}.get(cfg.vae.kind) or 2 ** (len((vae or {}).get("block_out_channels", [0] * 4)) - 1)
-    transformer = _folder_config(cfg.model.pretrained, "transformer")
+    transformer = folder_config(cfg.model.pretrained, "transformer")
     patch = (cfg.model.kwargs.get("patch_size") or (transformer or {}).get("patch_size")
              or PRESETS[cfg.model.preset]["patch_size"])
     step = factor * patch

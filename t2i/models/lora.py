@@ -182,6 +182,26 @@ def target_names(model, targets=DEFAULT_TARGETS, blocks=None) -> list[str]:
     return _resolve(model, targets, blocks, "lora.targets")
 
 
+def check_config(cfg) -> None:
+    """A LoRA config's targets and blocks against its model, in the process the user started, before torchrun,
+    DeepSpeed or any weight: the transformer is built on the meta device from model.pretrained's
+    transformer/config.json, else from model.preset and model.kwargs (the module names depend on the layer count
+    and the dual-attention blocks only, so the text and latent widths are placeholders). Nothing for rank 0."""
+    if not cfg.lora.rank:
+        return
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from t2i.models.geometry import folder_config
+    from t2i.models.mmdit import preset_kwargs
+
+    config = folder_config(cfg.model.pretrained, "transformer")
+    with torch.device("meta"):
+        model = SD3Transformer2DModel.from_config(config) if config else SD3Transformer2DModel(**preset_kwargs(
+            cfg.model, in_channels=16, sample_size=64, joint_attention_dim=64, pooled_projection_dim=64))
+    check_targets(model, cfg.lora.targets, cfg.lora.blocks)
+
+
 # --------------------------------------------------------------------------------------------- adapters
 
 def _tuner_layers(model) -> list[tuple[str, object]]:

@@ -28,6 +28,7 @@ from t2i.config import Config, load_config
 from t2i.config_warnings import odd_values
 from t2i.data.peek import Peek
 from t2i.data.shards import expand_shards
+from t2i.models import lora
 from t2i.models.geometry import check_geometry
 from t2i.train import follow_data, resume_config
 from t2i.train.lock import RunLock
@@ -51,6 +52,7 @@ def plan_training(config_path: str | None, overrides: list[str], resume: bool | 
     if tag is None:
         cfg = load_config(config_path, overrides)
         check_geometry(cfg)  # a config mistake first, then the data
+        lora.check_config(cfg)  # lora.targets / lora.blocks against the model (meta device, no weights)
         cfg, notes = follow_data.follow(cfg, follow_data.peek_data(cfg))
         if force_override:
             notes.append((logging.WARNING, "--force-override has no effect: this is not a resume"))
